@@ -1,0 +1,105 @@
+//! Every flag and every limit, in one struct, so `parlor --help` is the whole operator manual.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Parses a duration given in (possibly fractional) seconds, e.g. `10` or `0.25`.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|_| format!("not a number of seconds: {s}"))?;
+    if !v.is_finite() || v < 0.0 || v > 1e9 {
+        return Err(format!("out of range: {s}"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Parlor: a self-hosted real-time chat server.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "parlor", version, about)]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory of static files served over HTTP (the browser client).
+    #[arg(long, default_value = "www")]
+    pub www: PathBuf,
+
+    /// Directory for chat storage (created if missing).
+    #[arg(long, default_value = "data")]
+    pub data: PathBuf,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    pub log_level: log::LevelFilter,
+
+    /// Disable the /echo endpoint.
+    #[arg(long)]
+    pub no_echo: bool,
+
+    /// Origins allowed to open WebSockets (repeat or comma-separate). Empty: any origin.
+    /// A browser upgrade whose Origin is not listed gets 403.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_origin: Vec<String>,
+
+    /// Maximum simultaneous connections; extra ones get 503 and are closed.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Maximum size of an HTTP request head, in bytes (larger gets 431).
+    #[arg(long, default_value_t = 8 * 1024)]
+    pub max_request_head: usize,
+
+    /// Maximum number of HTTP request headers (more gets 431).
+    #[arg(long, default_value_t = 64)]
+    pub max_headers: usize,
+
+    /// Seconds allowed from accept to a complete request head; slower connections are dropped.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub handshake_timeout: Duration,
+
+    /// Largest WebSocket message accepted on /echo, in bytes (larger closes with 1009).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub echo_max_message: usize,
+
+    /// Maximum number of frames one fragmented message may have (larger closes with 1009).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_fragments: usize,
+
+    /// Per-connection outbound queue limit in bytes; a client that stops reading is closed with
+    /// 1008. One frame of the endpoint's largest message always fits on top of it.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_queue: usize,
+
+    /// Bytes read from one connection per wakeup before others get their turn.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub read_budget: usize,
+
+    /// Seconds of silence after which the server pings a connection.
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    pub ping_interval: Duration,
+
+    /// Seconds a pinged connection has to answer before it is dropped.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub pong_timeout: Duration,
+
+    /// Seconds to wait for the peer's close frame (and for a closed connection to drain).
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    pub close_timeout: Duration,
+
+    /// Seconds to flush close frames to clients on SIGINT/SIGTERM before exiting.
+    #[arg(long, default_value = "3", value_parser = parse_secs)]
+    pub shutdown_grace: Duration,
+
+    #[command(flatten)]
+    pub chat: crate::chat::ChatConfig,
+}
+
+impl Config {
+    /// Defaults as if no flag had been given (handy in tests).
+    pub fn defaults() -> Config {
+        Config::parse_from(["parlor"])
+    }
+}

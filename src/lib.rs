@@ -1,0 +1,18 @@
+//! Parlor: a self-hosted chat server on a hand-rolled RFC 6455 stack.
+//!
+//! Layering (a module may only depend on the ones above it in this list):
+//! - [`ws`]: the WebSocket protocol, sans-IO (byte slices in, frames and events out).
+//! - [`http`]: the HTTP/1.1 upgrade handshake and static file responses, sans-IO.
+//! - [`service`]: the interface between the event loop and what runs on it (echo, chat).
+//! - [`net`]: the mio event loop: sockets, buffers, queues, timers. The only module doing I/O
+//!   on client sockets.
+//! - [`echo`], [`chat`]: services plugged into the loop by path.
+//! - [`config`]: every flag and limit, in one place.
+
+pub mod chat;
+pub mod config;
+pub mod echo;
+pub mod http;
+pub mod net;
+pub mod service;
+pub mod ws;

@@ -1,0 +1,66 @@
+//! The contract between the event loop ([`crate::net`]) and the services that run on it.
+//!
+//! A service never sees a socket. It receives whole, validated WebSocket messages and answers
+//! through an [`Outbox`], which queues bytes on connections. That keeps services testable with a
+//! fake outbox and lets the loop own every buffer and deadline.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// An encoded frame that many connections can queue without copying: a broadcast is serialized
+/// and framed once, then each recipient's queue holds another reference to the same bytes.
+/// `Rc`, not `Arc`: the loop is single-threaded and fan-out touches this count per recipient.
+pub type SharedFrame = Rc<[u8]>;
+
+/// Names one connection for its whole life. The loop builds it from a slab index plus a
+/// generation counter, so an id is never reused even when the slab slot is.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct ConnId(pub u64);
+
+/// A complete WebSocket data message, already reassembled and (for text) UTF-8 validated.
+#[derive(Debug, Clone, Copy)]
+pub enum Message<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+}
+
+/// What a service may do to connections. Implemented by the event loop; tests may fake it.
+pub trait Outbox {
+    /// Queues an already-encoded frame (see [`crate::ws::frame::encode_shared`]).
+    /// Returns `false` if the connection is gone or closing; if the queue limit is exceeded the
+    /// loop closes that connection with 1008 and also returns `false`.
+    fn send_frame(&mut self, conn: ConnId, frame: &SharedFrame) -> bool;
+    /// Encodes `text` as one text frame and queues it.
+    fn send_text(&mut self, conn: ConnId, text: &str) -> bool;
+    /// Starts the close handshake with `code` and a UTF-8 `reason` (≤ 123 bytes).
+    fn close(&mut self, conn: ConnId, code: u16, reason: &str);
+    /// The peer address of a live connection.
+    fn peer_addr(&self, conn: ConnId) -> Option<SocketAddr>;
+    /// The loop's notion of now (taken once per loop turn).
+    fn now(&self) -> Instant;
+}
+
+/// A WebSocket endpoint's behaviour. All methods run on the event loop thread and must not
+/// block: slow work (disk, password hashing) goes to worker threads, whose results come back
+/// through the [`mio::Waker`] given to [`Service::init`] and are collected in [`Service::on_wake`].
+pub trait Service {
+    /// Called once before the loop starts.
+    fn init(&mut self, _waker: Arc<mio::Waker>) {}
+    /// A WebSocket connection finished its handshake on this service's path.
+    fn on_open(&mut self, _out: &mut dyn Outbox, _conn: ConnId, _peer: SocketAddr) {}
+    /// A complete message arrived.
+    fn on_message(&mut self, out: &mut dyn Outbox, conn: ConnId, msg: Message<'_>);
+    /// The connection is gone (closed by either side, timed out, or dropped); it must not be
+    /// sent to again. Called exactly once per opened connection.
+    fn on_close(&mut self, _out: &mut dyn Outbox, _conn: ConnId) {}
+    /// The waker fired: collect results from worker threads.
+    fn on_wake(&mut self, _out: &mut dyn Outbox) {}
+    /// Called about once a second, for housekeeping that is due by time rather than by input.
+    fn on_tick(&mut self, _out: &mut dyn Outbox) {}
+    /// Appends Prometheus text for `/metrics`.
+    fn metrics(&self, _out: &mut String) {}
+    /// The server is stopping: finish durable work (flush the store) before returning.
+    fn shutdown(&mut self) {}
+}

@@ -1,0 +1,1 @@
+//! RFC 6455, sans-IO: nothing here touches a socket.
