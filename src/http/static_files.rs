@@ -41,7 +41,8 @@ impl StaticFiles {
     /// Skipped: names starting with `.` (`.git`, `.env`, editor swap files), symlinks whose
     /// target lies outside `root` or does not exist, non-UTF-8 names (no request could name
     /// them reliably) and anything that is not a regular file or directory (a FIFO would block
-    /// the read). Symlinks inside `root` are followed; directory cycles are cut.
+    /// the read). Symlinks inside `root` are followed, so a file reachable under several names
+    /// is held (and counted against `max_total`) once per name; directory cycles are cut.
     ///
     /// Errors if the files total more than `max_total` bytes (checked before reading each file),
     /// if `root` exists but is not a directory, or on any I/O error. A missing `root` is not an
@@ -480,6 +481,20 @@ mod tests {
             )
         );
         assert_eq!(r.get_header("Referrer-Policy"), Some("no-referrer"));
+        // Guard against line-continuation mistakes in the const: one exact line.
+        assert_eq!(
+            CSP.split("; ").collect::<Vec<_>>(),
+            [
+                "default-src 'self'",
+                "connect-src 'self' ws: wss:",
+                "img-src 'self' data:",
+                "style-src 'self'",
+                "script-src 'self'",
+                "object-src 'none'",
+                "base-uri 'none'",
+                "frame-ancestors 'none'",
+            ]
+        );
     }
 
     #[test]
