@@ -10,7 +10,7 @@ use sha1::{Digest, Sha1};
 
 use super::Response;
 
-/// Limits on the request head, enforced before anything is allocated per header.
+/// Limits on the request head, so a client cannot make the server buffer or parse without bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadLimits {
     /// Maximum bytes from the first byte of the request to the end of the blank line.
