@@ -1,0 +1,674 @@
+//! `chat` and `broadcast`: P publishers send into one room (or one `/broadcast` path), every
+//! connection receives every message; receivers time each delivery from the send time carried
+//! in the text, and count what was lost or duplicated.
+//!
+//! Message text: `<run> <publisher> <seq> <send µs>[ ~~~padding]`. `run` is a random nonce,
+//! so history or stragglers from earlier runs are ignored. Incoming chat frames are not
+//! JSON-parsed: the type is read from the frame's start and the text found by searching for
+//! `"text":"` (the bench must not be the bottleneck).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::conn::{ConnOut, Target};
+use crate::pool::{Handler, Pool};
+use crate::stats::{fmt_us, CpuWindow, Histogram};
+use crate::{connect_all, Common, Progress};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Subscriber connections (receive only).
+    #[arg(long, short = 'c', default_value_t = 100)]
+    pub subscribers: usize,
+    /// Publisher connections (send, and also receive everything).
+    #[arg(long, short = 'p', default_value_t = 1)]
+    pub publishers: usize,
+    /// Total messages per second over all publishers; 0 = as fast as the server takes them,
+    /// with at most --max-inflight unanswered messages per publisher (chat: unacked; broadcast:
+    /// not yet received back by the publisher).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Unanswered messages allowed per publisher when --rate 0.
+    #[arg(long, default_value_t = 32)]
+    pub max_inflight: usize,
+    /// Pad message texts to at least this many bytes.
+    #[arg(long, default_value_t = 0)]
+    pub size: usize,
+    /// Room to join (chat).
+    #[arg(long, default_value = "bench")]
+    pub room: String,
+    /// Account name prefix (chat): users are PREFIX-s-N and PREFIX-p-N.
+    #[arg(long, default_value = "bench")]
+    pub user_prefix: String,
+    /// Password for the bench accounts (chat).
+    #[arg(long, default_value = "bench-password-not-secret")]
+    pub password: String,
+    /// Token cache file (chat): resume sessions from it and save new tokens to it, so repeated
+    /// runs skip password hashing (register/login cost the server an argon2 hash each).
+    #[arg(long)]
+    pub tokens: Option<std::path::PathBuf>,
+    /// Seconds to wait after publishing stops for the last deliveries (then lost = expected -
+    /// received).
+    #[arg(long, default_value = "3", value_parser = parlor::config::parse_secs)]
+    pub drain: Duration,
+    /// Exit non-zero if any message was lost or duplicated or any publish got an error.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Broadcast,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    /// register / login / resume sent.
+    Auth(AuthStep),
+    Joining,
+    Ready,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthStep {
+    Resume,
+    Register,
+    Login,
+}
+
+struct Fanout {
+    kind: Kind,
+    run: String,
+    base: Instant,
+    publishers: usize,
+    names: Vec<String>,
+    phase: Vec<Phase>,
+    ready: usize,
+    tokens: HashMap<String, String>,
+    tokens_changed: bool,
+    password: String,
+    room: String,
+    fatal: Option<String>,
+    // Publishing.
+    publishing: bool,
+    unlimited: bool,
+    max_inflight: usize,
+    sent: Vec<u64>,
+    inflight: Vec<usize>,
+    size: usize,
+    text_buf: String,
+    frame_buf: String,
+    /// Publishes answered with an error (not stored, not broadcast), by code.
+    errors: HashMap<String, u64>,
+    error_count: u64,
+    // Receiving: per connection, per publisher, a bitset of sequence numbers seen.
+    seen: Vec<Vec<Vec<u64>>>,
+    distinct: u64,
+    dups: u64,
+    foreign: u64,
+    measuring: bool,
+    window_deliveries: u64,
+    hist: Histogram,
+    total_deliveries: u64,
+}
+
+fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 {
+        return None;
+    }
+    let mut v = 0u64;
+    for &b in s {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + u64::from(b - b'0');
+    }
+    Some(v)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    // memchr on the first byte, then compare: fast enough for ~100-byte frames.
+    let first = needle[0];
+    let mut i = 0;
+    while i + needle.len() <= hay.len() {
+        let off = hay[i..].iter().position(|&b| b == first)?;
+        i += off;
+        if hay[i..].starts_with(needle) {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Value of a simple (unescaped) string field `"key":"value"` in a JSON frame.
+fn str_field<'a>(data: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let pat = format!("\"{key}\":\"");
+    let start = find(data, pat.as_bytes())? + pat.len();
+    let len = data[start..].iter().position(|&b| b == b'"')?;
+    Some(&data[start..start + len])
+}
+
+/// The frame's `type`: serde writes an internally tagged enum's tag first, so look at the
+/// start; fall back to a search.
+fn frame_type(data: &[u8]) -> &[u8] {
+    if let Some(rest) = data.strip_prefix(b"{\"type\":\"") {
+        if let Some(n) = rest.iter().position(|&b| b == b'"') {
+            return &rest[..n];
+        }
+    }
+    str_field(data, "type").unwrap_or(b"")
+}
+
+impl Fanout {
+    fn is_publisher(&self, idx: usize) -> bool {
+        idx < self.publishers
+    }
+
+    fn send_auth(&mut self, idx: usize, step: AuthStep, out: &mut ConnOut<'_>) {
+        let user = &self.names[idx];
+        let frame = match step {
+            AuthStep::Resume => json!({"type": "resume", "token": self.tokens[user]}),
+            AuthStep::Register => {
+                json!({"type": "register", "user": user, "password": self.password})
+            }
+            AuthStep::Login => json!({"type": "login", "user": user, "password": self.password}),
+        };
+        out.text(frame.to_string().as_bytes());
+        self.phase[idx] = Phase::Auth(step);
+    }
+
+    /// Queues the next message of publisher `p`.
+    fn publish(&mut self, p: usize, out: &mut ConnOut<'_>) {
+        let seq = self.sent[p];
+        self.sent[p] += 1;
+        self.inflight[p] += 1;
+        let t = self.base.elapsed().as_micros() as u64;
+        self.text_buf.clear();
+        let _ = write!(self.text_buf, "{} {p} {seq} {t}", self.run);
+        if self.text_buf.len() < self.size {
+            self.text_buf.push(' ');
+            while self.text_buf.len() < self.size {
+                self.text_buf.push('~');
+            }
+        }
+        match self.kind {
+            Kind::Broadcast => out.text(self.text_buf.as_bytes()),
+            Kind::Chat => {
+                self.frame_buf.clear();
+                let _ = write!(
+                    self.frame_buf,
+                    "{{\"type\":\"say\",\"room\":\"{}\",\"text\":\"{}\",\"ref\":\"{}-{seq}\"}}",
+                    self.room, self.text_buf, self.run
+                );
+                out.text(self.frame_buf.as_bytes());
+            }
+        }
+    }
+
+    /// A bench message text arrived on connection `idx`.
+    fn deliver(&mut self, idx: usize, text: &[u8], now: Instant) {
+        let Some(rest) = text
+            .strip_prefix(self.run.as_bytes())
+            .and_then(|r| r.strip_prefix(b" "))
+        else {
+            self.foreign += 1;
+            return;
+        };
+        let mut it = rest.splitn(4, |&b| b == b' ');
+        let (Some(p), Some(seq), Some(t)) = (
+            it.next().and_then(parse_u64),
+            it.next().and_then(parse_u64),
+            it.next().and_then(parse_u64),
+        ) else {
+            self.foreign += 1;
+            return;
+        };
+        let p = p as usize;
+        if p >= self.publishers {
+            self.foreign += 1;
+            return;
+        }
+        let bits = &mut self.seen[idx][p];
+        let (w, b) = ((seq / 64) as usize, seq % 64);
+        if bits.len() <= w {
+            bits.resize(w + 1, 0);
+        }
+        if bits[w] & (1 << b) != 0 {
+            self.dups += 1;
+            return;
+        }
+        bits[w] |= 1 << b;
+        self.distinct += 1;
+        self.total_deliveries += 1;
+        if self.measuring {
+            let sent_at = self.base + Duration::from_micros(t);
+            self.hist
+                .record(now.saturating_duration_since(sent_at).as_micros() as u64);
+            self.window_deliveries += 1;
+        }
+        if self.kind == Kind::Broadcast && p == idx {
+            // The publisher's own copy is its "ack".
+            self.inflight[p] = self.inflight[p].saturating_sub(1);
+        }
+    }
+
+    fn top_up(&mut self, p: usize, out: &mut ConnOut<'_>) {
+        if self.publishing && self.unlimited {
+            while self.inflight[p] < self.max_inflight {
+                self.publish(p, out);
+            }
+        }
+    }
+
+    fn on_chat_frame(&mut self, idx: usize, data: &[u8], now: Instant, out: &mut ConnOut<'_>) {
+        let ty = frame_type(data);
+        match ty {
+            b"message" => {
+                if let Some(text) = str_field(data, "text") {
+                    self.deliver(idx, text, now);
+                }
+            }
+            b"ack" => {
+                if self.is_publisher(idx) {
+                    self.inflight[idx] = self.inflight[idx].saturating_sub(1);
+                    self.top_up(idx, out);
+                }
+            }
+            b"welcome" => {
+                if let Some(tok) = str_field(data, "token") {
+                    let tok = String::from_utf8_lossy(tok).into_owned();
+                    self.tokens.insert(self.names[idx].clone(), tok);
+                    self.tokens_changed = true;
+                }
+                let join = json!({"type": "join", "room": self.room}).to_string();
+                out.text(join.as_bytes());
+                self.phase[idx] = Phase::Joining;
+            }
+            b"joined" => {
+                if self.phase[idx] == Phase::Joining {
+                    self.phase[idx] = Phase::Ready;
+                    self.ready += 1;
+                }
+            }
+            b"error" => {
+                let code = str_field(data, "code")
+                    .map(|c| String::from_utf8_lossy(c).into_owned())
+                    .unwrap_or_default();
+                match (self.phase[idx], code.as_str()) {
+                    (Phase::Auth(AuthStep::Register), "user_taken") => {
+                        self.send_auth(idx, AuthStep::Login, out)
+                    }
+                    (Phase::Auth(AuthStep::Resume), _) => {
+                        self.tokens.remove(&self.names[idx]);
+                        self.tokens_changed = true;
+                        self.send_auth(idx, AuthStep::Login, out)
+                    }
+                    (Phase::Ready, _) => {
+                        // A publish refused (rate_limited, ...): not stored, not broadcast.
+                        *self.errors.entry(code).or_default() += 1;
+                        self.error_count += 1;
+                        if self.is_publisher(idx) {
+                            self.inflight[idx] = self.inflight[idx].saturating_sub(1);
+                            self.top_up(idx, out);
+                        }
+                    }
+                    (phase, _) => {
+                        self.fatal.get_or_insert(format!(
+                            "{} during {:?}: {}",
+                            self.names[idx],
+                            phase,
+                            String::from_utf8_lossy(data)
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Handler for Fanout {
+    fn on_open(&mut self, idx: usize, _now: Instant, out: &mut ConnOut<'_>) {
+        match self.kind {
+            Kind::Broadcast => {
+                self.phase[idx] = Phase::Ready;
+                self.ready += 1;
+            }
+            Kind::Chat => {
+                let step = if self.tokens.contains_key(&self.names[idx]) {
+                    AuthStep::Resume
+                } else {
+                    AuthStep::Register
+                };
+                self.send_auth(idx, step, out);
+            }
+        }
+    }
+
+    fn on_message(
+        &mut self,
+        idx: usize,
+        data: &[u8],
+        _text: bool,
+        now: Instant,
+        out: &mut ConnOut<'_>,
+    ) {
+        match self.kind {
+            Kind::Broadcast => {
+                self.deliver(idx, data, now);
+                if self.is_publisher(idx) {
+                    self.top_up(idx, out);
+                }
+            }
+            Kind::Chat => self.on_chat_frame(idx, data, now, out),
+        }
+    }
+
+    fn on_close(&mut self, idx: usize, error: Option<&str>) {
+        if let Some(e) = error {
+            self.fatal
+                .get_or_insert(format!("connection {} closed: {e}", self.names[idx]));
+        }
+    }
+}
+
+fn load_tokens(path: &std::path::Path) -> HashMap<String, String> {
+    std::fs::read_to_string(path)
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| {
+                    let (u, t) = l.split_once(' ')?;
+                    Some((u.to_string(), t.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn save_tokens(path: &std::path::Path, tokens: &HashMap<String, String>) -> Result<(), String> {
+    let mut s = String::new();
+    for (u, t) in tokens {
+        let _ = writeln!(s, "{u} {t}");
+    }
+    std::fs::write(path, s).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn run(a: &FanoutArgs, kind: Kind) -> Result<serde_json::Value, String> {
+    let c = &a.common;
+    let target = Target::parse(&c.url)?;
+    let mut pool = Pool::new(target).map_err(|e| format!("poll: {e}"))?;
+    let n = a.publishers + a.subscribers;
+    if a.publishers == 0 {
+        return Err("need at least one publisher".into());
+    }
+    let run_id = format!("{:016x}", pool.rng.next_u64());
+    let names: Vec<String> = (0..n)
+        .map(|i| {
+            if i < a.publishers {
+                format!("{}-p-{i}", a.user_prefix)
+            } else {
+                format!("{}-s-{}", a.user_prefix, i - a.publishers)
+            }
+        })
+        .collect();
+    let mut h = Fanout {
+        kind,
+        run: run_id.clone(),
+        base: Instant::now(),
+        publishers: a.publishers,
+        names,
+        phase: vec![Phase::Connecting; n],
+        ready: 0,
+        tokens: a.tokens.as_deref().map(load_tokens).unwrap_or_default(),
+        tokens_changed: false,
+        password: a.password.clone(),
+        room: a.room.clone(),
+        fatal: None,
+        publishing: false,
+        unlimited: a.rate <= 0.0,
+        max_inflight: a.max_inflight.max(1),
+        sent: vec![0; a.publishers],
+        inflight: vec![0; a.publishers],
+        size: a.size,
+        text_buf: String::new(),
+        frame_buf: String::new(),
+        errors: HashMap::new(),
+        error_count: 0,
+        seen: vec![vec![Vec::new(); a.publishers]; n],
+        distinct: 0,
+        dups: 0,
+        foreign: 0,
+        measuring: false,
+        window_deliveries: 0,
+        hist: Histogram::new(),
+        total_deliveries: 0,
+    };
+
+    connect_all(&mut pool, n, None, None, &mut h)?;
+    // Chat: wait until every connection is authenticated and has joined.
+    let mut progress = Progress::new(c.quiet);
+    let mut last = (0usize, Instant::now());
+    while h.ready < n {
+        pool.turn(Duration::from_millis(20), &mut h)
+            .map_err(|e| e.to_string())?;
+        if let Some(e) = h.fatal.take() {
+            return Err(e);
+        }
+        if h.ready > last.0 {
+            last = (h.ready, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(60) {
+            return Err(format!("only {} of {n} joined; stuck for 60 s", h.ready));
+        }
+        if progress.due() {
+            progress.line(&format!("joining: {}/{n} ready", h.ready));
+        }
+    }
+    if let (Some(path), true) = (&a.tokens, h.tokens_changed) {
+        save_tokens(path, &h.tokens)?;
+    }
+    // Let join/presence traffic settle.
+    let settle = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < settle {
+        pool.turn(Duration::from_millis(20), &mut h)
+            .map_err(|e| e.to_string())?;
+    }
+
+    // Publish: warmup, then the measured window.
+    h.publishing = true;
+    let pub_start = Instant::now();
+    let warm_end = pub_start + c.warmup;
+    let end = warm_end + c.duration;
+    let mut cpu = None;
+    let mut win_start = warm_end;
+    let per_pub = a.rate / a.publishers as f64;
+    let mut progress = Progress::new(c.quiet);
+    let mut last = (0u64, Instant::now());
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if !h.measuring && now >= warm_end {
+            h.measuring = true;
+            win_start = now;
+            cpu = Some(CpuWindow::start(c.pid));
+        }
+        let mut timeout = Duration::from_millis(10);
+        if h.unlimited {
+            for p in 0..a.publishers {
+                if h.inflight[p] < h.max_inflight {
+                    let (conn, rng) = (&mut pool.conns[p], &mut pool.rng);
+                    h.top_up(p, &mut conn.out(rng));
+                    pool.mark_dirty(p);
+                }
+            }
+        } else {
+            let elapsed = now.duration_since(pub_start).as_secs_f64();
+            let due = (elapsed * per_pub) as u64 + 1;
+            for p in 0..a.publishers {
+                let mut k = 0;
+                while h.sent[p] < due && k < 10_000 {
+                    let (conn, rng) = (&mut pool.conns[p], &mut pool.rng);
+                    h.publish(p, &mut conn.out(rng));
+                    k += 1;
+                }
+                if k > 0 {
+                    pool.mark_dirty(p);
+                }
+            }
+            let next = pub_start + Duration::from_secs_f64(due as f64 / per_pub);
+            timeout = next.saturating_duration_since(Instant::now());
+        }
+        pool.turn(timeout.min(Duration::from_millis(10)), &mut h)
+            .map_err(|e| e.to_string())?;
+        if let Some(e) = h.fatal.take() {
+            return Err(e);
+        }
+        if progress.due() {
+            let now = Instant::now();
+            let rate = (h.total_deliveries - last.0) as f64
+                / now.duration_since(last.1).as_secs_f64().max(1e-9);
+            last = (h.total_deliveries, now);
+            let sent: u64 = h.sent.iter().sum();
+            progress.line(&format!(
+                "{rate:.0} deliveries/s, sent {sent}, p99 {} (so far){}",
+                fmt_us(h.hist.quantile(0.99)),
+                if h.error_count > 0 {
+                    format!(", {} publish errors", h.error_count)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    let report = cpu.unwrap_or_else(|| CpuWindow::start(c.pid)).stop();
+    let window_secs = win_start.elapsed().as_secs_f64();
+    let window_deliveries = h.window_deliveries;
+    h.publishing = false;
+
+    // Drain: wait for the deliveries still in flight.
+    let total_sent: u64 = h.sent.iter().sum();
+    let expected_each = total_sent.saturating_sub(h.error_count);
+    let expected_all = expected_each * n as u64;
+    let drain_end = Instant::now() + a.drain;
+    while Instant::now() < drain_end && h.distinct < expected_all {
+        pool.turn(Duration::from_millis(20), &mut h)
+            .map_err(|e| e.to_string())?;
+        if let Some(e) = h.fatal.take() {
+            return Err(e);
+        }
+    }
+    let lost = expected_all.saturating_sub(h.distinct);
+    pool.close_all();
+
+    let rate = window_deliveries as f64 / window_secs.max(1e-9);
+    let server_ns = report.server_secs.map(|s| {
+        if window_deliveries > 0 {
+            s * 1e9 / window_deliveries as f64
+        } else {
+            0.0
+        }
+    });
+    let mode = match kind {
+        Kind::Chat => "chat",
+        Kind::Broadcast => "broadcast",
+    };
+    let mut failure = Vec::new();
+    if lost > 0 {
+        failure.push(format!("{lost} lost"));
+    }
+    if h.dups > 0 {
+        failure.push(format!("{} duplicated", h.dups));
+    }
+    if h.error_count > 0 {
+        failure.push(format!("{} publish errors {:?}", h.error_count, h.errors));
+    }
+    if total_sent == 0 {
+        failure.push("nothing was published".into());
+    }
+    if !c.json {
+        println!(
+            "{mode}: {} subscribers + {} publishers, rate {}, {:.1} s measured",
+            a.subscribers,
+            a.publishers,
+            if h.unlimited {
+                format!("max ({} in flight per publisher)", h.max_inflight)
+            } else {
+                format!("{} msg/s", a.rate)
+            },
+            window_secs
+        );
+        println!(
+            "published {total_sent} ({:.0} msg/s), {:.0} deliveries/s",
+            total_sent as f64 / (window_secs + c.warmup.as_secs_f64()).max(1e-9),
+            rate
+        );
+        println!(
+            "latency: p50 {}  p99 {}  p999 {}  max {}  ({} samples)",
+            fmt_us(h.hist.quantile(0.5)),
+            fmt_us(h.hist.quantile(0.99)),
+            fmt_us(h.hist.quantile(0.999)),
+            fmt_us(h.hist.max()),
+            h.hist.count()
+        );
+        println!(
+            "lost {lost}, duplicated {}, publish errors {}{}",
+            h.dups,
+            h.error_count,
+            if h.errors.is_empty() {
+                String::new()
+            } else {
+                format!(" {:?}", h.errors)
+            }
+        );
+        crate::print_cpu(&report, server_ns, "delivery");
+    }
+    let failed = a.strict && !failure.is_empty();
+    Ok(json!({
+        "mode": mode,
+        "url": c.url,
+        "subscribers": a.subscribers,
+        "publishers": a.publishers,
+        "rate": a.rate,
+        "max_inflight": a.max_inflight,
+        "seconds": window_secs,
+        "published": total_sent,
+        "deliveries": window_deliveries,
+        "deliveries_per_sec": rate,
+        "p50_us": h.hist.quantile(0.5),
+        "p99_us": h.hist.quantile(0.99),
+        "p999_us": h.hist.quantile(0.999),
+        "max_us": h.hist.max(),
+        "lost": lost,
+        "duplicated": h.dups,
+        "publish_errors": h.error_count,
+        "bench_cpu_pct": report.bench_pct,
+        "server_cpu_secs": report.server_secs,
+        "server_ns_per_delivery": server_ns,
+        "failed": failed,
+        "failure": failure.join(", "),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_fields_without_parsing_json() {
+        let f = br#"{"type":"message","id":42,"room":"bench","from":"a","nick":"a","text":"abc 0 7 99","ts":1}"#;
+        assert_eq!(frame_type(f), b"message");
+        assert_eq!(str_field(f, "text"), Some(&b"abc 0 7 99"[..]));
+        assert_eq!(frame_type(br#"{"id":1,"type":"ack"}"#), b"ack");
+        assert_eq!(parse_u64(b"12345"), Some(12345));
+        assert_eq!(parse_u64(b"12x"), None);
+    }
+}

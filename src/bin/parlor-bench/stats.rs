@@ -1,0 +1,244 @@
+//! Latency histogram, CPU accounting from /proc, resident memory.
+
+use std::fs;
+use std::time::Instant;
+
+/// Sub-bucket bits: each power-of-two range is split into 64 buckets (≤ 1.6 % relative error).
+const SUB_BITS: u32 = 6;
+const SUB: u64 = 1 << SUB_BITS;
+/// Values up to 2^44 µs (≈ 200 days) are kept exactly to this precision.
+const BUCKETS: usize = (SUB as usize) * (44 - SUB_BITS as usize + 2);
+
+/// HDR-like log-linear histogram of microsecond values: values below 128 µs are exact, above
+/// that every power-of-two range has 64 equal buckets. Recording is a few instructions.
+#[derive(Clone)]
+pub struct Histogram {
+    counts: Vec<u64>,
+    total: u64,
+    max: u64,
+    sum: u128,
+}
+
+impl Default for Histogram {
+    fn default() -> Histogram {
+        Histogram::new()
+    }
+}
+
+fn index(v: u64) -> usize {
+    if v < 2 * SUB {
+        return v as usize;
+    }
+    let exp = 63 - v.leading_zeros();
+    let shift = exp - SUB_BITS;
+    let i = (shift as usize) * SUB as usize + (v >> shift) as usize;
+    i.min(BUCKETS - 1)
+}
+
+/// The largest value that lands in bucket `i` (reporting the upper edge never understates).
+fn value_at(i: usize) -> u64 {
+    if i < 2 * SUB as usize {
+        return i as u64;
+    }
+    let shift = (i / SUB as usize - 1) as u32;
+    let m = (i % SUB as usize) as u64 + SUB;
+    ((m + 1) << shift) - 1
+}
+
+impl Histogram {
+    pub fn new() -> Histogram {
+        Histogram {
+            counts: vec![0; BUCKETS],
+            total: 0,
+            max: 0,
+            sum: 0,
+        }
+    }
+
+    #[inline]
+    pub fn record(&mut self, us: u64) {
+        self.counts[index(us)] += 1;
+        self.total += 1;
+        self.sum += u128::from(us);
+        if us > self.max {
+            self.max = us;
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.total
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    pub fn mean(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.sum as f64 / self.total as f64
+        }
+    }
+
+    /// Value at quantile `q` (0..=1), in µs; 0 when empty.
+    pub fn quantile(&self, q: f64) -> u64 {
+        if self.total == 0 {
+            return 0;
+        }
+        let rank = ((q * self.total as f64).ceil() as u64).clamp(1, self.total);
+        let mut seen = 0;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return value_at(i).min(self.max);
+            }
+        }
+        self.max
+    }
+}
+
+/// Formats microseconds for people: `850µs`, `1.25ms`, `2.0s`.
+pub fn fmt_us(us: u64) -> String {
+    if us < 1000 {
+        format!("{us}µs")
+    } else if us < 1_000_000 {
+        format!("{:.2}ms", us as f64 / 1000.0)
+    } else {
+        format!("{:.2}s", us as f64 / 1e6)
+    }
+}
+
+/// Clock ticks per second for /proc/*/stat times.
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime of a process (all its threads), in seconds, from /proc/PID/stat.
+pub fn process_cpu_secs(pid: &str) -> Option<f64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime 15.
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / clk_tck())
+}
+
+/// Our own CPU time (user + system), in seconds, at µs resolution.
+pub fn self_cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut ru) != 0 {
+            return process_cpu_secs("self").unwrap_or(0.0);
+        }
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    }
+}
+
+/// Resident memory (VmRSS) of a process, in KiB.
+pub fn rss_kib(pid: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU use over a measurement window: ours and, if a PID was given, the server's.
+pub struct CpuWindow {
+    start: Instant,
+    self_start: f64,
+    server_pid: Option<String>,
+    server_start: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuReport {
+    pub wall_secs: f64,
+    /// Bench CPU as % of one core.
+    pub bench_pct: f64,
+    pub server_secs: Option<f64>,
+}
+
+impl CpuWindow {
+    pub fn start(server_pid: Option<u32>) -> CpuWindow {
+        let server_pid = server_pid.map(|p| p.to_string());
+        let server_start = server_pid.as_deref().and_then(process_cpu_secs);
+        CpuWindow {
+            start: Instant::now(),
+            self_start: self_cpu_secs(),
+            server_pid,
+            server_start,
+        }
+    }
+
+    pub fn stop(&self) -> CpuReport {
+        let wall = self.start.elapsed().as_secs_f64();
+        let me = self_cpu_secs() - self.self_start;
+        let server_secs = match (&self.server_pid, self.server_start) {
+            (Some(pid), Some(s0)) => process_cpu_secs(pid).map(|s1| s1 - s0),
+            _ => None,
+        };
+        CpuReport {
+            wall_secs: wall,
+            bench_pct: if wall > 0.0 { 100.0 * me / wall } else { 0.0 },
+            server_secs,
+        }
+    }
+}
+
+/// Checks that a server PID exists before a run, so a typo fails early.
+pub fn check_pid(pid: Option<u32>) -> Result<(), String> {
+    if let Some(p) = pid {
+        if process_cpu_secs(&p.to_string()).is_none() {
+            return Err(format!("--pid {p}: no such process (or /proc unreadable)"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_contiguous_and_monotonic() {
+        let mut last = 0;
+        for v in 0..1_000_000u64 {
+            let i = index(v);
+            assert!(i == last || i == last + 1, "v {v}: {last} -> {i}");
+            assert!(value_at(i) >= v, "v {v} bucket top {}", value_at(i));
+            last = i;
+        }
+    }
+
+    #[test]
+    fn relative_error_is_small() {
+        for v in [150u64, 1_000, 12_345, 999_999, 123_456_789] {
+            let top = value_at(index(v));
+            assert!((top - v) as f64 / v as f64 <= 1.0 / 64.0 + 1e-9, "{v} -> {top}");
+        }
+    }
+
+    #[test]
+    fn quantiles() {
+        let mut h = Histogram::new();
+        for v in 1..=1000 {
+            h.record(v);
+        }
+        let p50 = h.quantile(0.5);
+        assert!((500..=508).contains(&p50), "{p50}");
+        let p99 = h.quantile(0.99);
+        assert!((990..=1000).contains(&p99), "{p99}");
+        assert_eq!(h.quantile(1.0), 1000);
+        assert_eq!(h.count(), 1000);
+    }
+}
