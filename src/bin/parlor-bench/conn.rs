@@ -41,7 +41,10 @@ impl Target {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let with_port = if hostport.rsplit(':').next().is_some_and(|p| p.parse::<u16>().is_ok())
+        let with_port = if hostport
+            .rsplit(':')
+            .next()
+            .is_some_and(|p| p.parse::<u16>().is_ok())
             && !hostport.ends_with(']')
         {
             hostport.to_string()
@@ -345,7 +348,10 @@ impl Conn {
         }
         if self.state == State::Connecting {
             if let Ok(Some(e)) | Err(e) = self.stream.take_error() {
-                self.fail(format!("connect to {}: {e}", self.peer_name()), &mut outcome);
+                self.fail(
+                    format!("connect to {}: {e}", self.peer_name()),
+                    &mut outcome,
+                );
                 return outcome;
             }
             match self.stream.peer_addr() {
@@ -369,7 +375,10 @@ impl Conn {
                     return outcome;
                 }
                 Err(e) => {
-                    self.fail(format!("connect to {}: {e}", self.peer_name()), &mut outcome);
+                    self.fail(
+                        format!("connect to {}: {e}", self.peer_name()),
+                        &mut outcome,
+                    );
                     return outcome;
                 }
             }

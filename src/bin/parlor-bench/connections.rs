@@ -74,7 +74,10 @@ pub fn run(a: &ConnArgs) -> Result<serde_json::Value, String> {
             n + 16
         ));
     }
-    let k = a.source_addrs.unwrap_or((n / 20_000 + 1).min(250) as u8).max(1);
+    let k = a
+        .source_addrs
+        .unwrap_or((n / 20_000 + 1).min(250) as u8)
+        .max(1);
     let sources: Vec<IpAddr> = (1..=k)
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
         .collect();

@@ -77,7 +77,8 @@ impl Handler for Echo {
             self.wrong += 1;
         }
         if self.measuring {
-            self.hist.record(now.saturating_duration_since(t0).as_micros() as u64);
+            self.hist
+                .record(now.saturating_duration_since(t0).as_micros() as u64);
             self.count += 1;
         }
         if !self.stopping {
@@ -144,9 +145,13 @@ pub fn run(a: &EchoArgs) -> Result<serde_json::Value, String> {
     }
     pool.close_all();
     let rate = h.count as f64 / elapsed;
-    let server_ns = report
-        .server_secs
-        .map(|s| if h.count > 0 { s * 1e9 / h.count as f64 } else { 0.0 });
+    let server_ns = report.server_secs.map(|s| {
+        if h.count > 0 {
+            s * 1e9 / h.count as f64
+        } else {
+            0.0
+        }
+    });
     if !c.json {
         println!(
             "echo {} conns × {} B × {} in flight, {:.1} s: {:.0} msg/s",

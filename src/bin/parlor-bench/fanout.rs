@@ -56,6 +56,10 @@ pub struct FanoutArgs {
     /// received).
     #[arg(long, default_value = "3", value_parser = parlor::config::parse_secs)]
     pub drain: Duration,
+    /// Every connection receives only its own messages (point `broadcast` at an echo path,
+    /// e.g. for a smoke test of a server without a broadcast endpoint); expected counts follow.
+    #[arg(long)]
+    pub own_only: bool,
     /// Exit non-zero if any message was lost or duplicated or any publish got an error.
     #[arg(long)]
     pub strict: bool,
@@ -276,11 +280,9 @@ impl Fanout {
                     self.deliver(idx, text, now);
                 }
             }
-            b"ack" => {
-                if self.is_publisher(idx) {
-                    self.inflight[idx] = self.inflight[idx].saturating_sub(1);
-                    self.top_up(idx, out);
-                }
+            b"ack" if self.is_publisher(idx) => {
+                self.inflight[idx] = self.inflight[idx].saturating_sub(1);
+                self.top_up(idx, out);
             }
             b"welcome" => {
                 if let Some(tok) = str_field(data, "token") {
@@ -292,11 +294,9 @@ impl Fanout {
                 out.text(join.as_bytes());
                 self.phase[idx] = Phase::Joining;
             }
-            b"joined" => {
-                if self.phase[idx] == Phase::Joining {
-                    self.phase[idx] = Phase::Ready;
-                    self.ready += 1;
-                }
+            b"joined" if self.phase[idx] == Phase::Joining => {
+                self.phase[idx] = Phase::Ready;
+                self.ready += 1;
             }
             b"error" => {
                 let code = str_field(data, "code")
@@ -557,7 +557,11 @@ pub fn run(a: &FanoutArgs, kind: Kind) -> Result<serde_json::Value, String> {
     // Drain: wait for the deliveries still in flight.
     let total_sent: u64 = h.sent.iter().sum();
     let expected_each = total_sent.saturating_sub(h.error_count);
-    let expected_all = expected_each * n as u64;
+    let expected_all = if a.own_only {
+        expected_each
+    } else {
+        expected_each * n as u64
+    };
     let drain_end = Instant::now() + a.drain;
     while Instant::now() < drain_end && h.distinct < expected_all {
         pool.turn(Duration::from_millis(20), &mut h)

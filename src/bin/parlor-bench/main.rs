@@ -41,7 +41,13 @@ use crate::stats::CpuReport;
 /// Many connections need file descriptors: run `ulimit -n 200000` (or as high as the hard
 /// limit allows) in the shell first.
 #[derive(Parser, Debug)]
-#[command(name = "parlor-bench", version, about, long_about, verbatim_doc_comment)]
+#[command(
+    name = "parlor-bench",
+    version,
+    about,
+    long_about,
+    verbatim_doc_comment
+)]
 struct Cli {
     #[command(subcommand)]
     mode: Mode,
@@ -228,7 +234,10 @@ pub fn print_cpu(r: &CpuReport, server_ns: Option<f64>, unit: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (json, result) = match &cli.mode {
-        Mode::Echo(a) => (a.common.json, stats::check_pid(a.common.pid).and_then(|_| echo::run(a))),
+        Mode::Echo(a) => (
+            a.common.json,
+            stats::check_pid(a.common.pid).and_then(|_| echo::run(a)),
+        ),
         Mode::Chat(a) => (
             a.common.json,
             stats::check_pid(a.common.pid).and_then(|_| fanout::run(a, fanout::Kind::Chat)),

@@ -224,7 +224,10 @@ mod tests {
     fn relative_error_is_small() {
         for v in [150u64, 1_000, 12_345, 999_999, 123_456_789] {
             let top = value_at(index(v));
-            assert!((top - v) as f64 / v as f64 <= 1.0 / 64.0 + 1e-9, "{v} -> {top}");
+            assert!(
+                (top - v) as f64 / v as f64 <= 1.0 / 64.0 + 1e-9,
+                "{v} -> {top}"
+            );
         }
     }
 
