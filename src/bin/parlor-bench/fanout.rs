@@ -29,8 +29,9 @@ pub struct FanoutArgs {
     #[arg(long, short = 'p', default_value_t = 1)]
     pub publishers: usize,
     /// Total messages per second over all publishers; 0 = as fast as the server takes them,
-    /// with at most --max-inflight unanswered messages per publisher (chat: unacked; broadcast:
-    /// not yet received back by the publisher).
+    /// with at most --max-inflight messages per publisher not yet received by every connection
+    /// (a closed loop on the slowest receiver, so the server's queues stay bounded and the
+    /// latency figures mean something; the same rule for chat and broadcast).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Unanswered messages allowed per publisher when --rate 0.
@@ -106,6 +107,12 @@ struct Fanout {
     max_inflight: usize,
     sent: Vec<u64>,
     inflight: Vec<usize>,
+    /// Per publisher: receivers so far of each sequence number from `count_base` on.
+    counts: Vec<std::collections::VecDeque<u32>>,
+    count_base: Vec<u64>,
+    /// Connections that receive each message.
+    receivers: u32,
+    acks: u64,
     size: usize,
     text_buf: String,
     frame_buf: String,
@@ -194,6 +201,7 @@ impl Fanout {
         let seq = self.sent[p];
         self.sent[p] += 1;
         self.inflight[p] += 1;
+        self.counts[p].push_back(0);
         let t = self.base.elapsed().as_micros() as u64;
         self.text_buf.clear();
         let _ = write!(self.text_buf, "{} {p} {seq} {t}", self.run);
@@ -258,9 +266,27 @@ impl Fanout {
                 .record(now.saturating_duration_since(sent_at).as_micros() as u64);
             self.window_deliveries += 1;
         }
-        if self.kind == Kind::Broadcast && p == idx {
-            // The publisher's own copy is its "ack".
+        self.count_delivery(p, seq, 1);
+    }
+
+    /// Counts `k` receptions of (p, seq); a message every receiver has got leaves the window.
+    fn count_delivery(&mut self, p: usize, seq: u64, k: u32) {
+        let Some(off) = seq.checked_sub(self.count_base[p]) else {
+            return;
+        };
+        let Some(c) = self.counts[p].get_mut(off as usize) else {
+            return;
+        };
+        if *c >= self.receivers {
+            return;
+        }
+        *c = (*c + k).min(self.receivers);
+        if *c == self.receivers {
             self.inflight[p] = self.inflight[p].saturating_sub(1);
+            while self.counts[p].front() == Some(&self.receivers) {
+                self.counts[p].pop_front();
+                self.count_base[p] += 1;
+            }
         }
     }
 
@@ -280,10 +306,7 @@ impl Fanout {
                     self.deliver(idx, text, now);
                 }
             }
-            b"ack" if self.is_publisher(idx) => {
-                self.inflight[idx] = self.inflight[idx].saturating_sub(1);
-                self.top_up(idx, out);
-            }
+            b"ack" => self.acks += 1,
             b"welcome" => {
                 if let Some(tok) = str_field(data, "token") {
                     let tok = String::from_utf8_lossy(tok).into_owned();
@@ -315,9 +338,12 @@ impl Fanout {
                         // A publish refused (rate_limited, ...): not stored, not broadcast.
                         *self.errors.entry(code).or_default() += 1;
                         self.error_count += 1;
-                        if self.is_publisher(idx) {
-                            self.inflight[idx] = self.inflight[idx].saturating_sub(1);
-                            self.top_up(idx, out);
+                        // Its ref is "<run>-<seq>": take it out of the window.
+                        let seq = str_field(data, "ref")
+                            .and_then(|r| r.rsplit(|&b| b == b'-').next())
+                            .and_then(parse_u64);
+                        if let (true, Some(seq)) = (self.is_publisher(idx), seq) {
+                            self.count_delivery(idx, seq, self.receivers);
                         }
                     }
                     (phase, _) => {
@@ -437,6 +463,10 @@ pub fn run(a: &FanoutArgs, kind: Kind) -> Result<serde_json::Value, String> {
         max_inflight: a.max_inflight.max(1),
         sent: vec![0; a.publishers],
         inflight: vec![0; a.publishers],
+        counts: vec![Default::default(); a.publishers],
+        count_base: vec![0; a.publishers],
+        receivers: if a.own_only { 1 } else { n as u32 },
+        acks: 0,
         size: a.size,
         text_buf: String::new(),
         frame_buf: String::new(),
@@ -654,6 +684,7 @@ pub fn run(a: &FanoutArgs, kind: Kind) -> Result<serde_json::Value, String> {
         "lost": lost,
         "duplicated": h.dups,
         "publish_errors": h.error_count,
+        "acks": h.acks,
         "bench_cpu_pct": report.bench_pct,
         "server_cpu_secs": report.server_secs,
         "server_ns_per_delivery": server_ns,

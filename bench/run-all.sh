@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Parlor vs the reference peers (tokio-tungstenite, Node ws), same machine, same run.
+#
+# Builds everything (release), then for every scenario runs ROUNDS rounds, each round running
+# Parlor and both peers one after the other (interleaved), each on a freshly started server
+# pinned to core 0 while parlor-bench runs pinned to core 1. Prints a markdown table of medians
+# and ratios; raw JSON results are kept in $OUT_DIR.
+#
+# Environment: ROUNDS (3), DURATION (10 s per run), WARMUP (1 s), IDLE_CONNS (10000),
+# TARGETS ("parlor tokio-tungstenite node-ws"), SCENARIOS (all), OUT_DIR (target/bench-results),
+# SERVER_CPU (0), BENCH_CPU (1).
+# See docs/BENCHMARKS.md for the method.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-1}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+TARGETS=${TARGETS:-"parlor tokio-tungstenite node-ws"}
+SCENARIOS=${SCENARIOS:-"echo-100x20B echo-100x16KiB echo-10x16inflight fanout-1000-max fanout-1000-at-100 fanout-1000-at-1000 idle-memory"}
+OUT_DIR=${OUT_DIR:-$CARGO_TARGET_DIR/bench-results}
+SERVER_CPU=${SERVER_CPU:-0}
+BENCH_CPU=${BENCH_CPU:-1}
+PEERS_SRC=${PEERS_SRC:-$ROOT/../shared/peers}
+PEERS=$CARGO_TARGET_DIR/peers
+
+echo "== build" >&2
+cargo build --release --bins --quiet
+BIN=$CARGO_TARGET_DIR/release
+if [[ " $TARGETS " == *" tokio-tungstenite "* ]]; then
+  cargo build --release --locked --quiet --manifest-path "$PEERS_SRC/tokio-tungstenite/Cargo.toml" --target-dir "$PEERS"
+fi
+if [[ " $TARGETS " == *" node-ws "* ]]; then
+  mkdir -p "$PEERS"
+  if [ ! -d "$PEERS/node-ws/node_modules" ]; then
+    cp -r "$PEERS_SRC/node-ws" "$PEERS/"
+    (cd "$PEERS/node-ws" && npm install --silent >&2)
+  fi
+fi
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+mkdir -p "$OUT_DIR"
+rm -f "$OUT_DIR"/*.json
+DATA=$(mktemp -d)
+TOKENS=$DATA/bench-tokens.txt
+SERVER_PID=""
+SERVER_LOG=$(mktemp)
+cleanup() {
+  stop_server
+  rm -rf "$DATA" "$SERVER_LOG"
+}
+trap cleanup EXIT
+
+HAS_CHAT=0
+if "$BIN/parlor" --help | grep -q -- '--rate-limit'; then HAS_CHAT=1; fi
+
+stop_server() {
+  if [ -n "$SERVER_PID" ]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+  fi
+}
+
+# start_server TARGET: starts it pinned, sets SERVER_PID and BASE (ws://host:port).
+start_server() {
+  local t=$1 port
+  : >"$SERVER_LOG"
+  case $t in
+    parlor)
+      local extra=()
+      [ "$HAS_CHAT" = 1 ] && extra+=(--rate-limit 0)
+      taskset -c "$SERVER_CPU" "$BIN/parlor" --listen 127.0.0.1:0 --data "$DATA/parlor" \
+        --log-level warn --max-connections $((IDLE_CONNS + 1000)) "${extra[@]}" >"$SERVER_LOG" 2>&1 &
+      SERVER_PID=$!
+      for _ in $(seq 300); do grep -q 'listening on' "$SERVER_LOG" && break; sleep 0.05; done
+      BASE="ws://$(sed -n 's/^parlor listening on //p' "$SERVER_LOG")"
+      ;;
+    tokio-tungstenite)
+      port=19101
+      taskset -c "$SERVER_CPU" "$PEERS/release/peer-tokio-tungstenite" $port >"$SERVER_LOG" 2>&1 &
+      SERVER_PID=$!
+      for _ in $(seq 300); do grep -q 'listening' "$SERVER_LOG" && break; sleep 0.05; done
+      BASE="ws://127.0.0.1:$port"
+      ;;
+    node-ws)
+      port=19102
+      taskset -c "$SERVER_CPU" node "$PEERS/node-ws/server.js" $port >"$SERVER_LOG" 2>&1 &
+      SERVER_PID=$!
+      for _ in $(seq 300); do grep -q 'listening' "$SERVER_LOG" && break; sleep 0.05; done
+      BASE="ws://127.0.0.1:$port"
+      ;;
+  esac
+  sleep 0.3
+}
+
+# args_for SCENARIO TARGET: prints the parlor-bench arguments, or nothing if not applicable.
+args_for() {
+  local s=$1 t=$2 fan
+  local common="--duration $DURATION --warmup $WARMUP --pid $SERVER_PID --json -q"
+  if [ "$t" = parlor ]; then
+    [ "$HAS_CHAT" = 1 ] || fan=""
+    [ "$HAS_CHAT" = 1 ] && fan="chat --url $BASE/ws --room bench --tokens $TOKENS"
+  else
+    fan="broadcast --url $BASE/broadcast"
+  fi
+  case $s in
+    echo-100x20B) echo "echo --url $BASE/echo -c 100 --size 20 --inflight 1 $common" ;;
+    echo-100x16KiB) echo "echo --url $BASE/echo -c 100 --size 16384 --inflight 1 $common" ;;
+    echo-10x16inflight) echo "echo --url $BASE/echo -c 10 --size 20 --inflight 16 $common" ;;
+    fanout-1000-max) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 0 $common" ;;
+    fanout-1000-at-100) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 100 $common" ;;
+    fanout-1000-at-1000) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 1000 $common" ;;
+    idle-memory) echo "connections --url $BASE/echo -c $IDLE_CONNS --hold 5 --pid $SERVER_PID --json -q" ;;
+  esac
+  return 0
+}
+
+if [ "$HAS_CHAT" = 1 ] && [[ " $TARGETS " == *" parlor "* ]]; then
+  # Create the 1001 bench accounts once (argon2 per account), so measured runs resume sessions.
+  echo "== parlor: creating bench accounts (once)" >&2
+  start_server parlor
+  taskset -c "$BENCH_CPU" "$BIN/parlor-bench" chat --url "$BASE/ws" --room bench --tokens "$TOKENS" \
+    --subscribers 1000 --publishers 1 --rate 10 --duration 1 --warmup 0 -q >/dev/null
+  stop_server
+fi
+
+for s in $SCENARIOS; do
+  for r in $(seq "$ROUNDS"); do
+    for t in $TARGETS; do
+      start_server "$t"
+      args=$(args_for "$s" "$t")
+      if [ -z "$args" ]; then stop_server; continue; fi
+      out="$OUT_DIR/$s.$t.$r.json"
+      echo "== $s round $r: $t" >&2
+      # shellcheck disable=SC2086
+      if ! taskset -c "$BENCH_CPU" "$BIN/parlor-bench" $args >"$out"; then
+        echo "   FAILED (see $out)" >&2
+      fi
+      tail -c 400 "$out" >&2 || true
+      stop_server
+    done
+  done
+done
+
+python3 - "$OUT_DIR" "$TARGETS" <<'PY'
+import glob, json, os, statistics, sys
+out_dir, targets = sys.argv[1], sys.argv[2].split()
+res = {}
+for f in glob.glob(os.path.join(out_dir, "*.json")):
+    s, t, r, _ = os.path.basename(f).rsplit(".", 3)
+    try:
+        line = open(f).read().strip().splitlines()[-1]
+        v = json.loads(line)
+    except Exception:
+        continue
+    if "error" in v:
+        continue
+    res.setdefault((s, t), []).append(v)
+
+metrics = {
+    "echo": [("msgs_per_sec", "msg/s", "{:,.0f}", True), ("p99_us", "p99 µs", "{:,.0f}", False),
+             ("server_ns_per_msg", "server ns/msg", "{:,.0f}", False)],
+    "fanout": [("deliveries_per_sec", "deliveries/s", "{:,.0f}", True), ("p99_us", "p99 µs", "{:,.0f}", False),
+               ("server_ns_per_delivery", "server ns/delivery", "{:,.0f}", False), ("lost", "lost (max)", "{:,.0f}", False)],
+    "idle": [("kib_per_conn", "KiB/conn", "{:,.2f}", False), ("still_open", "still open (min)", "{:,.0f}", True)],
+}
+order = ["echo-100x20B", "echo-100x16KiB", "echo-10x16inflight", "fanout-1000-max", "fanout-1000-at-100",
+         "fanout-1000-at-1000", "idle-memory"]
+names = {"parlor": "Parlor", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
+peers = [t for t in targets if t != "parlor"]
+hdr = ["scenario", "metric"] + [names.get(t, t) for t in targets]
+if "parlor" in targets:
+    hdr += [f"Parlor ÷ {names.get(p, p)}" for p in peers]
+print("| " + " | ".join(hdr) + " |")
+print("|" + "---|" * len(hdr))
+def agg(vals, key):
+    xs = [v.get(key) for v in vals if v.get(key) is not None]
+    if not xs:
+        return None
+    if key == "lost":
+        return max(xs)
+    if key == "still_open":
+        return min(xs)
+    return statistics.median(xs)
+for s in order:
+    kind = "echo" if s.startswith("echo") else "fanout" if s.startswith("fanout") else "idle"
+    if not any((s, t) in res for t in targets):
+        continue
+    for key, label, fmt, _higher in metrics[kind]:
+        row = [s, label]
+        vals = {t: agg(res.get((s, t), []), key) for t in targets}
+        for t in targets:
+            n = len(res.get((s, t), []))
+            row.append("–" if vals[t] is None else fmt.format(vals[t]) + ("" if n > 1 or key in ("lost", "still_open") else f" (n={n})"))
+        if "parlor" in targets:
+            for p in peers:
+                a, b = vals.get("parlor"), vals.get(p)
+                row.append(f"{a / b:.3g}×" if a is not None and b else "–")
+        print("| " + " | ".join(row) + " |")
+bench_max = max((v.get("bench_cpu_pct", 0) for vs in res.values() for v in vs), default=0)
+print(f"\nmedian of {max((len(v) for v in res.values()), default=0)} rounds; fan-out rows: Parlor runs `chat` on /ws "
+      f"(real chat work), peers run raw `broadcast`; highest bench CPU in any run: {bench_max:.0f}% of a core.")
+PY
