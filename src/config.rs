@@ -8,7 +8,9 @@ use clap::Parser;
 
 /// Parses a duration given in (possibly fractional) seconds, e.g. `10` or `0.25`.
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s.parse().map_err(|_| format!("not a number of seconds: {s}"))?;
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("not a number of seconds: {s}"))?;
     if !v.is_finite() || v < 0.0 || v > 1e9 {
         return Err(format!("out of range: {s}"));
     }

@@ -1,0 +1,59 @@
+//! Encoding a server text frame once for fan-out.
+//!
+//! Private stand-in until `crate::ws::frame::encode_shared` exists on main. Server frames are
+//! never masked (RFC 6455 §5.1), so the header is FIN|opcode then a 7/16/64-bit length.
+
+use crate::service::SharedFrame;
+
+/// One final, unmasked text frame (opcode 0x1) carrying `payload`.
+pub fn text_frame(payload: &[u8]) -> SharedFrame {
+    let len = payload.len();
+    let mut buf = Vec::with_capacity(len + 10);
+    buf.push(0x80 | 0x1);
+    if len < 126 {
+        buf.push(len as u8);
+    } else if len <= u16::MAX as usize {
+        buf.push(126);
+        buf.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        buf.push(127);
+        buf.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    buf.extend_from_slice(payload);
+    buf.into()
+}
+
+/// Decodes what [`text_frame`] produced (tests only): the payload of one unmasked frame.
+#[cfg(test)]
+pub fn decode_text_frame(frame: &[u8]) -> Option<&[u8]> {
+    if frame.len() < 2 || frame[0] != 0x81 {
+        return None;
+    }
+    let (len, start) = match frame[1] {
+        126 => (
+            u16::from_be_bytes([*frame.get(2)?, *frame.get(3)?]) as usize,
+            4,
+        ),
+        127 => {
+            let b: [u8; 8] = frame.get(2..10)?.try_into().ok()?;
+            (u64::from_be_bytes(b) as usize, 10)
+        }
+        n => (n as usize, 2),
+    };
+    frame.get(start..start + len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_roundtrip() {
+        for n in [0usize, 1, 125, 126, 65535, 65536, 70000] {
+            let p = vec![b'a'; n];
+            let f = text_frame(&p);
+            assert_eq!(decode_text_frame(&f), Some(&p[..]), "len {n}");
+        }
+        assert_eq!(&text_frame(b"hi")[..], &[0x81, 2, b'h', b'i']);
+    }
+}
