@@ -1463,6 +1463,12 @@ impl ChatService {
     pub(crate) fn next_id(&self) -> i64 {
         self.next_id
     }
+
+    /// Test hook: nothing is waiting on a worker thread.
+    #[cfg(test)]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.queries.is_empty() && self.jobs.is_empty()
+    }
 }
 
 impl Service for ChatService {

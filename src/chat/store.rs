@@ -2,8 +2,8 @@
 //!
 //! The event loop never touches the database after startup. It sends [`StoreReq`]s over a
 //! channel; the store thread takes everything queued, applies it in one transaction (group
-//! commit), commits, and reports the highest committed write sequence number back, followed by
-//! the results of any queries in that batch. Queries run inside the batch after the writes
+//! commit), commits, and reports the results of any queries in that batch followed by the
+//! highest committed write sequence number. Queries run inside the batch after the writes
 //! queued before them, so a query sees everything the loop accepted before sending it.
 
 use std::path::Path;
@@ -485,15 +485,18 @@ pub fn run(mut conn: Connection, rx: Receiver<StoreReq>, events: Sender<StoreEve
                 false
             }
         };
+        // Query results first: a join waiting on a ring load then completes before the acks
+        // of messages accepted during the load, whatever the batching was, so the order a
+        // client sees does not depend on how the store happened to group its work.
+        for r in results {
+            let _ = events.send(r);
+        }
         let _ = events.send(StoreEvent::Committed {
             upto: seq,
             ok,
             batch: writes,
             latency: start.elapsed(),
         });
-        for r in results {
-            let _ = events.send(r);
-        }
         wake.wake();
         if stop {
             return;
