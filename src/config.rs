@@ -11,7 +11,7 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
         .parse()
         .map_err(|_| format!("not a number of seconds: {s}"))?;
-    if !v.is_finite() || v < 0.0 || v > 1e9 {
+    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
         return Err(format!("out of range: {s}"));
     }
     Ok(Duration::from_secs_f64(v))
