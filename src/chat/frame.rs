@@ -1,26 +1,14 @@
 //! Encoding a server text frame once for fan-out.
 //!
-//! Private stand-in until `crate::ws::frame::encode_shared` exists on main. Server frames are
-//! never masked (RFC 6455 §5.1), so the header is FIN|opcode then a 7/16/64-bit length.
+//! Server frames for fan-out are encoded by the WebSocket layer ([`encode_shared`]): once per
+//! broadcast, then the same bytes are queued on every recipient.
 
 use crate::service::SharedFrame;
+use crate::ws::frame::{encode_shared, OpCode};
 
-/// One final, unmasked text frame (opcode 0x1) carrying `payload`.
+/// One final, unmasked text frame carrying `payload`.
 pub fn text_frame(payload: &[u8]) -> SharedFrame {
-    let len = payload.len();
-    let mut buf = Vec::with_capacity(len + 10);
-    buf.push(0x80 | 0x1);
-    if len < 126 {
-        buf.push(len as u8);
-    } else if len <= u16::MAX as usize {
-        buf.push(126);
-        buf.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        buf.push(127);
-        buf.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    buf.extend_from_slice(payload);
-    buf.into()
+    encode_shared(OpCode::Text, payload)
 }
 
 /// Decodes what [`text_frame`] produced (tests only): the payload of one unmasked frame.
