@@ -157,6 +157,28 @@ impl Drop for Server {
     }
 }
 
+/// The `parlor_chat_*` summary lines of `/metrics` (store batches, ack latency).
+fn chat_figures(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| {
+            !l.starts_with('#')
+                && (l.starts_with("parlor_chat_store_batch") || l.starts_with("parlor_chat_ack"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 struct Client {
     ws: WebSocket<MaybeTlsStream<TcpStream>>,
 }
@@ -489,6 +511,7 @@ fn two_hundred_connections_one_room() {
         deliveries as f64 / elapsed.as_secs_f64(),
         setup.as_secs_f64()
     );
+    println!("{}", chat_figures(&srv.addr));
     srv.stop();
 }
 
@@ -561,6 +584,7 @@ fn crash_loses_no_acked_message() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
+    println!("{}", chat_figures(&addr));
     srv.crash();
     let acked: Vec<i64> = handles
         .into_iter()

@@ -1126,3 +1126,71 @@ fn metrics_text() {
     }
     h.shutdown();
 }
+
+/// `open` must stay fast however long the history is: it loads accounts, sessions, rooms and
+/// memberships, and only `MAX(id)` of the messages. Ignored by default (building the store takes
+/// a while); run with `cargo test --lib startup_with_a_million_messages -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn startup_with_a_million_messages() {
+    let dir = TempDir::new("million");
+    {
+        let h = H::new(&dir, &[]);
+        h.shutdown();
+    }
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("chat.db")).expect("db");
+        conn.execute_batch("BEGIN").expect("begin");
+        {
+            let mut st = conn
+                .prepare(
+                    "INSERT INTO messages (id, room, dm, from_name, to_name, nick, text, ts)
+                     VALUES (?1, ?2, NULL, 'u', NULL, 'u', 'some message text of a usual length', ?1)",
+                )
+                .expect("prepare");
+            for id in 1..=1_000_000i64 {
+                let room = format!("room{}", id % 100);
+                st.execute(rusqlite::params![id, room]).expect("insert");
+            }
+        }
+        conn.execute_batch("COMMIT").expect("commit");
+        for i in 0..1000 {
+            conn.execute(
+                "INSERT INTO users (key, name, nick, phc, created) VALUES (?1, ?1, ?1, 'x', 0)",
+                rusqlite::params![format!("user{i}")],
+            )
+            .expect("user");
+            conn.execute(
+                "INSERT INTO members (room, user_key) VALUES (?1, ?2)",
+                rusqlite::params![format!("room{}", i % 100), format!("user{i}")],
+            )
+            .expect("member");
+        }
+        for r in 0..100 {
+            conn.execute(
+                "INSERT INTO rooms (name, created) VALUES (?1, 0)",
+                rusqlite::params![format!("room{r}")],
+            )
+            .expect("room");
+        }
+    }
+    let t = Instant::now();
+    let mut h = H::new(&dir, &[]);
+    let open = t.elapsed();
+    assert!(h.svc.next_id() > 1_000_000);
+    // A first join loads that room's ring through the store (index on (room, id)).
+    let (a, _) = h.user("alice");
+    let t = Instant::now();
+    h.send(a, json!({"type":"join","room":"room7"}));
+    let j = h.one(a);
+    let join = t.elapsed();
+    assert_eq!(j["history"].as_array().map(|x| x.len()), Some(50));
+    assert_eq!(j["history"][49]["id"], 999_907);
+    println!(
+        "open with 1,000,000 messages: {:.1} ms; first join (cold ring): {:.1} ms",
+        open.as_secs_f64() * 1e3,
+        join.as_secs_f64() * 1e3
+    );
+    assert!(open < Duration::from_secs(1), "open took {open:?}");
+    h.shutdown();
+}
