@@ -422,6 +422,32 @@ mod tests {
         );
     }
 
+    /// A cheap stand-in for the fuzz target in every test run: random bytes and random
+    /// mutations of valid frames.
+    #[test]
+    fn random_inputs_never_panic() {
+        let seeds: [&[u8]; 3] = [
+            br#"{"type":"say","room":"rust","text":"hi","ref":"c1"}"#,
+            br#"{"type":"history","with":"bob","before":9,"after":1,"limit":200}"#,
+            br#"{"type":"register","user":"a","password":"pppppppp"}"#,
+        ];
+        let mut rnd = [0u8; 4096];
+        for round in 0..2000 {
+            getrandom::getrandom(&mut rnd).expect("rng");
+            let seed = seeds[round % seeds.len()];
+            let mut input = seed.to_vec();
+            // Flip a few bytes and truncate somewhere.
+            for k in 0..4 {
+                let pos = rnd[k] as usize % input.len();
+                input[pos] = rnd[k + 4];
+            }
+            input.truncate(1 + rnd[8] as usize % input.len());
+            let _ = parse_client_frame(&input);
+            let n = rnd[9] as usize * 16 % rnd.len();
+            let _ = parse_client_frame(&rnd[..n]);
+        }
+    }
+
     #[test]
     fn never_panics_on_junk() {
         for s in [
