@@ -33,6 +33,9 @@ const ID_RESERVE: i64 = 1_000_000;
 const GENERAL: &str = "general";
 const DEFAULT_HISTORY_LIMIT: u32 = 50;
 const MAX_HISTORY_LIMIT: u32 = 200;
+/// Messages a connection may send while one of its requests waits on a worker thread (a few
+/// ms); a client that piles up more is misbehaving.
+const MAX_BACKLOG: usize = 256;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -492,10 +495,29 @@ impl ChatService {
         }
     }
 
+    /// Marks an authentication in progress; the connection's later messages wait for it
+    /// (a client may pipeline `login` and `join` without waiting for `welcome`).
     fn set_auth_pending(&mut self, conn: ConnId, v: bool) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.auth_pending = v;
         }
+        if v {
+            self.block(conn);
+        }
+    }
+
+    /// Ends a failed authentication: the error, then whatever the client sent meanwhile.
+    fn auth_failed(
+        &mut self,
+        out: &mut dyn Outbox,
+        conn: ConnId,
+        code: ErrorCode,
+        message: &str,
+        reference: Option<&str>,
+    ) {
+        self.set_auth_pending(conn, false);
+        self.error(out, conn, code, message, reference);
+        self.unblock(out, conn);
     }
 
     fn on_auth_result(&mut self, out: &mut dyn Outbox, res: AuthResult) {
@@ -521,8 +543,7 @@ impl ChatService {
                     Ok(p) => p,
                     Err(e) => {
                         log::error!("chat: hashing failed: {e}");
-                        self.set_auth_pending(conn, false);
-                        return self.error(
+                        return self.auth_failed(
                             out,
                             conn,
                             ErrorCode::Internal,
@@ -581,8 +602,7 @@ impl ChatService {
                         self.ip_throttle.record_failure(ip, now);
                     }
                     if self.conns.contains_key(&conn) {
-                        self.set_auth_pending(conn, false);
-                        self.error(
+                        self.auth_failed(
                             out,
                             conn,
                             ErrorCode::AuthFailed,
@@ -608,8 +628,7 @@ impl ChatService {
             Ok(t) => t,
             Err(e) => {
                 log::error!("chat: no randomness for a token: {e}");
-                self.set_auth_pending(conn, false);
-                return self.error(
+                return self.auth_failed(
                     out,
                     conn,
                     ErrorCode::Internal,
@@ -681,6 +700,7 @@ impl ChatService {
         if out.send_text(conn, &json) {
             self.m.frames_out += 1;
         }
+        self.unblock(out, conn);
     }
 
     // ----- commands -------------------------------------------------------------------------
@@ -809,20 +829,27 @@ impl ChatService {
                 created: now_ms(),
             });
         }
+        // Membership changes now, in request order with everything else; only the `joined`
+        // reply may have to wait for the ring.
+        self.add_member(out, conn, key, &room);
         let cap = self.cfg.history_on_join;
         let Some(rm) = self.rooms.get_mut(&room) else {
             return;
         };
         match rm.ring {
-            Ring::Warm(_) => self.complete_join(out, conn, &room, r),
-            Ring::Loading(_) => rm.pending_joins.push((conn, reference)),
+            Ring::Warm(_) => self.send_joined(out, conn, &room, r),
+            Ring::Cold if cap == 0 => {
+                rm.ring = Ring::Warm(VecDeque::new());
+                self.send_joined(out, conn, &room, r)
+            }
+            Ring::Loading(_) => {
+                rm.pending_joins.push((conn, reference));
+                self.block(conn);
+            }
             Ring::Cold => {
-                if cap == 0 {
-                    rm.ring = Ring::Warm(VecDeque::new());
-                    return self.complete_join(out, conn, &room, r);
-                }
                 rm.ring = Ring::Loading(Vec::new());
                 rm.pending_joins.push((conn, reference));
+                self.block(conn);
                 self.query(
                     Query::LoadRing {
                         room: room.clone(),
@@ -834,42 +861,47 @@ impl ChatService {
         }
     }
 
-    /// Adds the member (if new) and sends `joined` with the ring as snapshot, in one step of
-    /// the single-threaded loop: the next message broadcast to the room is exactly the one after
-    /// the snapshot's last.
-    fn complete_join(
+    /// Makes `key` a member of `room` (if it is not already) and tells the room.
+    fn add_member(&mut self, out: &mut dyn Outbox, conn: ConnId, key: &str, room: &str) {
+        let Some(rm) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if !rm.members.insert(key.to_string()) {
+            return;
+        }
+        if let Some(u) = self.users.get_mut(key) {
+            u.rooms.insert(room.to_string());
+        }
+        self.write(Write::AddMember {
+            room: room.to_string(),
+            user_key: key.to_string(),
+        });
+        let members: Vec<String> = self.rooms[room].members.iter().cloned().collect();
+        self.collect_conns(members.iter(), conn);
+        let u = &self.users[key];
+        let json = ServerFrame::Presence {
+            room: Some(room),
+            user: &u.name,
+            nick: &u.nick,
+            event: PresenceEvent::Join,
+            last_seen: None,
+        }
+        .to_json();
+        self.fanout_scratch(out, &json, false);
+    }
+
+    /// Sends `joined` with the ring as snapshot. Runs in one step of the single-threaded loop
+    /// with the connection becoming a live recipient, so the next message broadcast to the room
+    /// is exactly the one after the snapshot's last.
+    fn send_joined(
         &mut self,
         out: &mut dyn Outbox,
         conn: ConnId,
         room: &str,
         reference: Option<&str>,
     ) {
-        let Some(key) = self.conn_user(conn) else {
+        if self.conn_user(conn).is_none() {
             return; // closed while the ring loaded
-        };
-        let Some(rm) = self.rooms.get_mut(room) else {
-            return;
-        };
-        if rm.members.insert(key.clone()) {
-            if let Some(u) = self.users.get_mut(&key) {
-                u.rooms.insert(room.to_string());
-            }
-            self.write(Write::AddMember {
-                room: room.to_string(),
-                user_key: key.clone(),
-            });
-            let members: Vec<String> = self.rooms[room].members.iter().cloned().collect();
-            self.collect_conns(members.iter(), conn);
-            let u = &self.users[&key];
-            let json = ServerFrame::Presence {
-                room: Some(room),
-                user: &u.name,
-                nick: &u.nick,
-                event: PresenceEvent::Join,
-                last_seen: None,
-            }
-            .to_json();
-            self.fanout_scratch(out, &json, false);
         }
         let rm = &self.rooms[room];
         let members: Vec<MemberInfo<'_>> = rm
@@ -1400,8 +1432,7 @@ impl ChatService {
                         self.authenticate(out, conn, &user, &token, reference.as_deref());
                     } else {
                         self.sessions.remove(&auth::token_hash(&token));
-                        self.set_auth_pending(conn, false);
-                        self.error(
+                        self.auth_failed(
                             out,
                             conn,
                             ErrorCode::Internal,
@@ -1433,7 +1464,8 @@ impl ChatService {
                 rm.warm(messages, cap);
                 let joins = std::mem::take(&mut rm.pending_joins);
                 for (conn, reference) in joins {
-                    self.complete_join(out, conn, &room, reference.as_deref());
+                    self.send_joined(out, conn, &room, reference.as_deref());
+                    self.unblock(out, conn);
                 }
             }
             Some(QueryWaiter::History {
@@ -1458,55 +1490,21 @@ impl ChatService {
         }
     }
 
-    /// Test hook: the id the next accepted message will get.
-    #[cfg(test)]
-    pub(crate) fn next_id(&self) -> i64 {
-        self.next_id
-    }
-
-    /// Test hook: nothing is waiting on a worker thread.
-    #[cfg(test)]
-    pub(crate) fn is_idle(&self) -> bool {
-        self.pending.is_empty() && self.queries.is_empty() && self.jobs.is_empty()
-    }
-}
-
-impl Service for ChatService {
-    fn init(&mut self, waker: Arc<mio::Waker>) {
-        self.wake.set(waker);
-        // Results that arrived before the waker existed are still queued: make sure the loop
-        // looks at them.
-        self.wake.wake();
-    }
-
-    fn on_open(&mut self, _out: &mut dyn Outbox, conn: ConnId, peer: SocketAddr) {
-        self.conns.insert(
-            conn,
-            Conn {
-                peer: Some(peer),
-                user: None,
-                auth_pending: false,
-                token_hash: None,
-                closing: false,
-            },
-        );
-    }
-
-    fn on_message(&mut self, out: &mut dyn Outbox, conn: ConnId, msg: Message<'_>) {
-        let text = match msg {
-            Message::Binary(_) => return out.close(conn, 1003, "binary not supported"),
-            Message::Text(t) => t,
-        };
-        // Defensive: the loop always calls on_open first, but a test double may not.
-        self.conns.entry(conn).or_insert_with(|| Conn {
-            peer: out.peer_addr(conn),
-            user: None,
-            auth_pending: false,
-            token_hash: None,
-            closing: false,
-        });
-        let (user, closing) = match self.conns.get(&conn) {
-            Some(c) => (c.user.clone(), c.closing),
+    /// Processes one text message, or queues it behind an outstanding join or authentication
+    /// so that a connection's requests always take effect in the order it sent them.
+    fn on_text(&mut self, out: &mut dyn Outbox, conn: ConnId, text: &str) {
+        let (user, closing) = match self.conns.get_mut(&conn) {
+            Some(c) => {
+                if let Some(b) = &mut c.backlog {
+                    if b.len() >= MAX_BACKLOG {
+                        c.closing = true;
+                        return out.close(conn, 1008, "too many requests in flight");
+                    }
+                    b.push_back(text.to_string());
+                    return;
+                }
+                (c.user.clone(), c.closing)
+            }
             None => return,
         };
         if closing {
@@ -1532,6 +1530,61 @@ impl Service for ChatService {
             ),
             (Some(key), cmd) => self.handle(out, conn, key, cmd, frame.reference),
         }
+    }
+
+    /// Holds further messages of `conn` until [`Self::unblock`].
+    fn block(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.backlog.get_or_insert_with(VecDeque::new);
+        }
+    }
+
+    /// Releases `conn` and runs what it sent meanwhile, in order. If one of those blocks it
+    /// again, the rest queue up behind that one.
+    fn unblock(&mut self, out: &mut dyn Outbox, conn: ConnId) {
+        let Some(items) = self.conns.get_mut(&conn).and_then(|c| c.backlog.take()) else {
+            return;
+        };
+        for text in items {
+            self.on_text(out, conn, &text);
+        }
+    }
+
+    /// Test hook: the id the next accepted message will get.
+    #[cfg(test)]
+    pub(crate) fn next_id(&self) -> i64 {
+        self.next_id
+    }
+
+    /// Test hook: nothing is waiting on a worker thread.
+    #[cfg(test)]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.queries.is_empty() && self.jobs.is_empty()
+    }
+}
+
+impl Service for ChatService {
+    fn init(&mut self, waker: Arc<mio::Waker>) {
+        self.wake.set(waker);
+        // Results that arrived before the waker existed are still queued: make sure the loop
+        // looks at them.
+        self.wake.wake();
+    }
+
+    fn on_open(&mut self, _out: &mut dyn Outbox, conn: ConnId, peer: SocketAddr) {
+        self.conns.insert(conn, Conn::new(Some(peer)));
+    }
+
+    fn on_message(&mut self, out: &mut dyn Outbox, conn: ConnId, msg: Message<'_>) {
+        let text = match msg {
+            Message::Binary(_) => return out.close(conn, 1003, "binary not supported"),
+            Message::Text(t) => t,
+        };
+        // Defensive: the loop always calls on_open first, but a test double may not.
+        self.conns
+            .entry(conn)
+            .or_insert_with(|| Conn::new(out.peer_addr(conn)));
+        self.on_text(out, conn, text);
     }
 
     fn on_close(&mut self, out: &mut dyn Outbox, conn: ConnId) {

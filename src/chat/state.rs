@@ -57,6 +57,22 @@ pub struct Conn {
     pub token_hash: Option<[u8; 32]>,
     /// Logout is committing; the connection closes when it does.
     pub closing: bool,
+    /// `Some` while a join or authentication of this connection waits on a worker thread:
+    /// later messages queue here and run, in order, when it completes.
+    pub backlog: Option<VecDeque<String>>,
+}
+
+impl Conn {
+    pub fn new(peer: Option<SocketAddr>) -> Conn {
+        Conn {
+            peer,
+            user: None,
+            auth_pending: false,
+            token_hash: None,
+            closing: false,
+            backlog: None,
+        }
+    }
 }
 
 /// The join-snapshot ring of a room's last messages.

@@ -929,22 +929,41 @@ fn login_throttle_per_user_and_address() {
 }
 
 #[test]
-fn one_auth_at_a_time_per_connection() {
-    let dir = TempDir::new("authpending");
+fn requests_pipelined_behind_auth_and_join_run_in_order() {
+    let dir = TempDir::new("pipeline");
     let mut h = H::new(&dir, &[]);
     h.user("alice");
     let c = h.connect();
+    // A second login while the first is being verified waits for it, then is refused.
     h.send(
         c,
         json!({"type":"login","user":"alice","password":"password123"}),
     );
     h.send(
         c,
-        json!({"type":"login","user":"alice","password":"password123"}),
+        json!({"type":"login","user":"alice","password":"password123","ref":"2"}),
+    );
+    h.send(c, json!({"type":"join","room":"rust","ref":"j"}));
+    h.send(
+        c,
+        json!({"type":"say","room":"rust","text":"first","ref":"s"}),
     );
     let f = h.take(c);
-    assert_eq!(types(&f), ["error", "welcome"]);
-    assert_eq!(f[0]["code"], "bad_request");
+    assert_eq!(types(&f), ["welcome", "error", "joined", "message", "ack"]);
+    assert_eq!(f[1]["code"], "bad_request");
+    assert_eq!(f[1]["ref"], "2");
+    // A failed login releases what was queued behind it, in order.
+    let d = h.connect();
+    h.send(
+        d,
+        json!({"type":"login","user":"alice","password":"wrongwrong"}),
+    );
+    h.send(d, json!({"type":"rooms","ref":"r"}));
+    let f = h.take(d);
+    assert_eq!(types(&f), ["error", "error"]);
+    assert_eq!(f[0]["code"], "auth_failed");
+    assert_eq!(f[1]["code"], "unauthenticated");
+    assert_eq!(f[1]["ref"], "r");
     // A concurrent registration of the same name loses.
     let d = h.connect();
     let e = h.connect();
@@ -968,7 +987,9 @@ fn join_snapshot_meets_live_stream_exactly() {
         let mut h = H::new(&dir, &["--rate-limit", "0"]);
         let (a, _) = h.user("alice");
         h.user("bob");
+        let (c, _) = h.user("carol");
         h.send(a, json!({"type":"join","room":"rust"}));
+        h.send(c, json!({"type":"join","room":"rust"}));
         for i in 0..60 {
             h.send(
                 a,
@@ -978,46 +999,58 @@ fn join_snapshot_meets_live_stream_exactly() {
         h.clear();
         h.shutdown();
     }
-    // After a restart the ring is cold: the join waits for the store, and a message sent
-    // while it loads must appear exactly once for the joiner.
+    // After a restart the ring is cold: joins wait for the store, and a message accepted while
+    // it loads must reach each joiner exactly once (in the snapshot).
     let mut h = H::new(&dir, &["--rate-limit", "0"]);
-    let a = h.connect();
-    h.send(
-        a,
-        json!({"type":"login","user":"alice","password":"password123"}),
-    );
-    let b = h.connect();
-    h.send(
-        b,
-        json!({"type":"login","user":"bob","password":"password123"}),
-    );
+    let login = |h: &mut H, u: &str| {
+        let c = h.connect();
+        h.send(c, json!({"type":"login","user":u,"password":"password123"}));
+        c
+    };
+    let a = login(&mut h, "alice");
+    let b = login(&mut h, "bob");
+    let c = login(&mut h, "carol");
     h.clear();
     h.send(b, json!({"type":"join","room":"rust"}));
-    // alice re-joins too (already a member) on a connection that receives live messages.
+    // alice re-joins (already a member) on a connection that would otherwise get live messages.
     h.send(a, json!({"type":"join","room":"rust"}));
-    h.send(a, json!({"type":"say","room":"rust","text":"during load"}));
-    h.send(a, json!({"type":"say","room":"rust","text":"after?"}));
+    // carol, a member not re-joining, talks during the load; alice's message queues behind
+    // her join.
+    h.send(c, json!({"type":"say","room":"rust","text":"during load"}));
+    h.send(a, json!({"type":"say","room":"rust","text":"after join"}));
     let fb = h.take(b);
     let fa = h.take(a);
-    assert_eq!(fb[0]["type"], "joined", "{fb:#?}");
+    let fc = h.take(c);
+    assert_eq!(types(&fb), ["joined", "message"], "{fb:#?}");
     let snap = ids(&fb[0]["history"]);
     assert_eq!(snap.len(), 50);
     assert!(snap.windows(2).all(|w| w[0] < w[1]));
-    assert_eq!(fb[0]["history"][49]["text"], "after?");
-    assert_eq!(fb.len(), 1, "nothing twice: {fb:#?}");
-    // alice's connection: the snapshot holds the two messages, so they are not sent live.
-    assert_eq!(types(&fa), ["presence", "joined", "ack", "ack"], "{fa:#?}");
+    assert_eq!(fb[0]["history"][49]["text"], "during load");
+    assert_eq!(fb[1]["text"], "after join");
+    assert_eq!(fb[1]["id"].as_i64(), snap.last().map(|x| x + 1));
+    assert_eq!(
+        types(&fa),
+        ["presence", "joined", "message", "ack"],
+        "{fa:#?}"
+    );
     assert_eq!(ids(&fa[1]["history"]), snap);
+    assert_eq!(fa[2], fb[1]);
+    let texts: Vec<&str> = fc
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .filter_map(|f| f["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["during load", "after join"]);
 
     // Now warm: join then the next message is exactly the next id.
-    let (c, _) = h.user("carol");
-    h.send(c, json!({"type":"join","room":"rust"}));
+    let (d, _) = h.user("dave");
+    h.send(d, json!({"type":"join","room":"rust"}));
     h.send(a, json!({"type":"say","room":"rust","text":"next"}));
-    let fc = h.take(c);
-    assert_eq!(types(&fc), ["joined", "message"]);
-    let snap = ids(&fc[0]["history"]);
+    let fd = h.take(d);
+    assert_eq!(types(&fd), ["joined", "message"]);
+    let snap = ids(&fd[0]["history"]);
     assert_eq!(snap.len(), 50);
-    assert_eq!(fc[1]["id"].as_i64(), snap.last().map(|x| x + 1));
+    assert_eq!(fd[1]["id"].as_i64(), snap.last().map(|x| x + 1));
     h.shutdown();
 }
 
