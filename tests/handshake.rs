@@ -61,8 +61,7 @@ fn ping_in_same_write_as_request_head_is_answered_after_the_101() {
     let mut first = [0u8; 12];
     s.read_exact(&mut first).unwrap();
     assert_eq!(
-        &first,
-        b"HTTP/1.1 101",
+        &first, b"HTTP/1.1 101",
         "the response must start with the status line, got {first:02x?}"
     );
     let mut buf = first.to_vec();

@@ -168,7 +168,11 @@ fn fragmented_ping_is_1002() {
 #[test]
 fn continuation_without_start_is_1002() {
     let server = Server::start();
-    violation(&server, &masked(true, OpCode::Continuation, b"orphan"), 1002);
+    violation(
+        &server,
+        &masked(true, OpCode::Continuation, b"orphan"),
+        1002,
+    );
 }
 
 #[test]

@@ -573,7 +573,11 @@ impl WsClient {
             }
             other => panic!("expected close {code}, got {other:?}"),
         };
-        assert_eq!(self.recv(), Incoming::Eof, "TCP must close after the close frame");
+        assert_eq!(
+            self.recv(),
+            Incoming::Eof,
+            "TCP must close after the close frame"
+        );
         reason
     }
 }
@@ -619,7 +623,12 @@ pub fn assert_upgraded(resp: &HttpResponse) {
 /// Deterministic pseudo-random bytes.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(seed as u32 % 31) as u8 ^ seed)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .rotate_left(seed as u32 % 31) as u8
+                ^ seed
+        })
         .collect()
 }
 
