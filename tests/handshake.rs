@@ -313,3 +313,71 @@ fn plain_http_request_to_ws_path_is_not_an_upgrade() {
     let resp = server.http("GET", "/echo");
     assert_eq!(resp.status, 404);
 }
+
+#[test]
+fn header_token_lists_are_case_insensitive() {
+    let server = Server::start();
+    let req = format!(
+        "GET /echo HTTP/1.1\r\nhost: x\r\nupgrade: WebSocket\r\nconnection: keep-alive, UPGRADE\r\n\
+         sec-websocket-key: {RFC_KEY}\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    let mut s = server.tcp();
+    s.write_all(req.as_bytes()).unwrap();
+    let (resp, rest) = read_head(&mut s);
+    assert_upgraded(&resp);
+    WsClient::from_upgraded(s, rest).echo("tokens");
+}
+
+#[test]
+fn other_malformed_upgrades_are_400() {
+    let server = Server::start();
+    let std_req = upgrade_request("/echo", RFC_KEY, &[]);
+    let cases = [
+        ("HTTP/1.0", std_req.replacen("HTTP/1.1", "HTTP/1.0", 1)),
+        ("no Host", std_req.replacen("Host: 127.0.0.1\r\n", "", 1)),
+        (
+            "two Hosts",
+            std_req.replacen("Host: 127.0.0.1\r\n", "Host: a\r\nHost: b\r\n", 1),
+        ),
+        (
+            "no Connection: Upgrade",
+            std_req.replacen("Connection: Upgrade", "Connection: keep-alive", 1),
+        ),
+    ];
+    for (what, req) in cases {
+        let resp = refused_upgrade(server.addr, &req);
+        assert_eq!(resp.status, 400, "{what}: {resp:?}");
+    }
+}
+
+#[test]
+fn trickling_slowloris_is_dropped_at_the_deadline() {
+    // The handshake deadline runs from accept: sending a byte now and then does not extend it.
+    let server = Server::with_args(&["--handshake-timeout", "0.5"]);
+    let mut s = server.tcp();
+    let start = Instant::now();
+    let req = upgrade_request("/echo", RFC_KEY, &[]);
+    let mut dropped = false;
+    for b in req.as_bytes()[..req.len() - 4].iter() {
+        if s.write_all(std::slice::from_ref(b)).is_err() {
+            dropped = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+        if start.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    if !dropped {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        dropped = match s.read(&mut buf) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+    }
+    assert!(dropped, "a trickling client outlived the handshake timeout");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert_eq!(server.metric("parlor_handshake_timeouts_total"), 1);
+}

@@ -344,3 +344,88 @@ fn sigint_behaves_like_sigterm() {
     let status = server.wait_exit(Duration::from_secs(3)).expect("exit");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn listener_closes_on_sigterm() {
+    let mut server = Server::with_args(&["--shutdown-grace", "3"]);
+    let mut ws = server.ws();
+    ws.echo("hi");
+    server.signal("TERM");
+    match ws.recv_message() {
+        OwnedEvent::Close(Some(1001), _) => {}
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    // The server is still running (waiting for our close), but accepts nothing new.
+    assert!(server.is_running());
+    assert!(
+        std::net::TcpStream::connect(server.addr).is_err(),
+        "new connection accepted during shutdown"
+    );
+    ws.send_close(1001, "");
+    assert_eq!(ws.recv(), Incoming::Eof);
+    drop(ws);
+    let status = server.wait_exit(Duration::from_secs(3)).expect("exit");
+    assert_eq!(status.code(), Some(0));
+}
+
+/// User + system CPU time of a process, from /proc (Linux).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux configuration Rust supports.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+#[test]
+fn running_out_of_file_descriptors_does_not_spin_and_recovers() {
+    if !std::path::Path::new("/proc/self/stat").exists() {
+        return; // needs Linux /proc for the CPU-time check
+    }
+    let server = Server::with_fd_limit(40, &[]);
+    let mut ws = server.ws();
+    ws.echo("before");
+    // Far more connections than descriptors: the rest wait in the listen backlog while
+    // accept() fails with EMFILE.
+    let mut conns: Vec<_> = (0..60).map(|_| server.tcp()).collect();
+    thread::sleep(Duration::from_millis(200));
+    let before = cpu_time(server.pid()).expect("cpu time");
+    thread::sleep(Duration::from_secs(1));
+    let used = cpu_time(server.pid()).expect("cpu time") - before;
+    // A loop retrying accept() without pause would burn the whole second.
+    assert!(
+        used < Duration::from_millis(500),
+        "server used {used:?} of CPU in 1 s while out of descriptors"
+    );
+    // The open WebSocket still works.
+    ws.echo("during");
+    // Free descriptors: everything recovers, including the connections that waited.
+    conns.truncate(0);
+    let mut status = 0;
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let mut s = server.tcp();
+            let ok = s
+                .write_all(upgrade_request("/echo", RFC_KEY, &[]).as_bytes())
+                .is_ok();
+            if !ok {
+                return false;
+            }
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 256];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk) {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => return false,
+                }
+            }
+            status = parse_http_head(&buf).map(|(r, _)| r.status).unwrap_or(0);
+            status == 101
+        }),
+        "no new connection accepted after descriptors were freed (last status {status})"
+    );
+    ws.echo("after");
+    assert!(server.metric("parlor_accept_errors_total") >= 1);
+}

@@ -94,11 +94,32 @@ impl Server {
     /// Starts `parlor --listen 127.0.0.1:0 --data <tmp> --www <tmp with index.html> ARGS...` and
     /// waits for its `parlor listening on ADDR` line.
     pub fn with_args(args: &[&str]) -> Server {
+        Server::spawn(None, args)
+    }
+
+    /// Like [`Server::with_args`] with `ulimit -n LIMIT` (via `sh`), to run out of descriptors.
+    pub fn with_fd_limit(limit: u32, args: &[&str]) -> Server {
+        Server::spawn(Some(limit), args)
+    }
+
+    fn spawn(fd_limit: Option<u32>, args: &[&str]) -> Server {
         let www = TempDir::new("www");
         www.write("index.html", INDEX_HTML.as_bytes());
         www.write("app.js", b"console.log('parlor');\n");
         let data = TempDir::new("data");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_parlor"))
+        let bin = env!("CARGO_BIN_EXE_parlor");
+        let mut cmd = match fd_limit {
+            None => Command::new(bin),
+            Some(n) => {
+                // `exec` keeps the pid, so signals and /proc refer to the server itself.
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                c
+            }
+        };
+        let mut child = cmd
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data")
