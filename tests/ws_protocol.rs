@@ -327,3 +327,35 @@ fn peer_that_drops_mid_frame_does_not_hurt_others() {
     std::thread::sleep(Duration::from_millis(50));
     other.echo("unaffected");
 }
+
+/// RFC 6455 §5.5.1: an endpoint that receives a Close frame and has not sent one MUST send a
+/// Close frame in response. A client that half-closes TCP right after its Close (it will not
+/// send anything more anyway, §7.1.2) still reads, and must get that response.
+#[test]
+fn close_followed_by_half_close_still_gets_the_close_reply() {
+    let server = Server::start();
+    let mut ws = server.ws();
+    ws.echo("hello");
+    ws.send_close(1000, "bye");
+    ws.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    ws.expect_close_then_eof(1000);
+}
+
+#[test]
+fn queued_echo_goes_out_before_the_close_reply() {
+    let server = Server::start();
+    let mut ws = server.ws();
+    let data = pattern(1 << 20, 7);
+    let mut bytes = masked(true, OpCode::Binary, &data);
+    bytes.extend_from_slice(&close_frame(1000, b""));
+    ws.send_raw(&bytes);
+    ws.expect_binary(&data);
+    ws.expect_close_then_eof(1000);
+}
+
+#[test]
+fn query_string_does_not_change_the_endpoint() {
+    let server = Server::start();
+    let mut ws = WsClient::connect(server.addr, "/echo?room=1&x=%20");
+    ws.echo("query ok");
+}

@@ -587,12 +587,15 @@ impl WsClient {
 
     /// Expects a close frame with `code` (any reason) as the next non-ping event, then EOF.
     pub fn expect_close_then_eof(&mut self, code: u16) -> String {
-        let reason = match self.recv_message() {
-            OwnedEvent::Close(Some(c), reason) => {
-                assert_eq!(c, code, "close code (reason {reason:?})");
-                reason
+        let reason = loop {
+            match self.recv() {
+                Incoming::Event(OwnedEvent::Ping(_) | OwnedEvent::Pong(_)) => continue,
+                Incoming::Event(OwnedEvent::Close(Some(c), reason)) => {
+                    assert_eq!(c, code, "close code (reason {reason:?})");
+                    break reason;
+                }
+                other => panic!("expected close {code}, got {other:?}"),
             }
-            other => panic!("expected close {code}, got {other:?}"),
         };
         assert_eq!(
             self.recv(),
