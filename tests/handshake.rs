@@ -381,3 +381,22 @@ fn trickling_slowloris_is_dropped_at_the_deadline() {
     assert!(start.elapsed() < Duration::from_secs(3));
     assert_eq!(server.metric("parlor_handshake_timeouts_total"), 1);
 }
+
+#[test]
+fn several_allowed_origins() {
+    let server = Server::with_args(&["--allowed-origin", "http://a.example,https://b.example"]);
+    for (origin, status) in [
+        ("http://a.example", 101),
+        ("https://b.example", 101),
+        ("HTTPS://B.EXAMPLE", 101),
+        ("https://a.example", 403),
+        ("http://a.example.evil", 403),
+        ("null", 403),
+    ] {
+        let mut s = server.tcp();
+        s.write_all(upgrade_request("/echo", RFC_KEY, &[&format!("Origin: {origin}")]).as_bytes())
+            .unwrap();
+        let (resp, _) = read_head(&mut s);
+        assert_eq!(resp.status, status, "Origin {origin}");
+    }
+}

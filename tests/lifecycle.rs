@@ -429,3 +429,30 @@ fn running_out_of_file_descriptors_does_not_spin_and_recovers() {
     ws.echo("after");
     assert!(server.metric("parlor_accept_errors_total") >= 1);
 }
+
+#[test]
+fn concurrent_clients_only_get_their_own_echoes() {
+    let server = Server::start();
+    let workers: Vec<_> = (0..32)
+        .map(|c| {
+            let mut ws = server.ws();
+            thread::spawn(move || {
+                for i in 0..100 {
+                    if i % 2 == 0 {
+                        ws.echo(&format!("client {c} message {i}"));
+                    } else {
+                        let data = pattern(1000 + c * 10 + i, c as u8);
+                        ws.send_binary(&data);
+                        ws.expect_binary(&data);
+                    }
+                }
+                ws.send_close(1000, "");
+                ws.expect_close_then_eof(1000);
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("client thread");
+    }
+    assert_eq!(server.metric("parlor_messages_in_total"), 3200);
+}

@@ -299,3 +299,63 @@ fn ping_flood_larger_than_socket_buffers_is_coalesced() {
     );
     ws.echo("still usable");
 }
+
+#[test]
+fn slow_consumer_that_resumes_reading_gets_close_1008() {
+    let server = Server::with_args(&[
+        "--max-queue",
+        "1000000",
+        "--echo-max-message",
+        "70000",
+        "--close-timeout",
+        "5",
+    ]);
+    let mut slow = server.ws();
+    let msg = masked(true, OpCode::Binary, &pattern(64 * 1024, 6));
+    let mut sent = 0;
+    // Write without reading until the server has given up on us.
+    loop {
+        slow.send_raw(&msg);
+        sent += 1;
+        if sent % 8 == 0 && server.metric("parlor_slow_consumer_drops_total") == 1 {
+            break;
+        }
+        assert!(
+            sent < 4096,
+            "server never closed a client that does not read"
+        );
+    }
+    // Now read: some echoes, then the close with 1008.
+    let mut echoes = 0;
+    loop {
+        match slow.recv_event() {
+            OwnedEvent::Binary(b) => {
+                assert_eq!(b.len(), 64 * 1024);
+                echoes += 1;
+            }
+            OwnedEvent::Close(code, _) => {
+                assert_eq!(code, Some(1008));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(echoes < sent, "{echoes} echoes for {sent} messages");
+    slow.send_close(1008, "");
+    assert_eq!(slow.recv(), Incoming::Eof);
+}
+
+#[test]
+fn one_message_of_the_maximum_size_is_echoed_despite_the_queue_limit() {
+    // Default --echo-max-message is 16 MiB and --max-queue 4 MiB: one maximal echo must fit.
+    let server = Server::start();
+    let mut ws = server.ws();
+    ws.stream
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    ws.set_read_timeout(Duration::from_secs(20));
+    let data = pattern(16 << 20, 8);
+    ws.send_binary(&data);
+    ws.expect_binary(&data);
+    ws.echo("after the big one");
+}
