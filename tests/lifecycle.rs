@@ -456,3 +456,22 @@ fn concurrent_clients_only_get_their_own_echoes() {
     }
     assert_eq!(server.metric("parlor_messages_in_total"), 3200);
 }
+
+#[test]
+fn second_signal_stops_waiting_for_peers() {
+    let mut server = Server::with_args(&["--shutdown-grace", "60"]);
+    let mut ws = server.ws();
+    ws.echo("hi");
+    server.signal("TERM");
+    match ws.recv_message() {
+        OwnedEvent::Close(Some(1001), _) => {}
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    // We never answer; a second signal ends the wait long before the 60 s grace.
+    assert!(server.is_running());
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_secs(5))
+        .expect("second signal did not stop the server");
+    assert_eq!(status.code(), Some(0));
+}

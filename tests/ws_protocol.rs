@@ -359,3 +359,20 @@ fn query_string_does_not_change_the_endpoint() {
     let mut ws = WsClient::connect(server.addr, "/echo?room=1&x=%20");
     ws.echo("query ok");
 }
+
+#[test]
+fn length_with_most_significant_bit_set_is_1002() {
+    let server = Server::start();
+    let mut h = vec![0x82, 0xff];
+    h.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+    h.extend_from_slice(&[1, 2, 3, 4]);
+    violation(&server, &h, 1002);
+}
+
+#[test]
+fn close_with_longest_reason_is_echoed() {
+    let server = Server::start();
+    let mut ws = server.ws();
+    ws.send_close(4000, &"r".repeat(123));
+    ws.expect_close_then_eof(4000);
+}
