@@ -407,7 +407,8 @@ fn queue_limit_bounds_memory_for_tiny_frames_too() {
         }
         written += chunk.len();
         peak = peak.max(rss_bytes(server.pid()).unwrap());
-        if written % (4 << 20) == 0 && server.metric("parlor_slow_consumer_drops_total") == 1 {
+        if written.is_multiple_of(4 << 20) && server.metric("parlor_slow_consumer_drops_total") == 1
+        {
             dropped = true;
             break;
         }
