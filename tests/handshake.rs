@@ -57,7 +57,11 @@ fn ping_in_same_write_as_request_head_is_answered_after_the_101() {
     let mut s = server.tcp();
     let mut bytes = upgrade_request("/echo", RFC_KEY, &[]).into_bytes();
     bytes.extend_from_slice(&masked(true, OpCode::Ping, b"early ping"));
+    // Frozen while the bytes arrive, the server is sure to read head and ping together.
+    server.pause();
     s.write_all(&bytes).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    server.resume();
     let mut first = [0u8; 12];
     s.read_exact(&mut first).unwrap();
     assert_eq!(

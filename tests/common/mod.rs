@@ -215,6 +215,17 @@ impl Server {
         assert!(status.success(), "kill -{name} failed");
     }
 
+    /// Freezes the process (SIGSTOP), so bytes sent meanwhile all wait in its socket buffers
+    /// and are seen together on [`Server::resume`]: makes "data and FIN in one read" races
+    /// deterministic.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
     /// Waits up to `limit` for the process to exit.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let end = Instant::now() + limit;
