@@ -57,7 +57,11 @@ fn ping_in_same_write_as_request_head_is_answered_after_the_101() {
     let mut s = server.tcp();
     let mut bytes = upgrade_request("/echo", RFC_KEY, &[]).into_bytes();
     bytes.extend_from_slice(&masked(true, OpCode::Ping, b"early ping"));
+    // Frozen while the bytes arrive, the server is sure to read head and ping together.
+    server.pause();
     s.write_all(&bytes).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    server.resume();
     let mut first = [0u8; 12];
     s.read_exact(&mut first).unwrap();
     assert_eq!(
@@ -380,4 +384,23 @@ fn trickling_slowloris_is_dropped_at_the_deadline() {
     assert!(dropped, "a trickling client outlived the handshake timeout");
     assert!(start.elapsed() < Duration::from_secs(3));
     assert_eq!(server.metric("parlor_handshake_timeouts_total"), 1);
+}
+
+#[test]
+fn several_allowed_origins() {
+    let server = Server::with_args(&["--allowed-origin", "http://a.example,https://b.example"]);
+    for (origin, status) in [
+        ("http://a.example", 101),
+        ("https://b.example", 101),
+        ("HTTPS://B.EXAMPLE", 101),
+        ("https://a.example", 403),
+        ("http://a.example.evil", 403),
+        ("null", 403),
+    ] {
+        let mut s = server.tcp();
+        s.write_all(upgrade_request("/echo", RFC_KEY, &[&format!("Origin: {origin}")]).as_bytes())
+            .unwrap();
+        let (resp, _) = read_head(&mut s);
+        assert_eq!(resp.status, status, "Origin {origin}");
+    }
 }

@@ -165,3 +165,29 @@ fn garbage_request_is_400() {
         String::from_utf8_lossy(&buf)
     );
 }
+
+/// A client may half-close its sending side once the request is out (`nc -N`, scripts using
+/// `shutdown(SHUT_WR)`); TCP still carries the response the other way, and the server must
+/// send it.
+#[test]
+fn request_followed_by_half_close_still_gets_its_response() {
+    let server = Server::start();
+    for path in ["/healthz", "/"] {
+        // Freeze the server so that it finds the request and the FIN in the same read (as it
+        // does whenever it is busy); otherwise the outcome depends on scheduling.
+        server.pause();
+        let mut s = server.tcp();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        server.resume();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(
+            buf.starts_with(b"HTTP/1.1 200"),
+            "GET {path} then half-close got {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+}

@@ -429,3 +429,49 @@ fn running_out_of_file_descriptors_does_not_spin_and_recovers() {
     ws.echo("after");
     assert!(server.metric("parlor_accept_errors_total") >= 1);
 }
+
+#[test]
+fn concurrent_clients_only_get_their_own_echoes() {
+    let server = Server::start();
+    let workers: Vec<_> = (0..32)
+        .map(|c| {
+            let mut ws = server.ws();
+            thread::spawn(move || {
+                for i in 0..100 {
+                    if i % 2 == 0 {
+                        ws.echo(&format!("client {c} message {i}"));
+                    } else {
+                        let data = pattern(1000 + c * 10 + i, c as u8);
+                        ws.send_binary(&data);
+                        ws.expect_binary(&data);
+                    }
+                }
+                ws.send_close(1000, "");
+                ws.expect_close_then_eof(1000);
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("client thread");
+    }
+    assert_eq!(server.metric("parlor_messages_in_total"), 3200);
+}
+
+#[test]
+fn second_signal_stops_waiting_for_peers() {
+    let mut server = Server::with_args(&["--shutdown-grace", "60"]);
+    let mut ws = server.ws();
+    ws.echo("hi");
+    server.signal("TERM");
+    match ws.recv_message() {
+        OwnedEvent::Close(Some(1001), _) => {}
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    // We never answer; a second signal ends the wait long before the 60 s grace.
+    assert!(server.is_running());
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_secs(5))
+        .expect("second signal did not stop the server");
+    assert_eq!(status.code(), Some(0));
+}

@@ -299,3 +299,132 @@ fn ping_flood_larger_than_socket_buffers_is_coalesced() {
     );
     ws.echo("still usable");
 }
+
+#[test]
+fn slow_consumer_that_resumes_reading_gets_close_1008() {
+    let server = Server::with_args(&[
+        "--max-queue",
+        "1000000",
+        "--echo-max-message",
+        "70000",
+        "--close-timeout",
+        "5",
+    ]);
+    let mut slow = server.ws();
+    let msg = masked(true, OpCode::Binary, &pattern(64 * 1024, 6));
+    let mut sent = 0;
+    // Write without reading until the server has given up on us.
+    loop {
+        slow.send_raw(&msg);
+        sent += 1;
+        if sent % 8 == 0 && server.metric("parlor_slow_consumer_drops_total") == 1 {
+            break;
+        }
+        assert!(
+            sent < 4096,
+            "server never closed a client that does not read"
+        );
+    }
+    // Now read: some echoes, then the close with 1008.
+    let mut echoes = 0;
+    loop {
+        match slow.recv_event() {
+            OwnedEvent::Binary(b) => {
+                assert_eq!(b.len(), 64 * 1024);
+                echoes += 1;
+            }
+            OwnedEvent::Close(code, _) => {
+                assert_eq!(code, Some(1008));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(echoes < sent, "{echoes} echoes for {sent} messages");
+    slow.send_close(1008, "");
+    assert_eq!(slow.recv(), Incoming::Eof);
+}
+
+#[test]
+fn one_message_of_the_maximum_size_is_echoed_despite_the_queue_limit() {
+    // Default --echo-max-message is 16 MiB and --max-queue 4 MiB: one maximal echo must fit.
+    let server = Server::start();
+    let mut ws = server.ws();
+    ws.stream
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    ws.set_read_timeout(Duration::from_secs(20));
+    let data = pattern(16 << 20, 8);
+    ws.send_binary(&data);
+    ws.expect_binary(&data);
+    ws.echo("after the big one");
+}
+
+/// Resident memory of a process in bytes, from /proc (Linux).
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// The outbound queue limit must bound memory, not just payload bytes: a client that sends
+/// tiny messages and never reads makes the server queue one tiny echo frame per message, and
+/// the memory those frames pin has to stay within a small factor of the configured limit.
+#[test]
+fn queue_limit_bounds_memory_for_tiny_frames_too() {
+    if rss_bytes(std::process::id()).is_none() {
+        return; // needs Linux /proc
+    }
+    let max_queue = 1_000_000u64;
+    let server = Server::with_args(&[
+        "--max-queue",
+        "1000000",
+        "--echo-max-message",
+        "1000",
+        "--close-timeout",
+        "5",
+    ]);
+    let mut ws = server.ws();
+    ws.stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let base = rss_bytes(server.pid()).unwrap();
+    let mut peak = base;
+    // 2-byte text messages (8 bytes on the wire, 4-byte echoes), 256 KiB per write.
+    let frame = masked(true, OpCode::Text, b"ab");
+    let chunk: Vec<u8> = frame.iter().copied().cycle().take(256 << 10).collect();
+    let mut written = 0usize;
+    let mut dropped = false;
+    while written < 64 << 20 {
+        if ws.stream.write_all(&chunk).is_err() {
+            break;
+        }
+        written += chunk.len();
+        peak = peak.max(rss_bytes(server.pid()).unwrap());
+        if written.is_multiple_of(4 << 20) && server.metric("parlor_slow_consumer_drops_total") == 1
+        {
+            dropped = true;
+            break;
+        }
+    }
+    for _ in 0..10 {
+        thread::sleep(Duration::from_millis(20));
+        peak = peak.max(rss_bytes(server.pid()).unwrap());
+    }
+    dropped = dropped || server.metric("parlor_slow_consumer_drops_total") == 1;
+    assert!(dropped, "the non-reading client was not closed with 1008");
+    let growth = peak.saturating_sub(base);
+    eprintln!("RSS grew by {growth} bytes for a {max_queue}-byte queue limit");
+    assert!(
+        growth < 4 * max_queue + (2 << 20),
+        "one non-reading connection grew the server by {} KiB with --max-queue {} KiB",
+        growth / 1024,
+        max_queue / 1024
+    );
+}

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -324,6 +325,60 @@ fn peer_that_drops_mid_frame_does_not_hurt_others() {
         let f = masked(true, OpCode::Binary, &[0u8; 1000]);
         ws.send_raw(&f[..500]);
     }
-    std::thread::sleep(Duration::from_millis(50));
+    thread::sleep(Duration::from_millis(50));
     other.echo("unaffected");
+}
+
+/// RFC 6455 §5.5.1: an endpoint that receives a Close frame and has not sent one MUST send a
+/// Close frame in response. A client that half-closes TCP right after its Close (it will not
+/// send anything more anyway, §7.1.2) still reads, and must get that response.
+#[test]
+fn close_followed_by_half_close_still_gets_the_close_reply() {
+    let server = Server::start();
+    let mut ws = server.ws();
+    ws.echo("hello");
+    // Freeze the server so that it finds the close frame and the FIN in the same read (as it
+    // does whenever it is busy); otherwise the outcome depends on scheduling.
+    server.pause();
+    ws.send_close(1000, "bye");
+    ws.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    server.resume();
+    ws.expect_close_then_eof(1000);
+}
+
+#[test]
+fn queued_echo_goes_out_before_the_close_reply() {
+    let server = Server::start();
+    let mut ws = server.ws();
+    let data = pattern(1 << 20, 7);
+    let mut bytes = masked(true, OpCode::Binary, &data);
+    bytes.extend_from_slice(&close_frame(1000, b""));
+    ws.send_raw(&bytes);
+    ws.expect_binary(&data);
+    ws.expect_close_then_eof(1000);
+}
+
+#[test]
+fn query_string_does_not_change_the_endpoint() {
+    let server = Server::start();
+    let mut ws = WsClient::connect(server.addr, "/echo?room=1&x=%20");
+    ws.echo("query ok");
+}
+
+#[test]
+fn length_with_most_significant_bit_set_is_1002() {
+    let server = Server::start();
+    let mut h = vec![0x82, 0xff];
+    h.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+    h.extend_from_slice(&[1, 2, 3, 4]);
+    violation(&server, &h, 1002);
+}
+
+#[test]
+fn close_with_longest_reason_is_echoed() {
+    let server = Server::start();
+    let mut ws = server.ws();
+    ws.send_close(4000, &"r".repeat(123));
+    ws.expect_close_then_eof(4000);
 }

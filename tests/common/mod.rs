@@ -215,6 +215,17 @@ impl Server {
         assert!(status.success(), "kill -{name} failed");
     }
 
+    /// Freezes the process (SIGSTOP), so bytes sent meanwhile all wait in its socket buffers
+    /// and are seen together on [`Server::resume`]: makes "data and FIN in one read" races
+    /// deterministic.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
     /// Waits up to `limit` for the process to exit.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let end = Instant::now() + limit;
@@ -587,12 +598,15 @@ impl WsClient {
 
     /// Expects a close frame with `code` (any reason) as the next non-ping event, then EOF.
     pub fn expect_close_then_eof(&mut self, code: u16) -> String {
-        let reason = match self.recv_message() {
-            OwnedEvent::Close(Some(c), reason) => {
-                assert_eq!(c, code, "close code (reason {reason:?})");
-                reason
+        let reason = loop {
+            match self.recv() {
+                Incoming::Event(OwnedEvent::Ping(_) | OwnedEvent::Pong(_)) => continue,
+                Incoming::Event(OwnedEvent::Close(Some(c), reason)) => {
+                    assert_eq!(c, code, "close code (reason {reason:?})");
+                    break reason;
+                }
+                other => panic!("expected close {code}, got {other:?}"),
             }
-            other => panic!("expected close {code}, got {other:?}"),
         };
         assert_eq!(
             self.recv(),
