@@ -36,12 +36,21 @@ pub struct OutQueue {
     head_offset: usize,
     /// Bytes not yet written, over all chunks.
     bytes: usize,
+    /// The head chunk is an HTTP response (the 101) that nothing may overtake.
+    pinned_head: bool,
 }
 
 impl OutQueue {
     pub fn push(&mut self, chunk: Chunk) {
         self.bytes += chunk.len();
         self.chunks.push_back(chunk);
+    }
+
+    /// Queues the HTTP response that must precede every frame (the 101 of an upgrade).
+    pub fn push_pinned(&mut self, chunk: Chunk) {
+        debug_assert!(self.chunks.is_empty());
+        self.pinned_head = true;
+        self.push(chunk);
     }
 
     /// Puts a chunk first. Only valid at a frame boundary (nothing partially written), which is
@@ -52,8 +61,10 @@ impl OutQueue {
         self.chunks.push_front(chunk);
     }
 
+    /// Whether a frame may be put in front of the queue: nothing is half-written and the head
+    /// is not a pinned HTTP response.
     pub fn at_frame_boundary(&self) -> bool {
-        self.head_offset == 0
+        self.head_offset == 0 && !self.pinned_head
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,7 +79,7 @@ impl OutQueue {
     /// Drops everything not yet started, keeping a partially written head so the stream stays
     /// well-framed (used before queueing a close to a client that stopped reading).
     pub fn discard_unstarted(&mut self) {
-        let keep = usize::from(self.head_offset > 0);
+        let keep = usize::from(self.head_offset > 0 || self.pinned_head);
         while self.chunks.len() > keep {
             let c = self.chunks.pop_back().expect("non-empty");
             self.bytes -= c.len();
@@ -97,6 +108,7 @@ impl OutQueue {
                 written -= head_left;
                 self.chunks.pop_front();
                 self.head_offset = 0;
+                self.pinned_head = false;
             } else {
                 self.head_offset += written;
                 written = 0;
@@ -169,6 +181,25 @@ mod tests {
         assert_eq!(w.got, expected);
         assert_eq!(q.bytes(), 0);
         assert_eq!(Rc::strong_count(&shared), 1);
+    }
+
+    #[test]
+    fn pinned_response_stays_first_until_written() {
+        let mut q = OutQueue::default();
+        q.push_pinned(Chunk::Owned(b"HTTP/1.1 101\r\n\r\n".to_vec()));
+        q.push(Chunk::Owned(b"frame".to_vec()));
+        assert!(!q.at_frame_boundary());
+        let mut w = Trickle {
+            got: Vec::new(),
+            limit: 16,
+        };
+        q.write_to(&mut w).unwrap();
+        assert!(q.at_frame_boundary());
+        q.push_front(Chunk::Owned(b"pong".to_vec()));
+        while !q.is_empty() {
+            q.write_to(&mut w).unwrap();
+        }
+        assert_eq!(w.got, b"HTTP/1.1 101\r\n\r\npongframe");
     }
 
     #[test]

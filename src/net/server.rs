@@ -436,7 +436,7 @@ impl Server {
         let max_message = self.endpoints[endpoint].max_message;
         let conn = &mut self.conns[idx];
         conn.out
-            .push(Chunk::Owned(http::switching_protocols(&accept)));
+            .push_pinned(Chunk::Owned(http::switching_protocols(&accept)));
         conn.phase = Phase::Open;
         conn.endpoint = endpoint;
         conn.reader = MessageReader::new(
