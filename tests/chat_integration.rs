@@ -1,10 +1,6 @@
-//! Chat over real sockets: the real event loop (`parlor::net::Server`) with `ChatService` on
-//! `/ws`, in a child process, and `tungstenite` clients.
-//!
-//! The child is this test binary re-executed to run `server_child` (ignored unless asked for),
-//! which wires the service exactly as `main` is to: `ChatService::open(&config)` on `/ws` with
-//! `config.chat.chat_max_message`. A separate process is needed to SIGKILL it. Once `main.rs`
-//! registers the chat, `spawn` can start `env!("CARGO_BIN_EXE_parlor")` instead.
+//! Chat over real sockets: the `parlor` binary (event loop + `ChatService` on `/ws`) in a
+//! child process, and `tungstenite` clients. A separate process is what lets the crash test
+//! SIGKILL the server.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
@@ -13,37 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use serde_json::{json, Value};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
-const CHILD_ENV: &str = "PARLOR_CHAT_TEST_CHILD";
 /// Cheap hashing: these tests are about the protocol, not argon2's cost.
 const FAST_HASH: [&str; 4] = ["--argon2-memory", "64", "--argon2-iterations", "1"];
-
-/// Runs the server when re-executed by `spawn` (args in the environment, one per line).
-#[test]
-#[ignore]
-fn server_child() {
-    let Ok(args) = std::env::var(CHILD_ENV) else {
-        return;
-    };
-    let mut argv = vec!["parlor".to_string()];
-    argv.extend(args.lines().map(str::to_string));
-    let config = parlor::config::Config::parse_from(argv);
-    let chat = parlor::chat::ChatService::open(&config).expect("open chat");
-    let endpoints = vec![parlor::net::Endpoint {
-        path: "/ws".into(),
-        max_message: config.chat.chat_max_message,
-        service: Box::new(chat),
-    }];
-    let mut server = parlor::net::Server::bind(config, endpoints).expect("bind");
-    server.handle_signals().expect("signals");
-    println!("parlor listening on {}", server.local_addr());
-    server.run().expect("run");
-    std::process::exit(0);
-}
 
 struct TempDir(PathBuf);
 
@@ -86,15 +57,8 @@ impl Server {
         ];
         args.extend(FAST_HASH.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(std::env::current_exe().expect("test exe"))
-            .args([
-                "server_child",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, args.join("\n"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_parlor"))
+            .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -103,9 +67,8 @@ impl Server {
         let mut addr = None;
         let mut line = String::new();
         while out.read_line(&mut line).unwrap_or(0) > 0 {
-            // The test harness prints "test server_child ... " before it on the same line.
-            if let Some(i) = line.find("parlor listening on ") {
-                addr = Some(line[i + "parlor listening on ".len()..].trim().to_string());
+            if let Some(a) = line.trim().strip_prefix("parlor listening on ") {
+                addr = Some(a.to_string());
                 break;
             }
             line.clear();
