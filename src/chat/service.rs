@@ -369,6 +369,18 @@ impl ChatService {
         s
     }
 
+    /// One token from the user's bucket (say, dm, nick, creating a room).
+    fn take_token(&mut self, key: &str, now: Instant) -> bool {
+        let (rate, burst) = (self.cfg.rate_limit, self.cfg.rate_burst);
+        match self.users.get_mut(key) {
+            Some(u) => u
+                .bucket
+                .get_or_insert_with(|| TokenBucket::new(burst, now))
+                .try_take(rate, burst, now),
+            None => false,
+        }
+    }
+
     fn conn_user(&self, conn: ConnId) -> Option<String> {
         self.conns.get(&conn).and_then(|c| c.user.clone())
     }
@@ -821,6 +833,16 @@ impl ChatService {
             return self.error(out, conn, ErrorCode::BadRequest, &msg, r);
         }
         if !self.rooms.contains_key(&room) {
+            // Rooms are never deleted, so creating one costs a token like a message does.
+            if !self.take_token(key, out.now()) {
+                return self.error(
+                    out,
+                    conn,
+                    ErrorCode::RateLimited,
+                    "creating rooms too fast",
+                    r,
+                );
+            }
             // A new room has no history: its ring is warm (and empty) from the start.
             self.rooms
                 .insert(room.clone(), Room::new(Ring::Warm(VecDeque::new())));
@@ -1039,15 +1061,7 @@ impl ChatService {
                 return self.error(out, conn, ErrorCode::NotMember, "not a member", r);
             }
         }
-        let (rate, burst) = (self.cfg.rate_limit, self.cfg.rate_burst);
-        let allowed = match self.users.get_mut(key) {
-            Some(u) => u
-                .bucket
-                .get_or_insert_with(|| TokenBucket::new(burst, now))
-                .try_take(rate, burst, now),
-            None => return,
-        };
-        if !allowed {
+        if !self.take_token(key, now) {
             return self.error(
                 out,
                 conn,
@@ -1259,6 +1273,16 @@ impl ChatService {
         if taken {
             return self.error(out, conn, ErrorCode::NickTaken, "nick is taken", r);
         }
+        // A nick change is broadcast widely: it costs a token like a message.
+        if !self.take_token(key, out.now()) {
+            return self.error(
+                out,
+                conn,
+                ErrorCode::RateLimited,
+                "changing nick too fast",
+                r,
+            );
+        }
         let Some(u) = self.users.get_mut(key) else {
             return;
         };
@@ -1364,12 +1388,15 @@ impl ChatService {
 
     // ----- results from the store -----------------------------------------------------------
 
-    fn on_committed(&mut self, out: &mut dyn Outbox, upto: u64, ok: bool) {
+    /// Runs what waited for writes up to `upto`. A reply whose own write failed (in `failed`,
+    /// or the whole batch when `!batch_ok`) reports `internal` instead of promising durability.
+    fn on_committed(&mut self, out: &mut dyn Outbox, upto: u64, batch_ok: bool, failed: &[u64]) {
         let now = out.now();
         while self.pending.front().is_some_and(|(s, _)| *s <= upto) {
-            let Some((_, p)) = self.pending.pop_front() else {
+            let Some((seq, p)) = self.pending.pop_front() else {
                 break;
             };
+            let ok = batch_ok && !failed.contains(&seq);
             match p {
                 Pending::Ack {
                     conn,
@@ -1631,6 +1658,7 @@ impl Service for ChatService {
                 StoreEvent::Committed {
                     upto,
                     ok,
+                    failed,
                     batch,
                     latency,
                 } => {
@@ -1639,7 +1667,7 @@ impl Service for ChatService {
                     if !ok {
                         self.m.store_failures += 1;
                     }
-                    self.on_committed(out, upto, ok);
+                    self.on_committed(out, upto, ok, &failed);
                 }
                 StoreEvent::QueryDone {
                     qid,

@@ -115,6 +115,8 @@ pub enum StoreEvent {
     Committed {
         upto: u64,
         ok: bool,
+        /// Writes of this batch whose statement failed (the rest committed).
+        failed: Vec<u64>,
         batch: usize,
         latency: Duration,
     },
@@ -430,6 +432,7 @@ pub fn run(mut conn: Connection, rx: Receiver<StoreReq>, events: Sender<StoreEve
         }
         let start = Instant::now();
         let mut results = Vec::new();
+        let mut failed = Vec::new();
         let mut writes = 0usize;
         let mut stop = false;
         let ok = match conn.transaction() {
@@ -440,8 +443,10 @@ pub fn run(mut conn: Connection, rx: Receiver<StoreReq>, events: Sender<StoreEve
                             seq += 1;
                             writes += 1;
                             if let Err(e) = apply(&tx, &w) {
-                                // One bad row must not sink the batch (and every ack in it).
+                                // One bad row must not sink the batch (and every ack in it),
+                                // but its own reply must not claim it is stored.
                                 log::error!("store: {w:?}: {e}");
+                                failed.push(seq);
                             }
                         }
                         StoreReq::Query { qid, query } => {
@@ -494,6 +499,7 @@ pub fn run(mut conn: Connection, rx: Receiver<StoreReq>, events: Sender<StoreEve
         let _ = events.send(StoreEvent::Committed {
             upto: seq,
             ok,
+            failed,
             batch: writes,
             latency: start.elapsed(),
         });

@@ -846,6 +846,14 @@ fn rate_limit_and_text_limits() {
     assert_eq!(fa[3]["code"], "rate_limited");
     assert_eq!(fa[3]["ref"], "rl");
     assert_eq!(h.take(b).len(), 3, "the limited message is not broadcast");
+    // Creating a room and changing nick draw from the same bucket; joining an existing
+    // room does not.
+    h.send(a, json!({"type":"join","room":"newroom"}));
+    assert_eq!(err(&h.one(a)), "rate_limited");
+    h.send(a, json!({"type":"nick","nick":"Ally"}));
+    assert_eq!(err(&h.one(a)), "rate_limited");
+    h.send(a, json!({"type":"join","room":"general"}));
+    assert_eq!(h.one(a)["type"], "joined");
     h.advance(Duration::from_millis(1100));
     h.send(a, json!({"type":"say","room":"general","text":"ok"}));
     assert_eq!(types(&h.take(a)), ["message", "ack"]);
@@ -1225,5 +1233,41 @@ fn startup_with_a_million_messages() {
         join.as_secs_f64() * 1e3
     );
     assert!(open < Duration::from_secs(1), "open took {open:?}");
+    h.shutdown();
+}
+
+#[test]
+fn a_write_that_fails_is_not_acked() {
+    let dir = TempDir::new("failwrite");
+    let mut h = H::new(&dir, &[]);
+    let (a, _) = h.user("alice");
+    h.clear();
+    // Make the store refuse one particular message, as a full disk or a corrupt page might.
+    let db = rusqlite::Connection::open(dir.path().join("chat.db")).expect("db");
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.text = 'boom'
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .expect("trigger");
+    h.send(
+        a,
+        json!({"type":"say","room":"general","text":"boom","ref":"b"}),
+    );
+    h.send(
+        a,
+        json!({"type":"say","room":"general","text":"fine","ref":"f"}),
+    );
+    let f = h.take(a);
+    assert_eq!(types(&f), ["message", "message", "error", "ack"], "{f:#?}");
+    assert_eq!(f[2]["code"], "internal");
+    assert_eq!(f[2]["ref"], "b");
+    assert_eq!(f[3]["ref"], "f");
+    // The ref is forgotten, so a retry is tried again rather than answered from memory.
+    h.send(
+        a,
+        json!({"type":"say","room":"general","text":"boom","ref":"b"}),
+    );
+    let f = h.take(a);
+    assert_eq!(types(&f), ["message", "error"]);
     h.shutdown();
 }
