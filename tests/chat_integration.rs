@@ -586,3 +586,78 @@ fn crash_loses_no_acked_message() {
     assert!(m["id"].as_i64().unwrap_or(0) > after);
     srv.stop();
 }
+
+#[test]
+fn history_paging_typing_and_presence_over_the_wire() {
+    let dir = TempDir::new("paging");
+    let srv = Server::spawn(&dir.0, &["--rate-limit", "0", "--durability", "full"]);
+    let (mut a, _) = Client::register(&srv.addr, "alice");
+    let (mut b, tb) = Client::register(&srv.addr, "bob");
+    assert_eq!(a.expect("presence")["event"], "online");
+    let mut b2 = Client::resume(&srv.addr, &tb);
+    a.expect_silence(); // bob's second connection is not a new "online"
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        a.send(json!({"type":"dm","to":"bob","text":format!("d{i}")}));
+        ids.push(a.expect("message")["id"].as_i64().unwrap_or(0));
+        a.expect("ack");
+        assert_eq!(b.expect("message")["text"], format!("d{i}"));
+        assert_eq!(b2.expect("message")["text"], format!("d{i}"));
+    }
+    // Backward from the newest, 10 at a time.
+    let mut back: Vec<i64> = Vec::new();
+    let mut before: Option<i64> = None;
+    loop {
+        let mut q = json!({"type":"history","with":"alice","limit":10});
+        if let Some(x) = before {
+            q["before"] = json!(x);
+        }
+        b.send(q);
+        let h = b.expect("history");
+        let page: Vec<i64> = h["messages"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["id"].as_i64()).collect())
+            .unwrap_or_default();
+        back.splice(0..0, page.iter().copied());
+        before = page.first().copied();
+        if h["more"] != true {
+            break;
+        }
+    }
+    assert_eq!(back, ids);
+    // Forward from the start.
+    let mut fwd: Vec<i64> = Vec::new();
+    let mut after = 0;
+    loop {
+        b2.send(json!({"type":"history","with":"alice","after":after,"limit":7}));
+        let h = b2.expect("history");
+        let page: Vec<i64> = h["messages"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["id"].as_i64()).collect())
+            .unwrap_or_default();
+        fwd.extend(&page);
+        after = page.last().copied().unwrap_or(after);
+        if h["more"] != true {
+            break;
+        }
+    }
+    assert_eq!(fwd, ids);
+
+    // Typing to a user reaches all of that user's connections, at most once per 2 s.
+    a.send(json!({"type":"typing","to":"bob"}));
+    a.send(json!({"type":"typing","to":"bob"}));
+    let t = json!({"type":"typing","to":"bob","user":"alice","nick":"alice"});
+    assert_eq!(b.expect("typing"), t);
+    assert_eq!(b2.expect("typing"), t);
+    b.expect_silence();
+    b2.expect_silence();
+
+    // Offline only when the last connection goes.
+    drop(b);
+    a.expect_silence();
+    drop(b2);
+    let off = a.expect("presence");
+    assert_eq!(off["event"], "offline");
+    assert_eq!(off["user"], "bob");
+    srv.stop();
+}
