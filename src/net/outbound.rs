@@ -10,6 +10,10 @@ use std::ops::Deref;
 
 use crate::service::SharedFrame;
 
+/// Bookkeeping charged per queued chunk on top of its bytes: the ring slot plus, for owned
+/// chunks, the allocation's header.
+pub const CHUNK_OVERHEAD: usize = 48;
+
 /// Chunks gathered into one vectored write.
 pub const MAX_IOVECS: usize = 64;
 
@@ -36,6 +40,9 @@ pub struct OutQueue {
     head_offset: usize,
     /// Bytes not yet written, over all chunks.
     bytes: usize,
+    /// Memory the queue holds on the connection's behalf: unwritten bytes plus a per-chunk
+    /// overhead, so a flood of tiny frames is bounded like a few big ones.
+    cost: usize,
     /// The head chunk is an HTTP response (the 101) that nothing may overtake.
     pinned_head: bool,
 }
@@ -43,6 +50,7 @@ pub struct OutQueue {
 impl OutQueue {
     pub fn push(&mut self, chunk: Chunk) {
         self.bytes += chunk.len();
+        self.cost += chunk.len() + CHUNK_OVERHEAD;
         self.chunks.push_back(chunk);
     }
 
@@ -58,6 +66,7 @@ impl OutQueue {
     pub fn push_front(&mut self, chunk: Chunk) {
         debug_assert!(self.at_frame_boundary());
         self.bytes += chunk.len();
+        self.cost += chunk.len() + CHUNK_OVERHEAD;
         self.chunks.push_front(chunk);
     }
 
@@ -76,6 +85,11 @@ impl OutQueue {
         self.bytes
     }
 
+    /// Unwritten bytes plus per-chunk overhead (what the queue limit is checked against).
+    pub fn cost(&self) -> usize {
+        self.cost
+    }
+
     /// Drops everything not yet started, keeping a partially written head so the stream stays
     /// well-framed (used before queueing a close to a client that stopped reading).
     pub fn discard_unstarted(&mut self) {
@@ -83,6 +97,7 @@ impl OutQueue {
         while self.chunks.len() > keep {
             let c = self.chunks.pop_back().expect("non-empty");
             self.bytes -= c.len();
+            self.cost -= c.len() + CHUNK_OVERHEAD;
         }
     }
 
@@ -102,11 +117,13 @@ impl OutQueue {
 
     fn advance(&mut self, mut written: usize) {
         self.bytes -= written;
+        self.cost -= written;
         while written > 0 {
             let head_left = self.chunks[0].len() - self.head_offset;
             if written >= head_left {
                 written -= head_left;
                 self.chunks.pop_front();
+                self.cost -= CHUNK_OVERHEAD;
                 self.head_offset = 0;
                 self.pinned_head = false;
             } else {
@@ -180,6 +197,7 @@ mod tests {
         }
         assert_eq!(w.got, expected);
         assert_eq!(q.bytes(), 0);
+        assert_eq!(q.cost(), 0);
         assert_eq!(Rc::strong_count(&shared), 1);
     }
 
