@@ -36,6 +36,9 @@ const MAX_HISTORY_LIMIT: u32 = 200;
 /// Messages a connection may send while one of its requests waits on a worker thread (a few
 /// ms); a client that piles up more is misbehaving.
 const MAX_BACKLOG: usize = 256;
+/// Sessions (tokens) kept per user; a new login beyond this revokes the oldest. Without a
+/// bound, repeated logins would grow memory and the store forever.
+const MAX_SESSIONS: usize = 64;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -219,7 +222,13 @@ impl ChatService {
                 u.dm_partners.insert(a);
             }
         }
-        let sessions: HashMap<[u8; 32], String> = loaded.sessions.into_iter().collect();
+        let mut sessions = HashMap::with_capacity(loaded.sessions.len());
+        for (hash, key) in loaded.sessions {
+            if let Some(u) = users.get_mut(&key) {
+                u.sessions.push_back(hash);
+                sessions.insert(hash, key);
+            }
+        }
 
         let wake = Wake::default();
         let (store_tx, store_req_rx) = channel();
@@ -651,6 +660,17 @@ impl ChatService {
         };
         let hash = auth::token_hash(&token);
         self.sessions.insert(hash, key.clone());
+        let mut evicted = Vec::new();
+        if let Some(u) = self.users.get_mut(&key) {
+            u.sessions.push_back(hash);
+            while u.sessions.len() > MAX_SESSIONS {
+                evicted.extend(u.sessions.pop_front());
+            }
+        }
+        for old in evicted {
+            self.sessions.remove(&old);
+            self.write(Write::DeleteSession { hash: old });
+        }
         self.write(Write::InsertSession {
             hash,
             user_key: key.clone(),
@@ -734,6 +754,9 @@ impl ChatService {
                 let hash = self.conns.get(&conn).and_then(|c| c.token_hash);
                 if let Some(hash) = hash {
                     self.sessions.remove(&hash);
+                    if let Some(u) = self.users.get_mut(&key) {
+                        u.sessions.retain(|h| *h != hash);
+                    }
                     self.write(Write::DeleteSession { hash });
                 }
                 if let Some(c) = self.conns.get_mut(&conn) {
@@ -1458,7 +1481,11 @@ impl ChatService {
                     if ok {
                         self.authenticate(out, conn, &user, &token, reference.as_deref());
                     } else {
-                        self.sessions.remove(&auth::token_hash(&token));
+                        let hash = auth::token_hash(&token);
+                        self.sessions.remove(&hash);
+                        if let Some(u) = self.users.get_mut(&user) {
+                            u.sessions.retain(|h| *h != hash);
+                        }
                         self.auth_failed(
                             out,
                             conn,

@@ -24,6 +24,8 @@ pub struct User {
     pub dm_partners: HashSet<String>,
     pub bucket: Option<TokenBucket>,
     pub dedup: Dedup,
+    /// Token hashes of this user's sessions, oldest first (bounded; see `MAX_SESSIONS`).
+    pub sessions: VecDeque<[u8; 32]>,
 }
 
 impl User {
@@ -39,6 +41,7 @@ impl User {
             dm_partners: HashSet::new(),
             bucket: None,
             dedup: Dedup::default(),
+            sessions: VecDeque::new(),
         }
     }
 

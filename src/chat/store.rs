@@ -224,7 +224,7 @@ pub fn load(conn: &Connection, reserve: i64) -> Result<(Loaded, i64), String> {
             l.users.push(u.map_err(sql_err)?);
         }
         let mut st = conn
-            .prepare("SELECT hash, user_key FROM sessions")
+            .prepare("SELECT hash, user_key FROM sessions ORDER BY created, rowid")
             .map_err(sql_err)?;
         let rows = st
             .query_map([], |r| {

@@ -1271,3 +1271,29 @@ fn a_write_that_fails_is_not_acked() {
     assert_eq!(types(&f), ["message", "error"]);
     h.shutdown();
 }
+
+#[test]
+fn sessions_per_user_are_bounded() {
+    let dir = TempDir::new("sessions");
+    let mut h = H::new(&dir, &[]);
+    let (_, first) = h.user("alice");
+    let mut last = String::new();
+    for _ in 0..64 {
+        let c = h.connect();
+        h.send(
+            c,
+            json!({"type":"login","user":"alice","password":"password123"}),
+        );
+        last = h.one(c)["token"].as_str().unwrap_or_default().to_string();
+        h.close(c);
+    }
+    // 65 tokens issued: the oldest was revoked, durably.
+    h.shutdown();
+    let mut h = H::new(&dir, &[]);
+    let c = h.connect();
+    h.send(c, json!({"type":"resume","token":first}));
+    assert_eq!(err(&h.one(c)), "auth_failed");
+    h.send(c, json!({"type":"resume","token":last}));
+    assert_eq!(h.one(c)["type"], "welcome");
+    h.shutdown();
+}
