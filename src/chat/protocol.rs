@@ -208,6 +208,64 @@ pub fn parse_client_frame(bytes: &[u8]) -> Result<ClientFrame, ParseError> {
     }
 }
 
+/// The fuzz property of the chat command parser (the `chat_command` target calls this): any
+/// bytes parse to a frame or a typed error without panicking; every string a frame carries
+/// goes through the service's validators; an error reply always serializes, its `ref` obeys
+/// the limit, and a `bad_json` never claims a `ref`.
+pub fn check_client_frame(bytes: &[u8]) {
+    match parse_client_frame(bytes) {
+        Ok(frame) => {
+            if let Some(r) = &frame.reference {
+                assert!(r.chars().count() <= MAX_REF_CHARS);
+            }
+            let strings: Vec<&str> = match &frame.command {
+                Command::Register { user, password } | Command::Login { user, password } => {
+                    vec![user.as_str(), password.as_str()]
+                }
+                Command::Resume { token } => vec![token.as_str()],
+                Command::Join { room } | Command::Leave { room } | Command::Who { room } => {
+                    vec![room.as_str()]
+                }
+                Command::Say { room, text } => vec![room.as_str(), text.as_str()],
+                Command::Dm { to, text } => vec![to.as_str(), text.as_str()],
+                Command::Nick { nick } => vec![nick.as_str()],
+                Command::History { room, with, .. } => {
+                    room.iter().chain(with.iter()).map(|s| s.as_str()).collect()
+                }
+                Command::Typing { room, to } => {
+                    room.iter().chain(to.iter()).map(|s| s.as_str()).collect()
+                }
+                Command::Logout {} | Command::Rooms {} => Vec::new(),
+            };
+            for s in strings {
+                let _ = super::validate::user_name(s);
+                let _ = super::validate::room_name(s);
+                let _ = super::validate::nick(s);
+                let _ = super::validate::password(s);
+                let _ = super::validate::text(s, 4000);
+                let _ = super::validate::nick_key(s);
+            }
+        }
+        Err(e) => {
+            if e.code == ErrorCode::BadJson {
+                assert!(e.reference.is_none());
+            }
+            if let Some(r) = &e.reference {
+                assert!(r.chars().count() <= MAX_REF_CHARS);
+            }
+            let json = ServerFrame::Error {
+                code: e.code,
+                message: &e.message,
+                reference: e.reference.as_deref(),
+            }
+            .to_json();
+            let back: serde_json::Value =
+                serde_json::from_str(&json).expect("error frame is valid JSON");
+            assert_eq!(back["code"], e.code.as_str());
+        }
+    }
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
@@ -442,10 +500,23 @@ mod tests {
                 input[pos] = rnd[k + 4];
             }
             input.truncate(1 + rnd[8] as usize % input.len());
-            let _ = parse_client_frame(&input);
+            check_client_frame(&input);
             let n = rnd[9] as usize * 16 % rnd.len();
-            let _ = parse_client_frame(&rnd[..n]);
+            check_client_frame(&rnd[..n]);
         }
+    }
+
+    /// The committed seeds of the `chat_command` fuzz target hold the property too.
+    #[test]
+    fn fuzz_seeds_pass_the_check() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/chat_command");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("seed dir") {
+            let path = entry.expect("entry").path();
+            check_client_frame(&std::fs::read(&path).expect("seed"));
+            n += 1;
+        }
+        assert!(n >= 10, "seeds in {}", dir.display());
     }
 
     #[test]
