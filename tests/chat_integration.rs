@@ -661,3 +661,59 @@ fn history_paging_typing_and_presence_over_the_wire() {
     assert_eq!(off["user"], "bob");
     srv.stop();
 }
+
+/// A member that stops reading is closed with 1008 once its queue overflows; the others keep
+/// receiving everything meanwhile.
+#[test]
+fn slow_consumer_is_dropped_without_delaying_others() {
+    let dir = TempDir::new("slow");
+    let srv = Server::spawn(&dir.0, &["--rate-limit", "0", "--max-queue", "262144"]);
+    let (mut sender, _) = Client::register(&srv.addr, "sender");
+    let (mut reader, _) = Client::register(&srv.addr, "reader");
+    let (mut stalled, _) = Client::register(&srv.addr, "stalled");
+    // Drain the presence frames so far; from here on `stalled` never reads until the end.
+    sender.expect("presence");
+    sender.expect("presence");
+    reader.expect("presence");
+    let text = "x".repeat(4000);
+    const N: usize = 2500; // 10 MB: more than loopback socket buffers plus the queue limit
+    let start = Instant::now();
+    let reader_thread = std::thread::spawn(move || {
+        let mut got = 0;
+        while got < N {
+            let v = reader.recv();
+            if v["type"] == "message" {
+                got += 1;
+            }
+        }
+        got
+    });
+    // Paced by acks (16 in flight), so the sender and the reader, who do read, keep up.
+    let mut acks = 0;
+    for i in 0..N {
+        sender.send(json!({"type":"say","room":"general","text":text}));
+        if i + 1 - acks >= 16 || i + 1 == N {
+            let target = if i + 1 == N { N } else { acks + 8 };
+            while acks < target {
+                if sender.recv()["type"] == "ack" {
+                    acks += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(reader_thread.join().expect("reader"), N);
+    println!(
+        "slow consumer: {N} x 4000-char messages to a reader and a stalled member in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    // The stalled client finds, after whatever was queued before the overflow, a 1008 close.
+    let code = loop {
+        match stalled.ws.read() {
+            Ok(Message::Close(Some(f))) => break u16::from(f.code),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(code, 1008);
+    srv.stop();
+}
