@@ -188,6 +188,22 @@ impl Client {
         v
     }
 
+    /// A new account: it joins `general` (presence join), then comes online.
+    fn expect_arrival(&mut self, user: &str) {
+        let j = self.expect("presence");
+        assert_eq!(
+            (j["event"].as_str(), j["room"].as_str(), j["user"].as_str()),
+            (Some("join"), Some("general"), Some(user)),
+            "{j}"
+        );
+        let o = self.expect("presence");
+        assert_eq!(
+            (o["event"].as_str(), o["user"].as_str()),
+            (Some("online"), Some(user)),
+            "{o}"
+        );
+    }
+
     /// Nothing arrives for a short while (a `ping` round trip proves the server is past it).
     fn expect_silence(&mut self) {
         self.send(json!({"type":"rooms","ref":"silence"}));
@@ -243,13 +259,11 @@ fn every_command_and_error_code() {
     let (mut a1, ta) = Client::register(&addr, "alice");
     let mut a2 = Client::resume(&addr, &ta);
     let (mut b, tb) = Client::register(&addr, "bob");
-    a1.expect("presence"); // bob online (shares general)
-    a2.expect("presence");
+    a1.expect_arrival("bob");
+    a2.expect_arrival("bob");
     let (mut c, _) = Client::register(&addr, "carol");
     for cl in [&mut a1, &mut a2, &mut b] {
-        let p = cl.expect("presence");
-        assert_eq!(p["event"], "online");
-        assert_eq!(p["user"], "carol");
+        cl.expect_arrival("carol");
     }
     anon.send(json!({"type":"register","user":"ALICE","password":"password123"}));
     anon.expect_error("user_taken");
@@ -593,7 +607,7 @@ fn history_paging_typing_and_presence_over_the_wire() {
     let srv = Server::spawn(&dir.0, &["--rate-limit", "0", "--durability", "full"]);
     let (mut a, _) = Client::register(&srv.addr, "alice");
     let (mut b, tb) = Client::register(&srv.addr, "bob");
-    assert_eq!(a.expect("presence")["event"], "online");
+    a.expect_arrival("bob");
     let mut b2 = Client::resume(&srv.addr, &tb);
     a.expect_silence(); // bob's second connection is not a new "online"
     let mut ids = Vec::new();
@@ -672,9 +686,9 @@ fn slow_consumer_is_dropped_without_delaying_others() {
     let (mut reader, _) = Client::register(&srv.addr, "reader");
     let (mut stalled, _) = Client::register(&srv.addr, "stalled");
     // Drain the presence frames so far; from here on `stalled` never reads until the end.
-    sender.expect("presence");
-    sender.expect("presence");
-    reader.expect("presence");
+    sender.expect_arrival("reader");
+    sender.expect_arrival("stalled");
+    reader.expect_arrival("stalled");
     let text = "x".repeat(4000);
     const N: usize = 2500; // 10 MB: more than loopback socket buffers plus the queue limit
     let start = Instant::now();

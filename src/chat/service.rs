@@ -581,7 +581,8 @@ impl ChatService {
                     phc: phc.clone(),
                     created,
                 });
-                let mut user = User::new(key.clone(), name.clone(), name, phc);
+                self.users
+                    .insert(key.clone(), User::new(key.clone(), name.clone(), name, phc));
                 if !self.rooms.contains_key(GENERAL) {
                     self.rooms
                         .insert(GENERAL.to_string(), Room::new(Ring::Warm(VecDeque::new())));
@@ -590,15 +591,8 @@ impl ChatService {
                         created,
                     });
                 }
-                if let Some(room) = self.rooms.get_mut(GENERAL) {
-                    room.members.insert(key.clone());
-                }
-                user.rooms.insert(GENERAL.to_string());
-                self.write(Write::AddMember {
-                    room: GENERAL.into(),
-                    user_key: key.clone(),
-                });
-                self.users.insert(key.clone(), user);
+                // Members of general see the newcomer arrive like any other join.
+                self.add_member(out, conn, &key, GENERAL);
                 self.issue_token(out, conn, key, reference);
             }
             AuthResult::Verified { job, ok } => {

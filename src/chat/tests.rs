@@ -517,6 +517,18 @@ fn presence_online_offline() {
     assert_eq!(bob["online"], true);
     assert_eq!(bob["last_seen"], off["last_seen"]);
     let _ = b3;
+    h.clear();
+    // A new account arrives in general: members see it join, then come online.
+    h.user("dave");
+    let f = h.take(a);
+    assert_eq!(
+        f,
+        vec![
+            json!({"type":"presence","room":"general","user":"dave","nick":"dave","event":"join"}),
+            json!({"type":"presence","user":"dave","nick":"dave","event":"online"}),
+        ]
+    );
+    assert!(h.take(c).is_empty(), "carol left general");
     h.shutdown();
 }
 
