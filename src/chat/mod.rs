@@ -76,7 +76,13 @@ pub struct ChatConfig {
     #[arg(long, default_value_t = 5)]
     pub login_throttle: usize,
 
-    /// Window for --login-throttle, in seconds.
+    /// Registrations accepted from one client address per --login-window (each costs an
+    /// argon2 hash and an account); 0 disables, and so does --rate-limit 0 (benchmarks and
+    /// browser tests register many accounts from one address).
+    #[arg(long, default_value_t = 20)]
+    pub register_throttle: usize,
+
+    /// Window for --login-throttle and --register-throttle, in seconds.
     #[arg(long, default_value = "60", value_parser = crate::config::parse_secs)]
     pub login_window: Duration,
 

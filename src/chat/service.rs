@@ -172,6 +172,8 @@ pub struct ChatService {
     id_requested: i64,
     user_throttle: FailureThrottle<String>,
     ip_throttle: FailureThrottle<IpAddr>,
+    /// Registrations per client address (counted like failures: every one counts).
+    register_throttle: FailureThrottle<IpAddr>,
     typing: HashMap<(String, String), Instant>,
     m: Metrics,
     /// Reused recipient list, so a broadcast allocates nothing per recipient.
@@ -256,6 +258,14 @@ impl ChatService {
         Ok(ChatService {
             user_throttle: FailureThrottle::new(cfg.login_throttle, cfg.login_window),
             ip_throttle: FailureThrottle::new(cfg.login_throttle, cfg.login_window),
+            register_throttle: FailureThrottle::new(
+                if cfg.rate_limit == 0.0 {
+                    0
+                } else {
+                    cfg.register_throttle
+                },
+                cfg.login_window,
+            ),
             cfg,
             wake,
             store_tx,
@@ -431,6 +441,18 @@ impl ChatService {
                 let key = validate::user_key(&user);
                 if self.users.contains_key(&key) || self.registering.contains(&key) {
                     return self.error(out, conn, ErrorCode::UserTaken, "user name is taken", r);
+                }
+                if let Some(ip) = ip {
+                    if self.register_throttle.is_blocked(&ip, now) {
+                        return self.error(
+                            out,
+                            conn,
+                            ErrorCode::RateLimited,
+                            "too many registrations from this address; try again later",
+                            r,
+                        );
+                    }
+                    self.register_throttle.record_failure(ip, now);
                 }
                 self.registering.insert(key.clone());
                 self.next_job += 1;
@@ -1703,6 +1725,7 @@ impl Service for ChatService {
         let now = out.now();
         self.user_throttle.prune(now);
         self.ip_throttle.prune(now);
+        self.register_throttle.prune(now);
         let interval = self.cfg.typing_interval;
         self.typing
             .retain(|_, t| now.saturating_duration_since(*t) < interval);

@@ -78,6 +78,10 @@ fn cfg(dir: &TempDir, extra: &[&str]) -> Config {
         "--argon2-iterations",
         "1",
     ];
+    // Tests register many accounts from 127.0.0.1; the throttle has its own test.
+    if !extra.contains(&"--register-throttle") {
+        args.extend_from_slice(&["--register-throttle", "0"]);
+    }
     args.extend_from_slice(extra);
     Config::parse_from(args)
 }
@@ -1307,5 +1311,55 @@ fn sessions_per_user_are_bounded() {
     assert_eq!(err(&h.one(c)), "auth_failed");
     h.send(c, json!({"type":"resume","token":last}));
     assert_eq!(h.one(c)["type"], "welcome");
+    h.shutdown();
+}
+
+#[test]
+fn registrations_are_throttled_per_address() {
+    let dir = TempDir::new("regthrottle");
+    let mut h = H::new(&dir, &["--register-throttle", "2"]);
+    h.out.now = Some(Instant::now());
+    for name in ["a1", "a2"] {
+        let c = h.connect_from([10, 0, 0, 9]);
+        h.send(
+            c,
+            json!({"type":"register","user":name,"password":"password123"}),
+        );
+        assert_eq!(h.one(c)["type"], "welcome");
+    }
+    let c = h.connect_from([10, 0, 0, 9]);
+    h.send(
+        c,
+        json!({"type":"register","user":"a3","password":"password123","ref":"x"}),
+    );
+    let e = h.one(c);
+    assert_eq!(err(&e), "rate_limited");
+    assert_eq!(e["ref"], "x");
+    // Another address is not affected; the first recovers after the window.
+    let d = h.connect_from([10, 0, 0, 10]);
+    h.send(
+        d,
+        json!({"type":"register","user":"b1","password":"password123"}),
+    );
+    assert_eq!(h.one(d)["type"], "welcome");
+    h.advance(Duration::from_secs(61));
+    h.send(
+        c,
+        json!({"type":"register","user":"a3","password":"password123"}),
+    );
+    assert_eq!(h.one(c)["type"], "welcome");
+    h.shutdown();
+
+    // --rate-limit 0 (benchmark mode) lifts it.
+    let dir = TempDir::new("regthrottle0");
+    let mut h = H::new(&dir, &["--register-throttle", "1", "--rate-limit", "0"]);
+    for name in ["c1", "c2", "c3"] {
+        let c = h.connect_from([10, 0, 0, 9]);
+        h.send(
+            c,
+            json!({"type":"register","user":name,"password":"password123"}),
+        );
+        assert_eq!(h.one(c)["type"], "welcome");
+    }
     h.shutdown();
 }
