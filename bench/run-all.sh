@@ -198,7 +198,7 @@ for s in order:
         if "parlor" in targets:
             for p in peers:
                 a, b = vals.get("parlor"), vals.get(p)
-                row.append(f"{a / b:.3g}×" if a is not None and b else "–")
+                row.append(f"{a / b:.3g}×" if a is not None and b and key not in ("lost", "still_open") else "–")
         print("| " + " | ".join(row) + " |")
 bench_max = max((v.get("bench_cpu_pct", 0) for vs in res.values() for v in vs), default=0)
 print(f"\nmedian of {max((len(v) for v in res.values()), default=0)} rounds; fan-out rows: Parlor runs `chat` on /ws "
