@@ -127,6 +127,7 @@ if [ "$HAS_CHAT" = 1 ] && [[ " $TARGETS " == *" parlor "* ]]; then
   stop_server
 fi
 
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for s in $SCENARIOS; do
   for r in $(seq "$ROUNDS"); do
     for t in $TARGETS; do
@@ -145,9 +146,11 @@ for s in $SCENARIOS; do
   done
 done
 
-python3 - "$OUT_DIR" "$TARGETS" <<'PY'
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$OUT_DIR" "$TARGETS" "$LOAD_START" "$LOAD_END" <<'PY'
 import glob, json, os, statistics, sys
 out_dir, targets = sys.argv[1], sys.argv[2].split()
+load_start, load_end = sys.argv[3], sys.argv[4]
 res = {}
 for f in glob.glob(os.path.join(out_dir, "*.json")):
     s, t, r, _ = os.path.basename(f).rsplit(".", 3)
@@ -202,5 +205,6 @@ for s in order:
         print("| " + " | ".join(row) + " |")
 bench_max = max((v.get("bench_cpu_pct", 0) for vs in res.values() for v in vs), default=0)
 print(f"\nmedian of {max((len(v) for v in res.values()), default=0)} rounds; fan-out rows: Parlor runs `chat` on /ws "
-      f"(real chat work), peers run raw `broadcast`; highest bench CPU in any run: {bench_max:.0f}% of a core.")
+      f"(real chat work), peers run raw `broadcast`; highest bench CPU in any run: {bench_max:.0f}% of a core; "
+      f"load average at start {load_start}, at end {load_end} (above ~2 on 2 cores: other work shared the machine).")
 PY

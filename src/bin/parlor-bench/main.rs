@@ -92,10 +92,10 @@ pub struct Common {
     /// Target, e.g. ws://127.0.0.1:8080/echo (only ws://, no TLS).
     #[arg(long)]
     pub url: String,
-    /// Measurement window in seconds (fractions allowed).
+    /// Measurement window in seconds (fractions allowed). `connections` uses --hold instead.
     #[arg(long, default_value = "10", value_parser = parlor::config::parse_secs)]
     pub duration: Duration,
-    /// Seconds of load before measuring starts (not counted).
+    /// Seconds of load before measuring starts (not counted; echo, chat, broadcast).
     #[arg(long, default_value = "1", value_parser = parlor::config::parse_secs)]
     pub warmup: Duration,
     /// Server process ID: report its CPU time during the window (and memory, for

@@ -12,7 +12,8 @@ use crate::conn::{Conn, ConnOut, Rng, State, Target};
 pub trait Handler {
     /// The upgrade completed; `out` queues frames on that connection.
     fn on_open(&mut self, _idx: usize, _now: Instant, _out: &mut ConnOut<'_>) {}
-    /// A complete data message arrived. `now` is taken once per read batch.
+    /// A complete data message arrived. `now` is taken once per readiness event (one socket's
+    /// read batch).
     fn on_message(
         &mut self,
         idx: usize,
@@ -101,8 +102,11 @@ impl Pool {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),
         }
-        let now = Instant::now();
         for ev in self.events.iter() {
+            // Receive time per readiness event (not per poll turn): a turn can carry 1,000
+            // readable sockets, and stamping them all with the turn's start would understate
+            // the latency of the last ones by the time it takes to read the others.
+            let now = Instant::now();
             let idx = ev.token().0;
             let Some(c) = self.conns.get_mut(idx) else {
                 continue;
