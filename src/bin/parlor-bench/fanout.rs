@@ -562,6 +562,14 @@ pub fn run(a: &FanoutArgs, kind: Kind) -> Result<serde_json::Value, String> {
         if let Some(e) = h.fatal.take() {
             return Err(e);
         }
+        let sent_so_far: u64 = h.sent.iter().sum();
+        if h.error_count > 100 && h.error_count * 2 > sent_so_far {
+            return Err(format!(
+                "the server refused {} of {sent_so_far} publishes ({:?}); for a benchmark start \
+                 it with --rate-limit 0",
+                h.error_count, h.errors
+            ));
+        }
         if progress.due() {
             let now = Instant::now();
             let rate = (h.total_deliveries - last.0) as f64
