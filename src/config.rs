@@ -8,8 +8,10 @@ use clap::Parser;
 
 /// Parses a duration given in (possibly fractional) seconds, e.g. `10` or `0.25`.
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s.parse().map_err(|_| format!("not a number of seconds: {s}"))?;
-    if !v.is_finite() || v < 0.0 || v > 1e9 {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("not a number of seconds: {s}"))?;
+    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
         return Err(format!("out of range: {s}"));
     }
     Ok(Duration::from_secs_f64(v))

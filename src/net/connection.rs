@@ -1,0 +1,69 @@
+//! One TCP connection's state: where it is in its life, its buffers and its deadlines.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use super::outbound::OutQueue;
+use crate::ws::reader::MessageReader;
+
+/// Where a connection is in its life. Transitions only move down this list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the HTTP request head.
+    Http,
+    /// A WebSocket in use.
+    Open,
+    /// We sent a close frame (shutdown, slow consumer, idle, app request) and wait for the
+    /// peer's; data frames that still arrive are read and dropped.
+    CloseSent,
+    /// Our last bytes (an HTTP response, a close reply, or a close after a protocol error) are
+    /// queued; once flushed we half-close and wait briefly for the peer's EOF, so the peer reads
+    /// our reply instead of a reset.
+    Finishing,
+    /// Flushed and half-closed; input is discarded until EOF or the deadline.
+    Lingering,
+    /// To be removed at the end of this loop turn.
+    Dead,
+}
+
+#[derive(Debug)]
+pub struct Connection {
+    pub socket: TcpStream,
+    /// The mio token (slab index and generation), also the [`crate::service::ConnId`].
+    pub token: usize,
+    pub peer: SocketAddr,
+    pub phase: Phase,
+    /// Index of the endpoint (service) this WebSocket belongs to.
+    pub endpoint: usize,
+    /// Unconsumed input. Empty (no allocation) almost always: the reader consumes payloads as
+    /// they arrive, so this holds at most a partial request head, frame header or control frame.
+    pub rbuf: Vec<u8>,
+    pub reader: MessageReader,
+    pub out: OutQueue,
+    /// The latest unanswered ping's payload, sent at the next frame boundary. A ping flood
+    /// replaces it instead of growing the queue.
+    pub pending_pong: Option<Vec<u8>>,
+    pub last_rx: Instant,
+    /// When we pinged and are still waiting for any sign of life.
+    pub ping_sent: Option<Instant>,
+    /// The deadline this connection currently wants from the timer heap.
+    pub deadline: Instant,
+    pub writable_registered: bool,
+    /// Queued output since the last flush: the connection is in the loop's flush list.
+    pub dirty: bool,
+    /// Read budget ran out with data possibly left in the socket: in the loop's ready list.
+    pub needs_read: bool,
+}
+
+impl Connection {
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+
+    /// Bytes this connection holds in user space (for memory accounting and tests).
+    pub fn buffered(&self) -> usize {
+        self.rbuf.capacity() + self.reader.buffered() + self.out.bytes()
+    }
+}

@@ -1,0 +1,954 @@
+//! The event loop: one thread, one `mio::Poll`, every connection.
+//!
+//! Each turn: poll (with a timeout up to the next deadline), handle listener/waker/signal and
+//! connection events, give connections that ran out of read budget another turn, fire due
+//! timers, then flush every connection that got output this turn with one vectored write each.
+//! Services run inside these steps with the loop lent to them as their [`Outbox`]; they never
+//! touch sockets.
+
+use std::collections::VecDeque;
+use std::io::{self, ErrorKind, Read, Write};
+use std::mem;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use super::connection::{Connection, Phase};
+use super::metrics::Metrics;
+use super::outbound::Chunk;
+use super::timers::Timers;
+use crate::config::Config;
+use crate::http::{self, HeadLimits, Parsed, Response, StaticFiles};
+use crate::service::{ConnId, Message, Outbox, Service, SharedFrame};
+use crate::ws::close;
+use crate::ws::frame::{self, OpCode, Role};
+use crate::ws::reader::{Event, MessageReader, ReadLimits};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const SIGNALS: Token = Token(2);
+/// Connection tokens are `generation << 32 | (slab index + FIRST_CONN)`.
+const FIRST_CONN: usize = 3;
+/// Size of the loop-wide read buffer every socket reads into first.
+const SCRATCH: usize = 64 * 1024;
+/// How long accepting pauses after the process ran out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Largest static site we cache in memory.
+const MAX_STATIC_BYTES: usize = 64 * 1024 * 1024;
+
+/// A WebSocket path and the service behind it.
+pub struct Endpoint {
+    pub path: String,
+    /// Largest message this endpoint accepts (bigger closes with 1009).
+    pub max_message: usize,
+    pub service: Box<dyn Service>,
+}
+
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    waker: Arc<Waker>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    config: Config,
+    endpoints: Vec<Endpoint>,
+    static_files: StaticFiles,
+    conns: Slab<Connection>,
+    generation: u32,
+    scratch: Vec<u8>,
+    timers: Timers,
+    /// Connections whose read budget ran out while data may remain.
+    ready: VecDeque<usize>,
+    /// Connections with output queued this turn.
+    dirty: Vec<usize>,
+    /// Slab indices to remove at the end of the turn.
+    dead: Vec<usize>,
+    /// Services to tell that a connection stopped being open: (endpoint, conn).
+    closed: Vec<(usize, ConnId)>,
+    metrics: Metrics,
+    accept_paused_until: Option<Instant>,
+    shutdown_deadline: Option<Instant>,
+    now: Instant,
+}
+
+fn index_of(token: usize) -> Option<usize> {
+    (token & 0xffff_ffff).checked_sub(FIRST_CONN)
+}
+
+impl Server {
+    /// Binds the listener and prepares the loop; nothing is served until [`Server::run`].
+    pub fn bind(config: Config, endpoints: Vec<Endpoint>) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(config.listen)?;
+        let local_addr = listener.local_addr()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let static_files = StaticFiles::load(&config.www, MAX_STATIC_BYTES)?;
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            local_addr,
+            waker,
+            signals: None,
+            config,
+            endpoints,
+            static_files,
+            conns: Slab::new(),
+            generation: 0,
+            scratch: vec![0; SCRATCH],
+            timers: Timers::default(),
+            ready: VecDeque::new(),
+            dirty: Vec::new(),
+            dead: Vec::new(),
+            closed: Vec::new(),
+            metrics: Metrics::default(),
+            accept_paused_until: None,
+            shutdown_deadline: None,
+            now: Instant::now(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops gracefully on SIGINT/SIGTERM (close 1001 to everyone, flush, exit).
+    pub fn handle_signals(&mut self) -> io::Result<()> {
+        let mut signals = signal_hook_mio::v1_0::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])?;
+        self.poll
+            .registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// Runs until shut down by a signal. Returns after services have flushed their state.
+    pub fn run(mut self) -> io::Result<()> {
+        for ep in &mut self.endpoints {
+            ep.service.init(self.waker.clone());
+        }
+        let mut events = Events::with_capacity(1024);
+        let mut next_tick = Instant::now() + Duration::from_secs(1);
+        loop {
+            self.now = Instant::now();
+            let timeout = if !self.ready.is_empty() {
+                Duration::ZERO
+            } else {
+                let mut until = next_tick;
+                if let Some(t) = self.timers.next_deadline() {
+                    until = until.min(t);
+                }
+                if let Some(t) = self.accept_paused_until {
+                    until = until.min(t);
+                }
+                if let Some(t) = self.shutdown_deadline {
+                    until = until.min(t);
+                }
+                until.saturating_duration_since(self.now)
+            };
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            self.now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => self.wake_services(),
+                    SIGNALS => self.on_signal(),
+                    Token(t) => self.on_conn_event(
+                        t,
+                        event.is_readable() || event.is_read_closed() || event.is_error(),
+                        event.is_writable(),
+                    ),
+                }
+            }
+            // Connections that used their read budget get another turn, after everyone else.
+            for _ in 0..self.ready.len() {
+                let Some(idx) = self.ready.pop_front() else {
+                    break;
+                };
+                if let Some(c) = self.conns.get_mut(idx) {
+                    c.needs_read = false;
+                    self.read_conn(idx);
+                }
+            }
+            if let Some(t) = self.accept_paused_until {
+                if self.now >= t {
+                    self.accept_paused_until = None;
+                    self.accept_all();
+                }
+            }
+            self.fire_timers();
+            if self.now >= next_tick {
+                next_tick = self.now + Duration::from_secs(1);
+                self.tick_services();
+            }
+            self.end_turn();
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.conns.is_empty() || self.now >= deadline {
+                    break;
+                }
+            }
+        }
+        log::info!("stopping: {} connections left", self.conns.len());
+        for ep in &mut self.endpoints {
+            ep.service.shutdown();
+        }
+        Ok(())
+    }
+
+    // ----- accepting -----
+
+    fn accept_all(&mut self) {
+        if self.accept_paused_until.is_some() || self.listener.is_none() {
+            return;
+        }
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((socket, peer)) => self.admit(socket, peer),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e)
+                    if e.kind() == ErrorKind::Interrupted
+                        || e.kind() == ErrorKind::ConnectionAborted =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS: the pending connection stays in the backlog and the
+                    // listener will not signal again for it, so retry after a pause instead of
+                    // spinning on an error that repeats until some descriptor is closed.
+                    self.metrics.accept_errors += 1;
+                    log::warn!("accept failed: {e}; pausing accepts for {ACCEPT_BACKOFF:?}");
+                    self.accept_paused_until = Some(self.now + ACCEPT_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr) {
+        self.metrics.accepted += 1;
+        if self.conns.len() >= self.config.max_connections {
+            self.metrics.rejected_max_connections += 1;
+            log::info!(
+                "{peer}: refusing connection, at --max-connections {}",
+                self.config.max_connections
+            );
+            // Best effort on a fresh socket: its send buffer is empty, so this does not block.
+            let _ = socket.write(&Response::text(503, "server at connection limit").to_bytes());
+            return;
+        }
+        let _ = socket.set_nodelay(true);
+        self.generation = self.generation.wrapping_add(1);
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        let token = ((self.generation as usize) << 32) | (idx + FIRST_CONN);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut socket, Token(token), Interest::READABLE)
+        {
+            log::warn!("{peer}: register failed: {e}");
+            return;
+        }
+        let deadline = self.now + self.config.handshake_timeout;
+        entry.insert(Connection {
+            socket,
+            token,
+            peer,
+            phase: Phase::Http,
+            endpoint: 0,
+            rbuf: Vec::new(),
+            reader: MessageReader::default(),
+            out: Default::default(),
+            pending_pong: None,
+            last_rx: self.now,
+            ping_sent: None,
+            deadline,
+            writable_registered: false,
+            dirty: false,
+            needs_read: false,
+        });
+        self.timers.push(deadline, token);
+        log::debug!("{peer}: connected");
+        // Data may already be waiting (edge-triggered: no event would tell us).
+        self.read_conn(idx);
+    }
+
+    // ----- events -----
+
+    fn on_conn_event(&mut self, token: usize, readable: bool, writable: bool) {
+        let Some(idx) = index_of(token) else { return };
+        // A stale event for a connection that was removed (and whose slot may be reused) is
+        // recognised by the generation in the token and ignored.
+        match self.conns.get(idx) {
+            Some(c) if c.token == token => {}
+            _ => return,
+        }
+        if writable {
+            self.flush(idx);
+        }
+        if readable && !self.conns[idx].needs_read {
+            self.read_conn(idx);
+        }
+    }
+
+    fn read_conn(&mut self, idx: usize) {
+        let mut scratch = mem::take(&mut self.scratch);
+        let mut budget = self.config.read_budget.max(1);
+        while let Some(conn) = self.conns.get_mut(idx) {
+            if conn.phase == Phase::Dead {
+                break;
+            }
+            if budget == 0 {
+                conn.needs_read = true;
+                self.ready.push_back(idx);
+                break;
+            }
+            let want = scratch.len().min(budget);
+            match conn.socket.read(&mut scratch[..want]) {
+                Ok(0) => {
+                    self.on_eof(idx);
+                    break;
+                }
+                Ok(n) => {
+                    budget -= n;
+                    self.metrics.bytes_in += n as u64;
+                    conn.last_rx = self.now;
+                    conn.ping_sent = None;
+                    self.on_input(idx, &mut scratch[..n]);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::debug!("{}: read error: {e}", conn.peer);
+                    self.kill(idx);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    fn on_eof(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        log::debug!("{}: peer closed ({:?})", conn.peer, conn.phase);
+        // An open WebSocket ending without a close frame is an abnormal closure (1006).
+        self.kill(idx);
+    }
+
+    /// Feeds freshly read bytes to the connection's current phase.
+    fn on_input(&mut self, idx: usize, fresh: &mut [u8]) {
+        let conn = &mut self.conns[idx];
+        match conn.phase {
+            Phase::Http => {
+                conn.rbuf.extend_from_slice(fresh);
+                self.on_http_input(idx);
+            }
+            Phase::Open | Phase::CloseSent => {
+                if conn.rbuf.is_empty() {
+                    // Common case: parse straight out of the loop's scratch buffer.
+                    let used = self.on_frames(idx, fresh);
+                    if let Some(c) = self.conns.get_mut(idx) {
+                        if matches!(c.phase, Phase::Open | Phase::CloseSent) {
+                            c.rbuf.extend_from_slice(&fresh[used..]);
+                        }
+                    }
+                } else {
+                    let mut held = mem::take(&mut conn.rbuf);
+                    held.extend_from_slice(fresh);
+                    let used = self.on_frames(idx, &mut held);
+                    held.drain(..used);
+                    if let Some(c) = self.conns.get_mut(idx) {
+                        if matches!(c.phase, Phase::Open | Phase::CloseSent) {
+                            c.rbuf = if held.is_empty() { Vec::new() } else { held };
+                        }
+                    }
+                }
+            }
+            // Nothing more is read from a connection that is finishing.
+            Phase::Finishing | Phase::Lingering | Phase::Dead => {}
+        }
+    }
+
+    // ----- HTTP -----
+
+    fn on_http_input(&mut self, idx: usize) {
+        let limits = HeadLimits {
+            max_head: self.config.max_request_head,
+            max_headers: self.config.max_headers,
+        };
+        let conn = &mut self.conns[idx];
+        let (head_len, request) = match http::parse_request(&conn.rbuf, &limits) {
+            Parsed::Partial => return,
+            Parsed::Reject(resp) => {
+                log::info!("{}: bad request: {}", conn.peer, resp.status);
+                self.metrics.handshake_failures += 1;
+                self.reply_and_finish(idx, resp);
+                return;
+            }
+            Parsed::Complete { head_len, request } => (head_len, request),
+        };
+        if !http::is_upgrade(&request) {
+            self.metrics.http_requests += 1;
+            let resp = self.http_response(&request);
+            log::debug!(
+                "{}: {} {} -> {}",
+                self.conns[idx].peer,
+                request.method,
+                request.path,
+                resp.status
+            );
+            self.reply_and_finish(idx, resp);
+            return;
+        }
+        let Some(endpoint) = self.endpoints.iter().position(|e| e.path == request.path) else {
+            self.metrics.handshake_failures += 1;
+            self.reply_and_finish(
+                idx,
+                Response::text(404, "no WebSocket endpoint at this path"),
+            );
+            return;
+        };
+        let accept = match http::check_upgrade(&request, &self.config.allowed_origin) {
+            Ok(a) => a,
+            Err(resp) => {
+                log::info!("{}: upgrade refused: {}", conn.peer, resp.status);
+                self.metrics.handshake_failures += 1;
+                self.reply_and_finish(idx, resp);
+                return;
+            }
+        };
+        self.metrics.handshakes += 1;
+        let max_message = self.endpoints[endpoint].max_message;
+        let conn = &mut self.conns[idx];
+        conn.out
+            .push(Chunk::Owned(http::switching_protocols(&accept)));
+        conn.phase = Phase::Open;
+        conn.endpoint = endpoint;
+        conn.reader = MessageReader::new(
+            Role::Server,
+            ReadLimits {
+                max_message,
+                max_fragments: self.config.max_fragments,
+            },
+        );
+        let rest = conn.rbuf.split_off(head_len);
+        conn.rbuf = Vec::new();
+        let token = conn.token;
+        let peer = conn.peer;
+        self.set_deadline(idx, self.now + self.config.ping_interval);
+        self.mark_dirty(idx);
+        log::debug!(
+            "{peer}: WebSocket open on {}",
+            self.endpoints[endpoint].path
+        );
+        self.with_service(endpoint, |svc, out| {
+            svc.on_open(out, ConnId(token as u64), peer)
+        });
+        if !rest.is_empty() {
+            // Frames that arrived in the same read as the request head.
+            let mut rest = rest;
+            let conn = &mut self.conns[idx];
+            if conn.phase == Phase::Open {
+                let used = self.on_frames(idx, &mut rest);
+                if let Some(c) = self.conns.get_mut(idx) {
+                    if matches!(c.phase, Phase::Open | Phase::CloseSent) {
+                        c.rbuf = rest[used..].to_vec();
+                    }
+                }
+            }
+        }
+    }
+
+    fn http_response(&self, req: &http::Request) -> Response {
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET" | "HEAD", "/healthz") => {
+                let mut r = Response::text(200, "ok");
+                r.head_only = req.method == "HEAD";
+                r
+            }
+            ("GET" | "HEAD", "/metrics") => {
+                let mut body = String::new();
+                let websockets = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.phase == Phase::Open)
+                    .count();
+                self.metrics.render(self.conns.len(), websockets, &mut body);
+                for ep in &self.endpoints {
+                    ep.service.metrics(&mut body);
+                }
+                let mut r = Response::new(200)
+                    .header("Content-Type", "text/plain; version=0.0.4; charset=utf-8");
+                r.body = body.into_bytes();
+                r.head_only = req.method == "HEAD";
+                r
+            }
+            _ => self.static_files.respond(req),
+        }
+    }
+
+    fn reply_and_finish(&mut self, idx: usize, resp: Response) {
+        let conn = &mut self.conns[idx];
+        conn.rbuf = Vec::new();
+        conn.out.push(Chunk::Owned(resp.to_bytes()));
+        conn.phase = Phase::Finishing;
+        self.set_deadline(idx, self.now + self.config.close_timeout);
+        self.mark_dirty(idx);
+    }
+
+    // ----- WebSocket frames -----
+
+    /// Runs the frame reader over `data`; returns the bytes consumed. Stops early when the
+    /// connection leaves the Open/CloseSent phases.
+    fn on_frames(&mut self, idx: usize, data: &mut [u8]) -> usize {
+        let mut reader = mem::take(&mut self.conns[idx].reader);
+        let mut pos = 0;
+        loop {
+            let phase = self.conns[idx].phase;
+            if !matches!(phase, Phase::Open | Phase::CloseSent) {
+                break;
+            }
+            match reader.next(&mut data[pos..]) {
+                Ok((0, None)) => break,
+                Ok((n, event)) => {
+                    pos += n;
+                    if let Some(event) = event {
+                        self.on_event(idx, phase, event);
+                    }
+                }
+                Err(e) => {
+                    let conn = &self.conns[idx];
+                    if phase == Phase::Open {
+                        log::info!(
+                            "{}: protocol violation, closing with {}: {}",
+                            conn.peer,
+                            e.code,
+                            e.reason
+                        );
+                        self.fail(idx, e.code, e.reason);
+                    } else {
+                        self.kill(idx);
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(c) = self.conns.get_mut(idx) {
+            c.reader = reader;
+        }
+        pos
+    }
+
+    fn on_event(&mut self, idx: usize, phase: Phase, event: Event<'_>) {
+        match event {
+            Event::Text(_) | Event::Binary(_) if phase != Phase::Open => {}
+            Event::Text(t) => self.deliver(idx, Message::Text(t)),
+            Event::Binary(b) => self.deliver(idx, Message::Binary(b)),
+            Event::Ping(payload) => self.on_ping(idx, payload),
+            Event::Pong(_) => {} // any input already counts as liveness
+            Event::Close(cf) => {
+                let code = cf.code.unwrap_or(1005);
+                *self.metrics.closes_received.entry(code).or_default() += 1;
+                let conn = &mut self.conns[idx];
+                if phase == Phase::CloseSent {
+                    // The peer answered our close: the handshake is complete.
+                    conn.phase = Phase::Finishing;
+                    self.mark_dirty(idx);
+                    return;
+                }
+                log::debug!("{}: close {:?} {:?}", conn.peer, cf.code, cf.reason);
+                // Echo the status code (none if the peer sent none), then close TCP.
+                let payload = match cf.code {
+                    Some(c) => close::close_payload(c, ""),
+                    None => Vec::new(),
+                };
+                conn.out
+                    .push(Chunk::Owned(frame::encode_vec(OpCode::Close, &payload)));
+                *self.metrics.closes_sent.entry(code).or_default() += 1;
+                self.leave_open(idx, Phase::Finishing);
+            }
+        }
+    }
+
+    fn deliver(&mut self, idx: usize, msg: Message<'_>) {
+        self.metrics.messages_in += 1;
+        let conn = &self.conns[idx];
+        let (endpoint, id) = (conn.endpoint, ConnId(conn.token as u64));
+        self.with_service(endpoint, |svc, out| svc.on_message(out, id, msg));
+    }
+
+    fn on_ping(&mut self, idx: usize, payload: &[u8]) {
+        let conn = &mut self.conns[idx];
+        if conn.out.is_empty() {
+            // Answer right away while the socket keeps up: every ping gets its pong.
+            conn.out
+                .push(Chunk::Owned(frame::encode_vec(OpCode::Pong, payload)));
+            self.flush(idx);
+        } else {
+            // Backlogged: keep only the latest ping's answer.
+            conn.pending_pong = Some(payload.to_vec());
+            self.mark_dirty(idx);
+        }
+    }
+
+    /// Fails the connection after a protocol violation: close frame with `code`, no more input.
+    fn fail(&mut self, idx: usize, code: u16, reason: &str) {
+        // Replies already queued (e.g. the echo of a valid message that arrived in the same
+        // read) still go out before the close.
+        let conn = &mut self.conns[idx];
+        conn.out.push(Chunk::Owned(frame::encode_vec(
+            OpCode::Close,
+            &close::close_payload(code, reason),
+        )));
+        *self.metrics.closes_sent.entry(code).or_default() += 1;
+        self.leave_open(idx, Phase::Finishing);
+    }
+
+    /// Starts a close handshake we initiate: close frame, then wait for the peer's close.
+    fn initiate_close(&mut self, idx: usize, code: u16, reason: &str) {
+        let conn = &mut self.conns[idx];
+        if conn.phase != Phase::Open {
+            return;
+        }
+        conn.out.push(Chunk::Owned(frame::encode_vec(
+            OpCode::Close,
+            &close::close_payload(code, reason),
+        )));
+        *self.metrics.closes_sent.entry(code).or_default() += 1;
+        self.leave_open(idx, Phase::CloseSent);
+    }
+
+    /// Moves an open connection to a closing phase and tells its service it is gone.
+    fn leave_open(&mut self, idx: usize, phase: Phase) {
+        let conn = &mut self.conns[idx];
+        let was_open = conn.phase == Phase::Open;
+        conn.phase = phase;
+        let token = conn.token;
+        let endpoint = conn.endpoint;
+        self.set_deadline(idx, self.now + self.config.close_timeout);
+        self.mark_dirty(idx);
+        if was_open {
+            self.closed.push((endpoint, ConnId(token as u64)));
+        }
+    }
+
+    /// Drops the connection at the end of this turn (no close handshake possible).
+    fn kill(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        if conn.phase == Phase::Dead {
+            return;
+        }
+        if conn.phase == Phase::Open {
+            self.closed.push((conn.endpoint, ConnId(conn.token as u64)));
+        }
+        conn.phase = Phase::Dead;
+        self.dead.push(idx);
+    }
+
+    // ----- deadlines -----
+
+    fn set_deadline(&mut self, idx: usize, at: Instant) {
+        let conn = &mut self.conns[idx];
+        conn.deadline = at;
+        self.timers.push(at, conn.token);
+    }
+
+    fn fire_timers(&mut self) {
+        while let Some((at, token)) = self.timers.pop_due(self.now) {
+            let Some(idx) = index_of(token) else { continue };
+            let conn = match self.conns.get_mut(idx) {
+                Some(c) if c.token == token && c.deadline == at => c,
+                _ => continue, // superseded or for a connection that is gone
+            };
+            match conn.phase {
+                Phase::Http => {
+                    self.metrics.handshake_timeouts += 1;
+                    log::debug!("{}: handshake not finished in time", conn.peer);
+                    self.kill(idx);
+                }
+                Phase::Open => self.check_idle(idx),
+                Phase::CloseSent | Phase::Finishing | Phase::Lingering => {
+                    log::debug!("{}: close timed out in {:?}", conn.peer, conn.phase);
+                    self.kill(idx);
+                }
+                Phase::Dead => {}
+            }
+        }
+    }
+
+    /// Keepalive: ping a connection that has been silent for the ping interval, and drop it if
+    /// nothing at all arrives within the pong timeout (any input clears `ping_sent`).
+    fn check_idle(&mut self, idx: usize) {
+        let now = self.now;
+        let conn = &mut self.conns[idx];
+        if let Some(sent) = conn.ping_sent {
+            let give_up = sent + self.config.pong_timeout;
+            if now >= give_up {
+                self.metrics.ping_timeouts += 1;
+                log::info!("{}: no answer to ping, dropping", conn.peer);
+                self.kill(idx);
+            } else {
+                self.set_deadline(idx, give_up);
+            }
+            return;
+        }
+        let idle_at = conn.last_rx + self.config.ping_interval;
+        if now < idle_at {
+            self.set_deadline(idx, idle_at);
+            return;
+        }
+        conn.out
+            .push(Chunk::Owned(frame::encode_vec(OpCode::Ping, b"parlor")));
+        conn.ping_sent = Some(now);
+        self.metrics.pings_sent += 1;
+        self.mark_dirty(idx);
+        self.set_deadline(idx, now + self.config.pong_timeout);
+    }
+
+    // ----- shutdown -----
+
+    fn on_signal(&mut self) {
+        if let Some(signals) = &mut self.signals {
+            for sig in signals.pending() {
+                log::info!("received signal {sig}");
+            }
+        }
+        if self.shutdown_deadline.is_some() {
+            // A second signal: stop waiting for peers.
+            self.shutdown_deadline = Some(self.now);
+            return;
+        }
+        log::info!(
+            "shutting down: closing {} connections (grace {:?})",
+            self.conns.len(),
+            self.config.shutdown_grace
+        );
+        self.shutdown_deadline = Some(self.now + self.config.shutdown_grace);
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let all: Vec<(usize, Phase)> = self.conns.iter().map(|(i, c)| (i, c.phase)).collect();
+        for (idx, phase) in all {
+            match phase {
+                Phase::Open => self.initiate_close(idx, close::GOING_AWAY, "server shutting down"),
+                Phase::Http => self.kill(idx),
+                _ => {}
+            }
+        }
+    }
+
+    // ----- output -----
+
+    fn mark_dirty(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(idx);
+        }
+    }
+
+    /// Writes as much queued output as the socket takes, then adjusts interest and finishes
+    /// connections whose last bytes are out.
+    fn flush(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        if conn.phase == Phase::Dead {
+            return;
+        }
+        loop {
+            if conn.out.at_frame_boundary() {
+                if let Some(p) = conn.pending_pong.take() {
+                    conn.out
+                        .push_front(Chunk::Owned(frame::encode_vec(OpCode::Pong, &p)));
+                }
+            }
+            if conn.out.is_empty() {
+                break;
+            }
+            match conn.out.write_to(&mut conn.socket) {
+                Ok(0) => {
+                    self.kill(idx);
+                    return;
+                }
+                Ok(n) => self.metrics.bytes_out += n as u64,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::debug!("{}: write error: {e}", conn.peer);
+                    self.kill(idx);
+                    return;
+                }
+            }
+        }
+        let want_writable = !conn.out.is_empty();
+        if want_writable != conn.writable_registered {
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if self
+                .poll
+                .registry()
+                .reregister(&mut conn.socket, Token(conn.token), interest)
+                .is_err()
+            {
+                self.kill(idx);
+                return;
+            }
+            conn.writable_registered = want_writable;
+        }
+        if !want_writable && conn.phase == Phase::Finishing {
+            // Everything we had to say is out: half-close so the peer sees EOF after our last
+            // bytes, and read until its EOF (or the deadline) so unread input can't turn our
+            // close into a reset that destroys the reply.
+            let _ = conn.socket.shutdown(Shutdown::Write);
+            conn.phase = Phase::Lingering;
+        }
+    }
+
+    fn end_turn(&mut self) {
+        self.notify_closed();
+        let mut dirty = mem::take(&mut self.dirty);
+        for &idx in &dirty {
+            if let Some(c) = self.conns.get_mut(idx) {
+                c.dirty = false;
+                self.flush(idx);
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
+        self.notify_closed();
+        for idx in mem::take(&mut self.dead) {
+            if let Some(mut conn) = self.conns.try_remove(idx) {
+                let _ = self.poll.registry().deregister(&mut conn.socket);
+                log::debug!("{}: connection closed", conn.peer);
+            }
+        }
+    }
+
+    // ----- services -----
+
+    /// Runs `f` with the endpoint's service and this loop as its outbox, then tells services
+    /// about connections that stopped being open meanwhile. The service is moved out for the
+    /// call so the loop can lend itself as the outbox; closes it requests are queued, never
+    /// re-entered.
+    fn with_service(&mut self, endpoint: usize, f: impl FnOnce(&mut dyn Service, &mut dyn Outbox)) {
+        let mut svc = mem::replace(&mut self.endpoints[endpoint].service, Box::new(Detached));
+        f(svc.as_mut(), self);
+        self.endpoints[endpoint].service = svc;
+        self.notify_closed();
+    }
+
+    fn notify_closed(&mut self) {
+        while let Some((endpoint, id)) = self.closed.pop() {
+            let mut svc = mem::replace(&mut self.endpoints[endpoint].service, Box::new(Detached));
+            svc.on_close(self, id);
+            self.endpoints[endpoint].service = svc;
+        }
+    }
+
+    fn wake_services(&mut self) {
+        for ep in 0..self.endpoints.len() {
+            self.with_service(ep, |svc, out| svc.on_wake(out));
+        }
+    }
+
+    fn tick_services(&mut self) {
+        for ep in 0..self.endpoints.len() {
+            self.with_service(ep, |svc, out| svc.on_tick(out));
+        }
+    }
+}
+
+/// Stands in for a service while it is lent out during its own call.
+struct Detached;
+
+impl Service for Detached {
+    fn on_message(&mut self, _: &mut dyn Outbox, _: ConnId, _: Message<'_>) {}
+}
+
+impl Server {
+    /// The live connection behind `id`, if it is still the same connection.
+    fn lookup(&self, id: ConnId) -> Option<usize> {
+        let token = id.0 as usize;
+        let idx = index_of(token)?;
+        match self.conns.get(idx) {
+            Some(c) if c.token == token => Some(idx),
+            _ => None,
+        }
+    }
+
+    fn queue_frame(&mut self, id: ConnId, chunk: Chunk) -> bool {
+        let Some(idx) = self.lookup(id) else {
+            return false;
+        };
+        let conn = &mut self.conns[idx];
+        if conn.phase != Phase::Open {
+            return false;
+        }
+        conn.out.push(chunk);
+        self.metrics.frames_out += 1;
+        // Room for one frame of the endpoint's largest message on top of the queue limit, so a
+        // single big echo is never refused while a backlog of small frames still is.
+        let limit = self.config.max_queue + self.endpoints[conn.endpoint].max_message + 14;
+        if conn.out.bytes() > limit {
+            self.metrics.slow_consumer_drops += 1;
+            log::info!(
+                "{}: outbound queue over {limit} bytes, closing with 1008",
+                conn.peer
+            );
+            conn.out.discard_unstarted();
+            conn.pending_pong = None;
+            self.initiate_close(
+                idx,
+                close::POLICY_VIOLATION,
+                "too slow: outbound queue full",
+            );
+            return false;
+        }
+        self.mark_dirty(idx);
+        true
+    }
+}
+
+impl Outbox for Server {
+    fn send_frame(&mut self, conn: ConnId, frame: &SharedFrame) -> bool {
+        self.queue_frame(conn, Chunk::Shared(frame.clone()))
+    }
+
+    fn send_text(&mut self, conn: ConnId, text: &str) -> bool {
+        self.queue_frame(
+            conn,
+            Chunk::Owned(frame::encode_vec(OpCode::Text, text.as_bytes())),
+        )
+    }
+
+    fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
+        if let Some(idx) = self.lookup(conn) {
+            self.initiate_close(idx, code, reason);
+        }
+    }
+
+    fn peer_addr(&self, conn: ConnId) -> Option<SocketAddr> {
+        self.lookup(conn).map(|idx| self.conns[idx].peer)
+    }
+
+    fn now(&self) -> Instant {
+        self.now
+    }
+}
