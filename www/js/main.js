@@ -24,6 +24,7 @@ class App {
     this.users = new Map();    // lc(user) → {user, nick, online, last_seen}
     this.requests = new Map(); // ref → {kind, ...}
     this.lastTypingSent = new Map();
+    this.joinIntents = new Set(); // rooms the user asked to join (in case a reply lacks its ref)
     this.authPending = false;
     this.loggingOut = false;
     this.conn = new Connection(wsUrl());
@@ -226,6 +227,7 @@ class App {
     const name = normalizeRoom(room);
     if (!ROOM_RE.test(name)) { this.ui.toast('Room names are 1–32 of a–z, 0–9, “_” and “-”.', 'error'); return false; }
     if (this.convs.has(roomKey(name)) && this.convs.get(roomKey(name)).loaded) { this.select(roomKey(name)); return true; }
+    this.joinIntents.add(name);
     this.request({ type: 'join', room: name }, { kind: 'join', key: roomKey(name), select: true });
     return true;
   }
@@ -376,7 +378,9 @@ class App {
 
   on_joined(f) {
     const key = roomKey(f.room);
-    const info = this.requests.get(f.ref) || {};
+    const info = this.requests.get(f.ref) || (this.joinIntents.has(f.room) ? { select: true } : {});
+    this.joinIntents.delete(f.room);
+    this.requests.delete(f.ref);
     const conv = this.ensureConv(key);
     conv.members = new Map((f.members || []).map((m) => [lc(m.user), { ...m }]));
     for (const m of f.members || []) this.noteUser(m);
@@ -519,7 +523,8 @@ class App {
     const conv = key && this.convs.get(key);
     if (!conv) return;
     const msgs = f.messages || [];
-    const dir = info?.dir || 'after';
+    const dir = info?.dir || (conv.loadingOlder ? 'before' : conv.loaded ? 'after' : 'latest');
+    this.requests.delete(f.ref);
     const anchor = dir === 'before' ? this.ui.scrollAnchor() : null;
     for (const m of msgs) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
     addMessages(conv, msgs);

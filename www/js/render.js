@@ -103,7 +103,7 @@ function renderInline(text, parent, opts, depth = 0) {
     } else {
       const name = m[8];
       const me = (opts.me || []).some((n) => n && n.toLowerCase() === name.toLowerCase());
-      parent.appendChild(el('span', me ? 'mention mention-me' : 'mention', `@${name}`));
+      parent.appendChild(el('span', me ? 'md-mention md-mention-me' : 'md-mention', `@${name}`));
     }
     pos = end;
   }
