@@ -138,3 +138,37 @@ test('a nick change shows for the other user', { timeout: 60000 }, async () => {
   alice.assertClean();
   bob.assertClean();
 });
+
+test('join a room from the room browser, leave it with the button, rejoin', { timeout: 60000 }, async () => {
+  const alice = await person('alice');
+  const bob = await person('bob');
+  const room = `lobby${process.pid % 1000}`;
+  await say(bob.page, `/join ${room}`);
+  await bob.page.locator('#conv-title', { hasText: `#${room}` }).waitFor();
+
+  // Alice: "+" next to Rooms lists existing rooms; picking one joins it.
+  await alice.page.getByRole('button', { name: 'Join or create a room' }).click();
+  await alice.page.locator('#room-browser').getByRole('button', { name: new RegExp(`#${room}`) }).click();
+  await alice.page.locator('#conv-title', { hasText: `#${room}` }).waitFor();
+  await bob.page.locator('#message-list').getByText(`${alice.name} joined #${room}`).waitFor();
+  await bob.page.getByTestId('user-list').getByText(alice.name).waitFor();
+
+  // Typing a new name creates a room.
+  await alice.page.getByRole('button', { name: 'Join or create a room' }).click();
+  await alice.page.locator('#join-input').fill(`#New-${room}`);
+  await alice.page.locator('#join-ok').click();
+  await alice.page.locator('#conv-title', { hasText: `#new-${room}` }).waitFor();
+
+  // Leave with the header button: gone from the list, Bob sees it; Rejoin from the toast.
+  await alice.page.getByTestId('room-list').getByRole('button', { name: new RegExp(`Room ${room}$`) }).click();
+  await alice.page.getByRole('button', { name: 'Leave' }).click();
+  await alice.page.getByTestId('room-list').getByRole('button', { name: new RegExp(`Room ${room}$`) }).waitFor({ state: 'detached' });
+  await bob.page.locator('#message-list').getByText(`${alice.name} left #${room}`).waitFor();
+  await alice.page.getByRole('button', { name: 'Rejoin' }).click();
+  await alice.page.locator('#conv-title', { hasText: `#${room}` }).waitFor();
+  // /leave works the same.
+  await say(alice.page, '/leave');
+  await alice.page.getByTestId('room-list').getByRole('button', { name: new RegExp(`Room ${room}$`) }).waitFor({ state: 'detached' });
+  alice.assertClean();
+  bob.assertClean();
+});

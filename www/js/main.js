@@ -401,7 +401,14 @@ class App {
     if (this.current === key) {
       this.current = [...this.convs.keys()].find((k) => k.startsWith('#')) || [...this.convs.keys()][0] || null;
     }
-    this.ui.toast(`You left #${f.room}.`, 'info');
+    const undo = document.createElement('span');
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'link-btn';
+    b.textContent = 'Rejoin';
+    b.addEventListener('click', () => { b.closest('.toast')?.remove(); this.join(f.room); });
+    undo.append(`You left #${f.room}. `, b);
+    this.ui.toast(undo, 'info', 8000);
     this.ui.renderAll({ scrollToBottom: true });
   }
 

@@ -139,7 +139,6 @@ export class UI {
     $('leave-btn').addEventListener('click', () => {
       const conv = app.conv;
       if (!conv) return;
-      if (conv.kind === 'room' && !window.confirm(`Leave #${conv.name}?`)) return;
       app.leave();
     });
 
