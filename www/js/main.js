@@ -157,6 +157,8 @@ class App {
         this.request({ type: 'join', room: conv.name }, { kind: 'join', key: conv.key, initial: true });
       } else {
         this.catchUp(conv);
+        // Presence may have changed while we were away.
+        if (conv.kind === 'room') this.request({ type: 'who', room: conv.name }, { kind: 'who', key: conv.key });
       }
     }
     this.resendPending();
