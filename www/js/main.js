@@ -12,7 +12,6 @@ import { chime, unlockAudio } from './sound.js';
 import { UI } from './ui.js';
 
 const PAGE = 50;
-const LATEST = Number.MAX_SAFE_INTEGER; // `before` this = the newest messages
 const MAX_TEXT = 4000;
 
 class App {
@@ -177,7 +176,8 @@ class App {
     const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
     const after = lastId(conv);
     if (after === null) {
-      this.request({ type: 'history', ...target, before: LATEST, limit: PAGE }, { kind: 'history', key: conv.key, dir: 'latest' });
+      // No `before`: the newest page.
+      this.request({ type: 'history', ...target, limit: PAGE }, { kind: 'history', key: conv.key, dir: 'latest' });
     } else {
       this.request({ type: 'history', ...target, after, limit: 200 }, { kind: 'history', key: conv.key, dir: 'after' });
     }
@@ -443,6 +443,15 @@ class App {
       for (const conv of this.convs.values()) {
         const m = conv.members.get(k);
         if (m) Object.assign(m, { online, nick: u.nick || m.nick, last_seen: u.last_seen });
+      }
+    } else if (f.room && this.me && k === lc(this.me.user)) {
+      // Our own join/leave, done on another connection (phone and laptop): follow it here.
+      const key = roomKey(f.room);
+      if (f.event === 'join' && !this.convs.has(key)) {
+        this.request({ type: 'join', room: f.room }, { kind: 'join', key });
+      } else if (f.event === 'leave' && this.convs.has(key)) {
+        this.convs.delete(key);
+        if (this.current === key) this.current = [...this.convs.keys()].find((x) => x.startsWith('#')) || null;
       }
     } else if (f.room) {
       const conv = this.convs.get(roomKey(f.room));
