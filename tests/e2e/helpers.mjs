@@ -13,7 +13,7 @@ import WebSocket from 'ws';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const WWW = path.join(ROOT, 'www');
-export const BIN = path.join(ROOT, 'target', 'release', 'parlor');
+export const BIN = process.env.PARLOR_BIN || path.join(ROOT, 'target', 'release', 'parlor');
 export const SHOTS = path.join(ROOT, 'docs', 'screenshots');
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 export const PASSWORD = 'correct horse battery';
