@@ -440,10 +440,14 @@ class App {
     if (f.event === 'online' || f.event === 'offline') {
       const online = f.event === 'online';
       const u = this.noteUser({ user: f.user, nick: f.nick, online, last_seen: online ? undefined : (f.last_seen || Date.now()) });
+      let known = false;
       for (const conv of this.convs.values()) {
         const m = conv.members.get(k);
-        if (m) Object.assign(m, { online, nick: u.nick || m.nick, last_seen: u.last_seen });
+        if (m) { known = true; Object.assign(m, { online, nick: u.nick || m.nick, last_seen: u.last_seen }); }
       }
+      // Someone sharing a room with us whom no member list has (e.g. a brand-new account,
+      // which is put in #general without a `join` presence): refresh the member lists.
+      if (!known && online) this.refreshMembersSoon();
     } else if (f.room && this.me && k === lc(this.me.user)) {
       // Our own join/leave, done on another connection (phone and laptop): follow it here.
       const key = roomKey(f.room);
@@ -466,6 +470,16 @@ class App {
       }
     }
     this.ui.renderAll();
+  }
+
+  refreshMembersSoon() {
+    if (this.whoTimer) return;
+    this.whoTimer = setTimeout(() => {
+      this.whoTimer = null;
+      for (const conv of this.convs.values()) {
+        if (conv.kind === 'room' && conv.loaded) this.request({ type: 'who', room: conv.name }, { kind: 'who', key: conv.key });
+      }
+    }, 250);
   }
 
   systemLine(conv, text) {
