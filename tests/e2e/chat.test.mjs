@@ -1,7 +1,7 @@
 // Core chat between real browsers: room chat, DM privacy, typing, nick changes.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchUser, register, say, messages, uname } from './helpers.mjs';
+import { startServer, launchUser, register, login, say, messages, uname, waitConnected, PASSWORD } from './helpers.mjs';
 
 let server;
 const open = [];
@@ -171,4 +171,39 @@ test('join a room from the room browser, leave it with the button, rejoin', { ti
   await alice.page.getByTestId('room-list').getByRole('button', { name: new RegExp(`Room ${room}$`) }).waitFor({ state: 'detached' });
   alice.assertClean();
   bob.assertClean();
+});
+
+test('log in on a second device, both stay in sync, log out', { timeout: 60000 }, async () => {
+  const laptop = await person('alice');
+  const phone = await launchUser(server, { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
+  open.push(phone);
+  // A wrong password is refused with a clear message.
+  await phone.page.getByTestId('login-user').fill(laptop.name);
+  await phone.page.getByTestId('login-password').fill('not the password');
+  await phone.page.getByTestId('login-submit').click();
+  await phone.page.locator('#login-error', { hasText: 'Wrong user name or password' }).waitFor();
+  await login(phone.page, laptop.name, PASSWORD);
+
+  await say(laptop.page, 'sent from the laptop');
+  const mine = messages(phone.page, 'sent from the laptop');
+  await mine.waitFor();
+  assert.match(await mine.getAttribute('class'), /\bown\b/, 'shown as own message on the other device');
+  // Joining on one device shows the room on the other.
+  const room = `sync${process.pid % 1000}`;
+  await say(phone.page, `/join ${room}`);
+  await laptop.page.getByTestId('room-list').getByRole('button', { name: new RegExp(`Room ${room}`) }).waitFor();
+
+  // Log out on the phone: back to the login form, and a reload does not resume.
+  await phone.page.getByRole('button', { name: 'Open the conversation list' }).tap();
+  await phone.page.getByRole('button', { name: 'Log out' }).tap();
+  await phone.page.getByTestId('login-user').waitFor({ state: 'visible' });
+  await phone.page.reload();
+  await phone.page.getByTestId('login-user').waitFor({ state: 'visible' });
+  assert.equal(await phone.page.evaluate(() => localStorage.getItem('parlor.token')), null);
+  // The laptop's session is unaffected.
+  await say(laptop.page, 'still here');
+  await messages(laptop.page, 'still here').waitFor();
+  await waitConnected(laptop.page);
+  laptop.assertClean();
+  phone.assertClean();
 });
