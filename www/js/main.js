@@ -655,6 +655,12 @@ class App {
             rate_limited: 'Sending too fast.',
           }[f.code] || msg;
           Object.assign(p, { state: 'failed', error: text, auto: false });
+          // Too fast (e.g. a burst of messages queued while offline): try again shortly, a few times.
+          if (f.code === 'rate_limited' && (p.rateRetries || 0) < 5) {
+            p.rateRetries = (p.rateRetries || 0) + 1;
+            p.error = 'Sending too fast — retrying…';
+            setTimeout(() => { if (p.state === 'failed') this.retry(info.key, p.ref); }, 700 * p.rateRetries);
+          }
         }
         this.ui.renderAll();
         break;
