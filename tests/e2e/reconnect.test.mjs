@@ -74,16 +74,39 @@ test('a failed message can be retried with the same ref (server deduplicates)', 
   open.push(alice);
   const { page } = alice;
   await register(page, uname('retry'));
-  // Not a member of a room that exists only on the client: the server refuses (not_member).
-  await page.evaluate(() => {
+  const room = `retry${process.pid % 1000}`;
+  // A room that exists only on the client: the server refuses the message (not_member).
+  await page.evaluate((r) => {
     const app = window.parlor;
-    const conv = app.ensureConv('#nowhere-x');
-    conv.loaded = true;
-    app.select('#nowhere-x');
-  });
-  await say(page, 'this one is refused');
-  const failed = page.locator('[data-testid="message"][data-state="failed"]', { hasText: 'this one is refused' });
+    app.ensureConv(`#${r}`).loaded = true;
+    app.select(`#${r}`);
+  }, room);
+  await say(page, 'refused at first');
+  const failed = page.locator('[data-testid="message"][data-state="failed"]', { hasText: 'refused at first' });
   await failed.waitFor();
-  await failed.getByTestId('retry').waitFor();
+  assert.match(await failed.textContent(), /not a member/);
+  const ref = await failed.getAttribute('data-ref');
+
+  // Become a member behind the UI's back, then Retry: delivered, with an id, once.
+  await page.evaluate((r) => window.parlor.conn.sendNow({ type: 'join', room: r }), room);
+  await page.waitForTimeout(300);
+  await failed.getByTestId('retry').click();
+  await messages(page, 'refused at first').waitFor();
+  assert.equal(await countExact(page, 'refused at first'), 1);
+
+  // Sending the same ref again (what a reconnecting client does) stores nothing new.
+  const acks = await page.evaluate(async ({ r, ref }) => {
+    const seen = [];
+    const on = (e) => { if (e.detail.frame.ref === ref) seen.push(e.detail.frame); };
+    window.parlor.conn.addEventListener('frame', on);
+    window.parlor.conn.sendNow({ type: 'say', room: r, text: 'refused at first', ref });
+    await new Promise((res) => setTimeout(res, 800));
+    window.parlor.conn.removeEventListener('frame', on);
+    return seen;
+  }, { r: room, ref });
+  assert.equal(acks.length, 1);
+  assert.equal(acks[0].type, 'ack', 'the original ack again');
+  assert.equal(String(acks[0].id), await messages(page, 'refused at first').getAttribute('data-id'));
+  assert.equal(await countExact(page, 'refused at first'), 1, 'no duplicate');
   alice.assertClean();
 });
