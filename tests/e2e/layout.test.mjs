@@ -115,3 +115,50 @@ test('phone layout at 390×844: send a message, drawer opens and closes', { time
   await waitConnected(page);
   u.assertClean();
 });
+
+test('accessibility basics: labelled controls, live announcements, keyboard', { timeout: 60000 }, async () => {
+  const u = await launchUser(server);
+  open.push(u);
+  const { page } = u;
+  const unlabelledLogin = await page.evaluate(unlabelled);
+  assert.deepEqual(unlabelledLogin, [], 'login form controls are labelled');
+  await register(page, 'erin');
+  await say(page, '/join rust');
+  await page.locator('#conv-title', { hasText: '#rust' }).waitFor();
+  assert.deepEqual(await page.evaluate(unlabelled), [], 'chat controls are labelled');
+
+  // New messages are announced through the aria-live region.
+  await carol.call({ type: 'say', room: 'rust', text: 'announce me please' });
+  await page.locator('#live').getByText('carol: announce me please').waitFor({ state: 'attached' });
+  assert.equal(await page.locator('#live').getAttribute('aria-live'), 'polite');
+
+  // Keyboard: Alt+Down / Alt+Up switch conversations; Tab reaches the send button from the composer.
+  await page.getByTestId('composer').focus();
+  await page.keyboard.press('Alt+ArrowUp');
+  await page.locator('#conv-title', { hasText: '#general' }).waitFor();
+  await page.keyboard.press('Alt+ArrowDown');
+  await page.locator('#conv-title', { hasText: '#rust' }).waitFor();
+  await page.getByTestId('composer').focus();
+  await page.keyboard.press('Tab');
+  assert.equal(await page.evaluate(() => document.activeElement.dataset.testid), 'send');
+  // Dialogs open from buttons and close with Escape, returning focus.
+  await page.getByRole('button', { name: 'Join or create a room' }).focus();
+  await page.keyboard.press('Enter');
+  await page.locator('#join-dialog[open]').waitFor();
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'join-input');
+  await page.keyboard.press('Escape');
+  await page.locator('#join-dialog:not([open])').waitFor({ state: 'attached' });
+  u.assertClean();
+});
+
+// Visible form controls without an accessible name (label, aria-label(ledby), text or title).
+function unlabelled() {
+  const out = [];
+  for (const el of document.querySelectorAll('button, input, textarea, select')) {
+    if (!el.checkVisibility()) continue;
+    const name = (el.labels && el.labels.length) || el.getAttribute('aria-label') || el.getAttribute('aria-labelledby')
+      || el.textContent.trim() || el.title;
+    if (!name) out.push(el.outerHTML.slice(0, 80));
+  }
+  return out;
+}
