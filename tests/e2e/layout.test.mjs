@@ -109,6 +109,12 @@ test('phone layout at 390×844: send a message, drawer opens and closes', { time
   await page.waitForTimeout(300);
   assert.equal(await sidebar.isVisible(), false, 'scrim closes the drawer');
   // The member list is a drawer too.
+  // A #room link in a message joins that room.
+  await page.getByRole('button', { name: 'Open the conversation list' }).tap();
+  await page.getByTestId('room-list').getByRole('button', { name: /Room rust/ }).tap();
+  await page.locator('#message-list a.md-room', { hasText: '#design' }).tap();
+  await page.locator('#conv-title', { hasText: '#design' }).waitFor();
+  await messages(page, 'New icons are up').waitFor();
   await page.getByRole('button', { name: 'Show members' }).tap();
   await page.getByTestId('user-list').getByText('bob').waitFor({ state: 'visible' });
   await page.getByRole('button', { name: 'Close the member list' }).tap();

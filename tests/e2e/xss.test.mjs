@@ -56,6 +56,7 @@ test('formatting and time helpers (pure modules, in the browser)', { timeout: 30
       fence: html('before\n```js\nlet x = "<b>";\n```\nafter'),
       mention: html('hi @alice and @bob', { me: ['alice'] }),
       snake: html('snake_case_name and 2*3*4'),
+      room: html('see #rust, a#b and https://x.org/#frag'),
       lt: html('<i>x</i> & "y"'),
       m1: mentions('hey @Alice!', ['alice']),
       m2: mentions('hey @alicex', ['alice']),
@@ -85,6 +86,7 @@ test('formatting and time helpers (pure modules, in the browser)', { timeout: 30
   assert.equal(r.fence, 'before<pre class="md-pre"><code class="md-block" data-lang="js">let x = "&lt;b&gt;";</code></pre>after');
   assert.equal(r.mention, 'hi <span class="md-mention md-mention-me">@alice</span> and <span class="md-mention">@bob</span>');
   assert.equal(r.snake, 'snake_case_name and 2*3*4');
+  assert.equal(r.room, 'see <a class="md-room" href="#rust" data-room="rust">#rust</a>, a#b and <a class="md-link" href="https://x.org/#frag" target="_blank" rel="noopener noreferrer">https://x.org/#frag</a>');
   assert.equal(r.lt, '&lt;i&gt;x&lt;/i&gt; &amp; "y"');
   assert.deepEqual([r.m1, r.m2, r.m3], [true, false, false]);
   assert.equal(r.trim, 'https://x.org/wiki/Foo_(bar)');

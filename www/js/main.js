@@ -162,6 +162,13 @@ class App {
     }
     this.resendPending();
 
+    // http://host/#rust opens (joining if needed) #rust.
+    const wanted = normalizeRoom(decodeURIComponent(location.hash.slice(1)));
+    if (firstTime && ROOM_RE.test(wanted)) {
+      if (this.convs.has(roomKey(wanted))) this.current = roomKey(wanted);
+      else this.join(wanted);
+      history.replaceState(null, '', location.pathname);
+    }
     if (!this.current || !this.convs.has(this.current)) {
       const saved = store.get(`last.${lc(f.user)}`);
       const first = [...this.convs.keys()].find((k) => k.startsWith('#'));

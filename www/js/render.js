@@ -2,12 +2,12 @@
 // User text never reaches innerHTML, so markup in a message is shown as typed.
 //
 // Supported: **bold**, *italic* / _italic_, ~~strike~~, `code`, ``` fenced blocks ```,
-// http(s) links (new tab, rel="noopener noreferrer"), @mentions, line breaks.
+// http(s) links (new tab, rel="noopener noreferrer"), @mentions, #room links, line breaks.
 
 const FENCE_RE = /```([^\n`]*)\n?([\s\S]*?)```/g;
 
 // One alternation, tried left to right at the earliest position. Groups:
-//  1 code ticks, 2 code body | 3 bold | 4 strike | 5 italic* | 6 italic_ | 7 url | 8 mention
+//  1 code ticks, 2 code body | 3 bold | 4 strike | 5 italic* | 6 italic_ | 7 url | 8 mention | 9 room
 const INLINE_RE = new RegExp([
   /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/.source,
   /\*\*(?=\S)([\s\S]*?\S)\*\*(?!\*)/.source,
@@ -16,6 +16,7 @@ const INLINE_RE = new RegExp([
   /(?<![_\p{L}\p{N}])_(?=[^\s_])([\s\S]*?[^\s_])_(?![_\p{L}\p{N}])/.source,
   /\b(https?:\/\/[^\s<>"']+)/.source,
   /(?<![\p{L}\p{N}_.-])@([A-Za-z0-9_.-]*[A-Za-z0-9_])/.source,
+  /(?<![\p{L}\p{N}_&#\/-])#([a-z0-9_-]{1,32})(?![\p{L}\p{N}_-])/.source,
 ].join('|'), 'gu');
 
 /** Trailing punctuation that usually ends a sentence, not a URL; keeps balanced parentheses. */
@@ -100,6 +101,12 @@ function renderInline(text, parent, opts, depth = 0) {
       } else {
         appendText(parent, url);
       }
+    } else if (m[9] !== undefined) {
+      // #room: a same-page link; the UI turns a click into a join.
+      const a = el('a', 'md-room', `#${m[9]}`);
+      a.href = `#${m[9]}`;
+      a.dataset.room = m[9];
+      parent.appendChild(a);
     } else {
       const name = m[8];
       const me = (opts.me || []).some((n) => n && n.toLowerCase() === name.toLowerCase());

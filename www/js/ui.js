@@ -130,6 +130,13 @@ export class UI {
       if (this.nearBottom()) $('jump-btn').hidden = true;
     }, { passive: true });
     $('jump-btn').addEventListener('click', () => this.scrollToBottom(true));
+    // #room links in messages join (or open) the room.
+    $('message-list').addEventListener('click', (e) => {
+      const a = e.target.closest('a.md-room');
+      if (!a) return;
+      e.preventDefault();
+      app.join(a.dataset.room);
+    });
 
     $('menu-btn').addEventListener('click', () => this.toggleDrawer('drawer-open'));
     $('close-drawer').addEventListener('click', () => this.closeDrawers());
