@@ -390,14 +390,20 @@ export class UI {
       newMessage: p.newMessage || (opts.newMessage && opts.key === this.app.current),
     };
     if (this.frame) return;
+    let done = false;
     const run = () => {
+      if (done) return;
+      done = true;
       this.frame = 0;
       const o = this.pendingOpts;
       this.pendingOpts = {};
       this.renderNow(o);
     };
-    // rAF does not run in hidden tabs; a timeout keeps the state current there.
-    this.frame = document.hidden ? setTimeout(run, 50) : requestAnimationFrame(run);
+    // rAF does not run in hidden tabs (where the title's unread count must still change):
+    // a timeout backs it up.
+    this.frame = 1;
+    requestAnimationFrame(run);
+    setTimeout(run, 100);
   }
 
   renderNow(opts) {
