@@ -48,6 +48,12 @@ class App {
   // ---------- connection lifecycle ----------
 
   onOpen() {
+    if (this.pendingAuth) {
+      const { frame, info } = this.pendingAuth;
+      this.pendingAuth = null;
+      this.request(frame, info, true);
+      return;
+    }
     const token = store.get('token');
     if (token && !this.loggingOut) {
       this.authPending = true;
@@ -98,12 +104,17 @@ class App {
     if (!USER_RE.test(user)) return this.ui.loginError('User names are 1–32 of letters, digits, “_”, “.” and “-”.');
     if (register && new TextEncoder().encode(password).length < 8) return this.ui.loginError('Choose a password of at least 8 characters.');
     if (!password) return this.ui.loginError('Enter your password.');
-    if (!this.conn.isOpen) return this.ui.loginError('Not connected to the server yet — please wait a moment.');
     this.ui.loginError('');
     this.ui.loginBusy(true);
     this.authPending = true;
-    this.request({ type: register ? 'register' : 'login', user, password },
-      { kind: 'auth', how: register ? 'register' : 'login' }, true);
+    const frame = { type: register ? 'register' : 'login', user, password };
+    const info = { kind: 'auth', how: register ? 'register' : 'login' };
+    if (this.conn.isOpen) this.request(frame, info, true);
+    else {
+      // Not connected (yet): send it as soon as the socket opens.
+      this.pendingAuth = { frame, info };
+      this.ui.loginStatus('Connecting to the server…');
+    }
     return undefined;
   }
 
