@@ -25,6 +25,21 @@ fn main() -> ExitCode {
         });
     }
 
+    match parlor::chat::ChatService::open(&config) {
+        Ok(chat) => endpoints.push(Endpoint {
+            path: "/ws".into(),
+            max_message: config.chat.chat_max_message,
+            service: Box::new(chat),
+        }),
+        Err(e) => {
+            log::error!(
+                "cannot open the chat store in {}: {e}",
+                config.data.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+
     let mut server = match Server::bind(config.clone(), endpoints) {
         Ok(s) => s,
         Err(e) => {

@@ -1,4 +1,44 @@
-//! The chat service (protocol v1 on `/ws`). See `docs/PROTOCOL.md`.
+//! The chat service (protocol v1 on `/ws`). See `docs/PROTOCOL.md` and
+//! `docs/ARCHITECTURE-chat.md`.
+//!
+//! Modules, each owning one thing:
+//! - [`protocol`]: wire types and the pure client-frame parser.
+//! - [`validate`]: field formats and limits.
+//! - [`frame`]: encoding a server text frame once for fan-out.
+//! - [`store`]: SQLite on its own thread, group commit.
+//! - [`auth`]: argon2id on worker threads, tokens.
+//! - [`ratelimit`]: token bucket and login failure throttle.
+//! - [`state`]: users, rooms, connections in memory.
+//! - [`service`]: [`ChatService`], the [`crate::service::Service`] tying them together.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+pub mod auth;
+pub mod frame;
+pub mod protocol;
+pub mod ratelimit;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod validate;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod testutil;
+
+pub use protocol::{parse_client_frame, ClientFrame, Command, ParseError};
+pub use service::ChatService;
+
+/// Durability of acknowledged messages (`--durability`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurabilityArg {
+    /// Acked messages survive the process being killed (WAL, synchronous=NORMAL).
+    Normal,
+    /// Acked messages also survive power loss (every batch is fsynced).
+    Full,
+}
 
 /// Chat flags, flattened into [`crate::config::Config`].
 #[derive(clap::Args, Debug, Clone)]
@@ -6,4 +46,88 @@ pub struct ChatConfig {
     /// Largest WebSocket message accepted on /ws, in bytes (larger closes with 1009).
     #[arg(long, default_value_t = 64 * 1024)]
     pub chat_max_message: usize,
+
+    /// Chat messages (say/dm) per second per user; 0 disables the limit.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate_limit: f64,
+
+    /// Chat messages a user may send in a burst before --rate-limit applies.
+    #[arg(long, default_value_t = 20.0)]
+    pub rate_burst: f64,
+
+    /// normal: acked messages survive kill -9; full: also power loss (fsync per batch).
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Normal)]
+    pub durability: DurabilityArg,
+
+    /// Longest message text, in characters (longer gets `too_long`).
+    #[arg(long, default_value_t = 4000)]
+    pub max_text: usize,
+
+    /// Messages of history in the `joined` reply.
+    #[arg(long, default_value_t = 50)]
+    pub history_on_join: usize,
+
+    /// Rooms one user may be a member of.
+    #[arg(long, default_value_t = 200)]
+    pub max_rooms_per_user: usize,
+
+    /// Failed logins (per user, and per client address) after which logins are refused with
+    /// `rate_limited` until the oldest failure is --login-window old; 0 disables.
+    #[arg(long, default_value_t = 5)]
+    pub login_throttle: usize,
+
+    /// Registrations accepted from one client address per --login-window (each costs an
+    /// argon2 hash and an account); 0 disables, and so does --rate-limit 0 (benchmarks and
+    /// browser tests register many accounts from one address).
+    #[arg(long, default_value_t = 20)]
+    pub register_throttle: usize,
+
+    /// Window for --login-throttle and --register-throttle, in seconds.
+    #[arg(long, default_value = "60", value_parser = crate::config::parse_secs)]
+    pub login_window: Duration,
+
+    /// Seconds a `ref` is remembered for retry deduplication of say/dm.
+    #[arg(long, default_value = "600", value_parser = crate::config::parse_secs)]
+    pub dedup_window: Duration,
+
+    /// Refs remembered per user for deduplication (oldest forgotten first).
+    #[arg(long, default_value_t = 1000)]
+    pub dedup_max_refs: usize,
+
+    /// Seconds between two `typing` frames forwarded for the same user and target.
+    #[arg(long, default_value = "2", value_parser = crate::config::parse_secs)]
+    pub typing_interval: Duration,
+
+    /// Password hashing threads.
+    #[arg(long, default_value_t = 1)]
+    pub hash_threads: usize,
+
+    /// argon2id memory cost in KiB (OWASP: 19456). Lower only for tests.
+    #[arg(long, default_value_t = 19456)]
+    pub argon2_memory: u32,
+
+    /// argon2id iterations (OWASP: 2). Lower only for tests.
+    #[arg(long, default_value_t = 2)]
+    pub argon2_iterations: u32,
+}
+
+/// Wakes the event loop from a worker thread. The waker only exists after
+/// [`crate::service::Service::init`], but workers start in `open`, so they share a cell that
+/// is filled later; a result produced before that is still in the channel and collected by the
+/// first `on_wake`.
+#[derive(Clone, Default)]
+pub struct Wake(Arc<OnceLock<Arc<mio::Waker>>>);
+
+impl Wake {
+    pub fn set(&self, waker: Arc<mio::Waker>) {
+        let _ = self.0.set(waker);
+    }
+
+    pub fn wake(&self) {
+        if let Some(w) = self.0.get() {
+            if let Err(e) = w.wake() {
+                log::warn!("chat: wake failed: {e}");
+            }
+        }
+    }
 }

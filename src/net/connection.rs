@@ -53,6 +53,8 @@ pub struct Connection {
     pub writable_registered: bool,
     /// Queued output since the last flush: the connection is in the loop's flush list.
     pub dirty: bool,
+    /// The peer closed its sending side (read returned 0).
+    pub eof: bool,
     /// Read budget ran out with data possibly left in the socket: in the loop's ready list.
     pub needs_read: bool,
 }

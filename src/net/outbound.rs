@@ -10,6 +10,10 @@ use std::ops::Deref;
 
 use crate::service::SharedFrame;
 
+/// Bookkeeping charged per queued chunk on top of its bytes: the ring slot plus, for owned
+/// chunks, the allocation's header.
+pub const CHUNK_OVERHEAD: usize = 48;
+
 /// Chunks gathered into one vectored write.
 pub const MAX_IOVECS: usize = 64;
 
@@ -36,12 +40,25 @@ pub struct OutQueue {
     head_offset: usize,
     /// Bytes not yet written, over all chunks.
     bytes: usize,
+    /// Memory the queue holds on the connection's behalf: unwritten bytes plus a per-chunk
+    /// overhead, so a flood of tiny frames is bounded like a few big ones.
+    cost: usize,
+    /// The head chunk is an HTTP response (the 101) that nothing may overtake.
+    pinned_head: bool,
 }
 
 impl OutQueue {
     pub fn push(&mut self, chunk: Chunk) {
         self.bytes += chunk.len();
+        self.cost += chunk.len() + CHUNK_OVERHEAD;
         self.chunks.push_back(chunk);
+    }
+
+    /// Queues the HTTP response that must precede every frame (the 101 of an upgrade).
+    pub fn push_pinned(&mut self, chunk: Chunk) {
+        debug_assert!(self.chunks.is_empty());
+        self.pinned_head = true;
+        self.push(chunk);
     }
 
     /// Puts a chunk first. Only valid at a frame boundary (nothing partially written), which is
@@ -49,11 +66,14 @@ impl OutQueue {
     pub fn push_front(&mut self, chunk: Chunk) {
         debug_assert!(self.at_frame_boundary());
         self.bytes += chunk.len();
+        self.cost += chunk.len() + CHUNK_OVERHEAD;
         self.chunks.push_front(chunk);
     }
 
+    /// Whether a frame may be put in front of the queue: nothing is half-written and the head
+    /// is not a pinned HTTP response.
     pub fn at_frame_boundary(&self) -> bool {
-        self.head_offset == 0
+        self.head_offset == 0 && !self.pinned_head
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,13 +85,19 @@ impl OutQueue {
         self.bytes
     }
 
+    /// Unwritten bytes plus per-chunk overhead (what the queue limit is checked against).
+    pub fn cost(&self) -> usize {
+        self.cost
+    }
+
     /// Drops everything not yet started, keeping a partially written head so the stream stays
     /// well-framed (used before queueing a close to a client that stopped reading).
     pub fn discard_unstarted(&mut self) {
-        let keep = usize::from(self.head_offset > 0);
+        let keep = usize::from(self.head_offset > 0 || self.pinned_head);
         while self.chunks.len() > keep {
             let c = self.chunks.pop_back().expect("non-empty");
             self.bytes -= c.len();
+            self.cost -= c.len() + CHUNK_OVERHEAD;
         }
     }
 
@@ -91,12 +117,15 @@ impl OutQueue {
 
     fn advance(&mut self, mut written: usize) {
         self.bytes -= written;
+        self.cost -= written;
         while written > 0 {
             let head_left = self.chunks[0].len() - self.head_offset;
             if written >= head_left {
                 written -= head_left;
                 self.chunks.pop_front();
+                self.cost -= CHUNK_OVERHEAD;
                 self.head_offset = 0;
+                self.pinned_head = false;
             } else {
                 self.head_offset += written;
                 written = 0;
@@ -168,7 +197,27 @@ mod tests {
         }
         assert_eq!(w.got, expected);
         assert_eq!(q.bytes(), 0);
+        assert_eq!(q.cost(), 0);
         assert_eq!(Rc::strong_count(&shared), 1);
+    }
+
+    #[test]
+    fn pinned_response_stays_first_until_written() {
+        let mut q = OutQueue::default();
+        q.push_pinned(Chunk::Owned(b"HTTP/1.1 101\r\n\r\n".to_vec()));
+        q.push(Chunk::Owned(b"frame".to_vec()));
+        assert!(!q.at_frame_boundary());
+        let mut w = Trickle {
+            got: Vec::new(),
+            limit: 16,
+        };
+        q.write_to(&mut w).unwrap();
+        assert!(q.at_frame_boundary());
+        q.push_front(Chunk::Owned(b"pong".to_vec()));
+        while !q.is_empty() {
+            q.write_to(&mut w).unwrap();
+        }
+        assert_eq!(w.got, b"HTTP/1.1 101\r\n\r\npongframe");
     }
 
     #[test]

@@ -280,6 +280,7 @@ impl Server {
             deadline,
             writable_registered: false,
             dirty: false,
+            eof: false,
             needs_read: false,
         });
         self.timers.push(deadline, token);
@@ -346,8 +347,18 @@ impl Server {
     fn on_eof(&mut self, idx: usize) {
         let conn = &mut self.conns[idx];
         log::debug!("{}: peer closed ({:?})", conn.peer, conn.phase);
-        // An open WebSocket ending without a close frame is an abnormal closure (1006).
-        self.kill(idx);
+        conn.eof = true;
+        match conn.phase {
+            // A half-closed peer may still read: what we owe it (an HTTP response, a close
+            // reply, echoes of what it sent) is flushed before the connection goes.
+            Phase::Finishing => self.mark_dirty(idx),
+            // An open WebSocket ending without a close frame is an abnormal closure (1006):
+            // the service hears of it now; queued output still gets its chance.
+            Phase::Open | Phase::CloseSent if !conn.out.is_empty() => {
+                self.leave_open(idx, Phase::Finishing)
+            }
+            _ => self.kill(idx),
+        }
     }
 
     /// Feeds freshly read bytes to the connection's current phase.
@@ -436,7 +447,7 @@ impl Server {
         let max_message = self.endpoints[endpoint].max_message;
         let conn = &mut self.conns[idx];
         conn.out
-            .push(Chunk::Owned(http::switching_protocols(&accept)));
+            .push_pinned(Chunk::Owned(http::switching_protocols(&accept)));
         conn.phase = Phase::Open;
         conn.endpoint = endpoint;
         conn.reader = MessageReader::new(
@@ -818,6 +829,9 @@ impl Server {
             // close into a reset that destroys the reply.
             let _ = conn.socket.shutdown(Shutdown::Write);
             conn.phase = Phase::Lingering;
+            if conn.eof {
+                self.kill(idx);
+            }
         }
     }
 
@@ -901,12 +915,12 @@ impl Server {
         if conn.phase != Phase::Open {
             return false;
         }
-        conn.out.push(chunk);
-        self.metrics.frames_out += 1;
-        // Room for one frame of the endpoint's largest message on top of the queue limit, so a
-        // single big echo is never refused while a backlog of small frames still is.
-        let limit = self.config.max_queue + self.endpoints[conn.endpoint].max_message + 14;
-        if conn.out.bytes() > limit {
+        // A queue already over the limit means the client stopped reading. Below the limit any
+        // frame is accepted, so one frame of the endpoint's largest message always fits on top
+        // of --max-queue (a 16 MiB echo works) while a pile of small frames cannot pass it.
+        // The cost includes per-frame bookkeeping, so tiny frames are bounded as well.
+        let limit = self.config.max_queue;
+        if conn.out.cost() > limit {
             self.metrics.slow_consumer_drops += 1;
             log::info!(
                 "{}: outbound queue over {limit} bytes, closing with 1008",
@@ -921,6 +935,8 @@ impl Server {
             );
             return false;
         }
+        conn.out.push(chunk);
+        self.metrics.frames_out += 1;
         self.mark_dirty(idx);
         true
     }
