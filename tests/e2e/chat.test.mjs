@@ -207,3 +207,25 @@ test('log in on a second device, both stay in sync, log out', { timeout: 60000 }
   laptop.assertClean();
   phone.assertClean();
 });
+
+test('presence: a user going offline shows last seen; typing in a DM', { timeout: 60000 }, async () => {
+  const alice = await person('alice');
+  const bob = await person('bob');
+  await alice.page.locator(`#user-list li[data-user="${bob.name}"][data-online="true"]`).waitFor();
+
+  // DM typing shows in the DM conversation only.
+  await say(bob.page, `/msg ${alice.name} are you there?`);
+  await alice.page.getByTestId('dm-list').getByRole('button', { name: new RegExp(bob.name) }).click();
+  await messages(alice.page, 'are you there?').waitFor();
+  await bob.page.getByTestId('composer').pressSequentially('yes', { delay: 20 });
+  await alice.page.getByTestId('typing').filter({ hasText: `${bob.name} is typing` }).waitFor();
+  await alice.page.getByTestId('room-list').getByRole('button', { name: /Room general/ }).click();
+  assert.equal(await alice.page.getByTestId('typing').textContent(), '', 'not shown in the room');
+
+  // Bob closes his browser: offline, with "last seen".
+  await bob.close();
+  await alice.page.locator(`#user-list li[data-user="${bob.name}"][data-online="false"]`).waitFor();
+  assert.match(await alice.page.locator(`#user-list li[data-user="${bob.name}"]`).textContent(), /last seen just now/);
+  await alice.page.getByTestId('dm-list').locator('.dot.off').waitFor();
+  alice.assertClean();
+});
