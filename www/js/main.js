@@ -577,7 +577,13 @@ class App {
     this.requests.delete(f.ref);
     const anchor = dir === 'before' ? this.ui.scrollAnchor() : null;
     for (const m of msgs) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
-    addMessages(conv, msgs);
+    const fresh = addMessages(conv, msgs);
+    if (dir === 'after' && this.me) {
+      // Missed while disconnected: count as unread (no sound for a backlog).
+      const visible = !document.hidden && document.hasFocus();
+      const missed = fresh.filter((m) => lc(m.from) !== lc(this.me.user)).length;
+      if (missed && (key !== this.current || !visible)) conv.unread += missed;
+    }
     if (dir === 'before') {
       conv.more = Boolean(f.more);
       conv.loadingOlder = false;
