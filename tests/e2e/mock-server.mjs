@@ -53,6 +53,7 @@ const wss = new WebSocketServer({ server, path: '/ws' });
 function welcome(ws, u, token, ref) {
   const first = !online(u);
   conns.get(ws).user = u;
+  conns.get(ws).tokenHash = sha(token);
   send(ws, { type: 'welcome', user: u, nick: db.users[u].nick, token, rooms: roomsOf(u), ...(ref ? { ref } : {}) });
   if (first) for (const o of sharing(u)) if (o !== u) toUser(o, { type: 'presence', user: u, nick: db.users[u].nick, event: 'online' });
 }
@@ -96,7 +97,7 @@ wss.on('connection', (ws) => {
         return welcome(ws, u, f.token, ref);
       }
       case 'logout': {
-        for (const [h, u] of Object.entries(db.tokens)) if (u === me) delete db.tokens[h];
+        delete db.tokens[conns.get(ws).tokenHash];
         save();
         ws.close(1000);
         return undefined;
@@ -107,7 +108,8 @@ wss.on('connection', (ws) => {
         db.rooms[r] ||= [];
         if (!db.rooms[r].includes(me)) {
           db.rooms[r].push(me); save();
-          for (const o of db.rooms[r]) if (o !== me) toUser(o, { type: 'presence', room: r, user: me, nick: db.users[me].nick, event: 'join' });
+          const pj = { type: 'presence', room: r, user: me, nick: db.users[me].nick, event: 'join' };
+          for (const [w, c] of conns) if (w !== ws && db.rooms[r].includes(c.user)) send(w, pj);
         }
         const { messages } = hist((m) => m.room === r, {});
         return send(ws, { type: 'joined', room: r, members: db.rooms[r].map(member), history: messages, ...(ref ? { ref } : {}) });
@@ -174,7 +176,7 @@ wss.on('connection', (ws) => {
       case 'typing': {
         const fr = { type: 'typing', user: me, nick: db.users[me].nick };
         if (f.room) { for (const u of db.rooms[f.room] || []) if (u !== me) toUser(u, { ...fr, room: f.room }); }
-        else if (f.to) { const t = Object.keys(db.users).find((x) => lcu(x) === lcu(f.to)); if (t) toUser(t, fr); }
+        else if (f.to) { const t = Object.keys(db.users).find((x) => lcu(x) === lcu(f.to)); if (t) toUser(t, { ...fr, to: t }); }
         return undefined;
       }
       default:
