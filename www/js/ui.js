@@ -354,6 +354,8 @@ export class UI {
     el.title = state === 'waiting' ? 'Click to reconnect now' : '';
     this.statusState = state;
     this.retryAt = retryAt;
+    $('boot-status').textContent = state === 'waiting' ? `Cannot reach the server · retrying in ${secs} s`
+      : state === 'open' ? 'Signing in…' : 'Connecting…';
     if (state === 'ready') this.loginStatus('');
     else if (!this.app.me) this.loginStatus(state === 'waiting' ? `Cannot reach the server · retrying in ${secs} s` : text);
     if (state !== this.prevState) {
