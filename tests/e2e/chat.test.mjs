@@ -220,6 +220,7 @@ test('presence: a user going offline shows last seen; typing in a DM', { timeout
   await bob.page.getByTestId('composer').pressSequentially('yes', { delay: 20 });
   await alice.page.getByTestId('typing').filter({ hasText: `${bob.name} is typing` }).waitFor();
   await alice.page.getByTestId('room-list').getByRole('button', { name: /Room general/ }).click();
+  await alice.page.locator('#conv-title', { hasText: '#general' }).waitFor();
   assert.equal(await alice.page.getByTestId('typing').textContent(), '', 'not shown in the room');
 
   // Bob closes his browser: offline, with "last seen".
