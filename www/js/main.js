@@ -67,12 +67,10 @@ class App {
   onClose({ code }) {
     this.authPending = false;
     if (this.loggingOut) {
-      this.loggingOut = false;
-      this.resetSession();
-      this.ui.showLogin();
-      this.conn.restart();
+      this.finishLogout();
       return;
     }
+    if (!this.me) this.ui.loginBusy(false); // an unanswered login: let the person try again
     // Messages in flight may or may not have been stored: show them as failed until the
     // reconnect resends them with the same ref (the server deduplicates by ref).
     for (const conv of this.convs.values()) {
@@ -125,14 +123,18 @@ class App {
     const sent = this.conn.sendNow({ type: 'logout', ref: newRef('o') });
     store.remove('token');
     if (!sent) {
-      this.loggingOut = false;
-      this.resetSession();
-      this.ui.showLogin();
-      this.conn.restart();
+      this.finishLogout();
       return;
     }
-    // The server closes with 1000; don't wait for ever if it doesn't.
-    setTimeout(() => { if (this.loggingOut) this.conn.restart(); }, 1500);
+    // The server closes with 1000 once the token is revoked; don't wait for ever if it doesn't.
+    setTimeout(() => { if (this.loggingOut) this.finishLogout(); }, 3000);
+  }
+
+  finishLogout() {
+    this.loggingOut = false;
+    this.resetSession();
+    this.ui.showLogin();
+    this.conn.restart(); // a fresh, unauthenticated connection for the next login
   }
 
   resetSession() {
