@@ -1,6 +1,10 @@
 // Shared e2e plumbing: build and start the real server on a free port with a fresh data dir,
 // launch Debian's Chromium (one persistent context = one simulated user), and a raw WebSocket
 // client (the `ws` package) for seeding data.
+//
+// Run: `npm ci && npm test` here (builds target/release/parlor with cargo if it is missing).
+// Environment: PARLOR_BIN=path (another server binary), CHROMIUM=path (default /usr/bin/chromium),
+// PARLOR_E2E_SERVER=mock (the in-memory stand-in mock-server.mjs, for client work without Rust).
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
