@@ -3,8 +3,7 @@
 // client (the `ws` package) for seeding data.
 //
 // Run: `npm ci && npm test` here (builds target/release/parlor with cargo if it is missing).
-// Environment: PARLOR_BIN=path (another server binary), CHROMIUM=path (default /usr/bin/chromium),
-// PARLOR_E2E_SERVER=mock (the in-memory stand-in mock-server.mjs, for client work without Rust).
+// Environment: PARLOR_BIN=path (another server binary), CHROMIUM=path (default /usr/bin/chromium).
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -21,7 +20,6 @@ export const BIN = process.env.PARLOR_BIN || path.join(ROOT, 'target', 'release'
 export const SHOTS = path.join(ROOT, 'docs', 'screenshots');
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 export const PASSWORD = 'correct horse battery';
-const MOCK = process.env.PARLOR_E2E_SERVER === 'mock';
 
 const tmpDirs = [];
 export function tmpDir(prefix) {
@@ -40,9 +38,12 @@ export function uname(base) {
   return `${base}_${process.pid.toString(36)}${uniq}`;
 }
 
+let built = false;
+/** Builds the server once per run (a no-op when up to date), so a stale binary is never tested. */
 export function ensureBuilt() {
-  if (MOCK || fs.existsSync(BIN)) return;
-  execFileSync('cargo', ['build', '--release'], { cwd: ROOT, stdio: 'inherit' });
+  if (built || process.env.PARLOR_BIN) return;
+  execFileSync('cargo', ['build', '--release', '--bin', 'parlor'], { cwd: ROOT, stdio: 'inherit' });
+  built = true;
 }
 
 /**
@@ -52,9 +53,7 @@ export function ensureBuilt() {
 export async function startServer({ port = 0, dataDir = tmpDir('data') } = {}) {
   ensureBuilt();
   const args = ['--listen', `127.0.0.1:${port}`, '--data', dataDir, '--www', WWW, '--rate-limit', '0'];
-  const proc = MOCK
-    ? spawn(process.execPath, [path.join(ROOT, 'tests/e2e/mock-server.mjs'), ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
-    : spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   const logs = [];
   proc.stderr.on('data', (d) => { logs.push(String(d)); if (logs.length > 200) logs.shift(); });
   const addr = await new Promise((resolve, reject) => {
