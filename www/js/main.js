@@ -1,0 +1,751 @@
+// Parlor browser client: the app controller. Speaks protocol v1 (docs/PROTOCOL.md) over /ws,
+// keeps the state in store.js shapes, and asks ui.js to draw it.
+
+import { Connection, wsUrl, newRef } from './protocol.js';
+import {
+  roomKey, dmKey, lc, keyOfMessage, newConv, addMessages, lastId, firstId, setTyping,
+} from './store.js';
+import { parseCommand, HELP, ROOM_RE, USER_RE, normalizeRoom } from './commands.js';
+import { loadPrefs, savePrefs, wantsAlert, store } from './prefs.js';
+import { mentions, plainPreview } from './render.js';
+import { chime, unlockAudio } from './sound.js';
+import { UI } from './ui.js';
+
+const PAGE = 50;
+const MAX_TEXT = 4000;
+
+class App {
+  constructor() {
+    this.prefs = loadPrefs();
+    this.me = null;            // {user, nick}
+    this.convs = new Map();    // key → conv
+    this.current = null;       // key
+    this.users = new Map();    // lc(user) → {user, nick, online, last_seen}
+    this.requests = new Map(); // ref → {kind, ...}
+    this.lastTypingSent = new Map();
+    this.joinIntents = new Set(); // rooms the user asked to join (in case a reply lacks its ref)
+    this.authPending = false;
+    this.loggingOut = false;
+    this.conn = new Connection(wsUrl());
+    this.ui = new UI(this);
+
+    this.conn.addEventListener('status', (e) => this.ui.renderStatus(e.detail));
+    this.conn.addEventListener('open', () => this.onOpen());
+    this.conn.addEventListener('close', (e) => this.onClose(e.detail));
+    this.conn.addEventListener('frame', (e) => this.onFrame(e.detail.frame));
+    document.addEventListener('visibilitychange', () => this.onVisible());
+    window.addEventListener('focus', () => this.onVisible());
+    setInterval(() => this.tick(), 1000);
+  }
+
+  start() {
+    const token = store.get('token');
+    if (token) this.ui.showBooting();
+    else this.ui.showLogin();
+    this.conn.start();
+  }
+
+  // ---------- connection lifecycle ----------
+
+  onOpen() {
+    if (this.pendingAuth) {
+      const { frame, info } = this.pendingAuth;
+      this.pendingAuth = null;
+      this.request(frame, info, true);
+      return;
+    }
+    const token = store.get('token');
+    if (token && !this.loggingOut) {
+      this.authPending = true;
+      this.request({ type: 'resume', token }, { kind: 'auth', how: 'resume' }, true);
+    } else {
+      this.ui.showLogin();
+      this.ui.loginStatus('');
+    }
+  }
+
+  onClose({ code }) {
+    this.authPending = false;
+    if (this.loggingOut) {
+      this.finishLogout();
+      return;
+    }
+    if (!this.me) this.ui.loginBusy(false); // an unanswered login: let the person try again
+    // Messages in flight may or may not have been stored: show them as failed until the
+    // reconnect resends them with the same ref (the server deduplicates by ref).
+    for (const conv of this.convs.values()) {
+      for (const p of conv.pending) {
+        if (p.state === 'sending') Object.assign(p, { state: 'failed', error: 'Connection lost — will retry', auto: true });
+      }
+      conv.typing.clear();
+    }
+    this.ui.renderAll();
+    if (!this.me) this.ui.loginStatus(code === 1006 ? 'Cannot reach the server, retrying…' : 'Reconnecting…');
+  }
+
+  request(frame, info, beforeAuth = false) {
+    const ref = frame.ref || newRef(info.kind[0]);
+    frame.ref = ref;
+    this.requests.set(ref, { ...info, at: Date.now() });
+    if (this.requests.size > 2000) {
+      const cutoff = Date.now() - 10 * 60 * 1000;
+      for (const [r, v] of this.requests) if (v.at < cutoff) this.requests.delete(r);
+    }
+    if (beforeAuth) return this.conn.sendNow(frame);
+    return this.conn.send(frame);
+  }
+
+  // ---------- auth ----------
+
+  login(user, password, register) {
+    unlockAudio();
+    if (!USER_RE.test(user)) return this.ui.loginError('User names are 1–32 of letters, digits, “_”, “.” and “-”.');
+    if (register && new TextEncoder().encode(password).length < 8) return this.ui.loginError('Choose a password of at least 8 characters.');
+    if (!password) return this.ui.loginError('Enter your password.');
+    this.ui.loginError('');
+    this.ui.loginBusy(true);
+    this.authPending = true;
+    const frame = { type: register ? 'register' : 'login', user, password };
+    const info = { kind: 'auth', how: register ? 'register' : 'login' };
+    if (this.conn.isOpen) this.request(frame, info, true);
+    else {
+      // Not connected (yet): send it as soon as the socket opens.
+      this.pendingAuth = { frame, info };
+      this.ui.loginStatus('Connecting to the server…');
+    }
+    return undefined;
+  }
+
+  logout() {
+    if (!this.me) return;
+    this.loggingOut = true;
+    this.conn.clearQueue();
+    const sent = this.conn.sendNow({ type: 'logout', ref: newRef('o') });
+    store.remove('token');
+    if (!sent) {
+      this.finishLogout();
+      return;
+    }
+    // The server closes with 1000 once the token is revoked; don't wait for ever if it doesn't.
+    setTimeout(() => { if (this.loggingOut) this.finishLogout(); }, 3000);
+  }
+
+  finishLogout() {
+    this.loggingOut = false;
+    this.resetSession();
+    this.ui.showLogin();
+    this.conn.restart(); // a fresh, unauthenticated connection for the next login
+  }
+
+  resetSession() {
+    this.me = null;
+    this.convs.clear();
+    this.users.clear();
+    this.current = null;
+    this.requests.clear();
+    this.ui.reset();
+  }
+
+  onWelcome(f) {
+    const firstTime = !this.me || lc(this.me.user) !== lc(f.user);
+    if (firstTime && this.me) this.resetSession();
+    this.me = { user: f.user, nick: f.nick || f.user };
+    this.authPending = false;
+    if (f.token) store.set('token', f.token);
+    this.conn.markReady();
+    this.ui.loginBusy(false);
+
+    const rooms = new Set((f.rooms || []).map(String));
+    // Rooms left from another device while we were away.
+    for (const conv of [...this.convs.values()]) {
+      if (conv.kind === 'room' && !rooms.has(conv.name)) this.convs.delete(conv.key);
+    }
+    for (const room of rooms) this.ensureConv(roomKey(room));
+    for (const u of store.get(`dms.${lc(f.user)}`, [])) this.ensureConv(dmKey(u));
+
+    // Catch up: snapshot for new conversations, `after` the last id seen for known ones.
+    for (const conv of this.convs.values()) {
+      if (conv.kind === 'room' && !conv.loaded) {
+        this.request({ type: 'join', room: conv.name }, { kind: 'join', key: conv.key, initial: true });
+      } else {
+        this.catchUp(conv);
+        // Presence may have changed while we were away.
+        if (conv.kind === 'room') this.request({ type: 'who', room: conv.name }, { kind: 'who', key: conv.key });
+      }
+    }
+    this.resendPending();
+
+    // http://host/#rust opens (joining if needed) #rust.
+    const wanted = normalizeRoom(decodeURIComponent(location.hash.slice(1)));
+    if (firstTime && ROOM_RE.test(wanted)) {
+      if (this.convs.has(roomKey(wanted))) this.current = roomKey(wanted);
+      else this.join(wanted);
+      history.replaceState(null, '', location.pathname);
+    }
+    if (!this.current || !this.convs.has(this.current)) {
+      const saved = store.get(`last.${lc(f.user)}`);
+      const first = [...this.convs.keys()].find((k) => k.startsWith('#'));
+      this.current = (saved && this.convs.has(saved)) ? saved : (first || [...this.convs.keys()][0] || null);
+    }
+    this.ui.showApp();
+    this.ui.renderAll();
+    if (firstTime) this.ui.focusComposer();
+  }
+
+  catchUp(conv) {
+    const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
+    const after = lastId(conv);
+    if (after === null) {
+      // No `before`: the newest page.
+      this.request({ type: 'history', ...target, limit: PAGE }, { kind: 'history', key: conv.key, dir: 'latest' });
+    } else {
+      this.request({ type: 'history', ...target, after, limit: 200 }, { kind: 'history', key: conv.key, dir: 'after' });
+    }
+  }
+
+  // ---------- conversations ----------
+
+  ensureConv(key, extra) {
+    let conv = this.convs.get(key);
+    if (!conv) {
+      conv = newConv(key, extra);
+      if (conv.kind === 'dm') {
+        conv.loaded = false;
+        this.rememberDm(conv.name);
+      }
+      this.convs.set(key, conv);
+    }
+    return conv;
+  }
+
+  rememberDm(user) {
+    if (!this.me) return;
+    const k = `dms.${lc(this.me.user)}`;
+    const list = store.get(k, []);
+    if (!list.includes(lc(user))) store.set(k, [...list, lc(user)]);
+  }
+
+  forgetDm(user) {
+    if (!this.me) return;
+    const k = `dms.${lc(this.me.user)}`;
+    store.set(k, store.get(k, []).filter((u) => u !== lc(user)));
+  }
+
+  select(key) {
+    if (!this.convs.has(key)) return;
+    this.current = key;
+    const conv = this.convs.get(key);
+    conv.unread = 0;
+    conv.mentioned = false;
+    if (this.me) store.set(`last.${lc(this.me.user)}`, key);
+    this.ui.closeDrawers();
+    this.ui.renderAll({ scrollToBottom: true });
+    this.ui.focusComposer();
+  }
+
+  get conv() { return this.current ? this.convs.get(this.current) : null; }
+
+  join(room) {
+    const name = normalizeRoom(room);
+    if (!ROOM_RE.test(name)) { this.ui.toast('Room names are 1–32 of a–z, 0–9, “_” and “-”.', 'error'); return false; }
+    if (this.convs.has(roomKey(name)) && this.convs.get(roomKey(name)).loaded) { this.select(roomKey(name)); return true; }
+    this.joinIntents.add(name);
+    this.request({ type: 'join', room: name }, { kind: 'join', key: roomKey(name), select: true });
+    return true;
+  }
+
+  leave(room) {
+    const conv = room ? this.convs.get(roomKey(room)) : this.conv;
+    if (!conv) return;
+    if (conv.kind === 'dm') { this.closeDm(conv.key); return; }
+    this.request({ type: 'leave', room: conv.name }, { kind: 'leave', key: conv.key });
+  }
+
+  closeDm(key) {
+    const conv = this.convs.get(key);
+    if (!conv) return;
+    this.forgetDm(conv.name);
+    this.convs.delete(key);
+    if (this.current === key) this.current = [...this.convs.keys()][0] || null;
+    this.ui.renderAll({ scrollToBottom: true });
+  }
+
+  openDm(user, { select = true } = {}) {
+    if (!USER_RE.test(user)) { this.ui.toast(`“${user}” is not a valid user name.`, 'error'); return null; }
+    if (this.me && lc(user) === lc(this.me.user)) { this.ui.toast('That’s you!', 'info'); return null; }
+    const key = dmKey(user);
+    const existed = this.convs.has(key);
+    const conv = this.ensureConv(key);
+    const known = this.users.get(lc(user));
+    if (known) conv.display = known.nick || known.user;
+    if (!existed) this.catchUp(conv);
+    if (select) this.select(key);
+    else this.ui.renderAll();
+    return conv;
+  }
+
+  setNick(nick) {
+    const n = String(nick).trim();
+    const parsed = parseCommand(`/nick ${n}`);
+    if (parsed.type === 'error') { this.ui.toast(parsed.message, 'error'); return; }
+    this.request({ type: 'nick', nick: parsed.nick }, { kind: 'nick', nick: parsed.nick });
+  }
+
+  loadOlder() {
+    const conv = this.conv;
+    if (!conv || !conv.loaded || !conv.more || conv.loadingOlder) return;
+    const before = firstId(conv);
+    if (before === null) { conv.more = false; return; }
+    conv.loadingOlder = true;
+    this.ui.renderHistoryTop();
+    const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
+    this.request({ type: 'history', ...target, before, limit: PAGE }, { kind: 'history', key: conv.key, dir: 'before' });
+  }
+
+  // ---------- composer ----------
+
+  submit(text) {
+    unlockAudio();
+    const cmd = parseCommand(text);
+    switch (cmd.type) {
+      case 'say': {
+        if (!cmd.text.trim()) return false;
+        if (!this.conv) { this.ui.toast('Join a room first (/join ROOM).', 'error'); return false; }
+        return this.sendMessage(this.conv, cmd.text);
+      }
+      case 'nick': this.setNick(cmd.nick); return true;
+      case 'join': return this.join(cmd.room);
+      case 'leave': this.leave(cmd.room); return true;
+      case 'msg': {
+        const conv = this.openDm(cmd.to, { select: true });
+        if (!conv) return false;
+        return this.sendMessage(conv, cmd.text);
+      }
+      case 'help':
+        this.ui.showHelp(HELP);
+        return true;
+      default:
+        this.ui.toast(cmd.message, 'error');
+        return false;
+    }
+  }
+
+  sendMessage(conv, text) {
+    if ([...text].length > MAX_TEXT) {
+      this.ui.toast(`Messages are limited to ${MAX_TEXT} characters.`, 'error');
+      return false;
+    }
+    const p = { ref: newRef('m'), text, ts: Date.now(), state: 'queued', from: this.me.user, nick: this.me.nick };
+    conv.pending.push(p);
+    this.requests.set(p.ref, { kind: 'msg', key: conv.key, at: Date.now() });
+    this.transmit(conv, p);
+    this.lastTypingSent.delete(conv.key);
+    this.ui.renderAll({ scrollToBottom: true });
+    return true;
+  }
+
+  transmit(conv, p) {
+    const frame = conv.kind === 'room'
+      ? { type: 'say', room: conv.name, text: p.text, ref: p.ref }
+      : { type: 'dm', to: conv.name, text: p.text, ref: p.ref };
+    if (this.conn.isReady) {
+      this.conn.sendNow(frame);
+      Object.assign(p, { state: 'sending', error: null, auto: false, sentAt: Date.now() });
+    } else {
+      Object.assign(p, { state: 'queued', error: null, auto: false });
+    }
+  }
+
+  retry(key, ref) {
+    const conv = this.convs.get(key);
+    const p = conv?.pending.find((x) => x.ref === ref);
+    if (!p) return;
+    this.requests.set(p.ref, { kind: 'msg', key, at: Date.now() });
+    this.transmit(conv, p);
+    this.ui.renderAll();
+  }
+
+  discard(key, ref) {
+    const conv = this.convs.get(key);
+    if (!conv) return;
+    conv.pending = conv.pending.filter((x) => x.ref !== ref);
+    this.ui.renderAll();
+  }
+
+  resendPending() {
+    for (const conv of this.convs.values()) {
+      for (const p of conv.pending) {
+        if (p.state === 'queued' || p.state === 'sending' || (p.state === 'failed' && p.auto)) this.transmit(conv, p);
+      }
+    }
+  }
+
+  typing() {
+    const conv = this.conv;
+    if (!conv || !this.conn.isReady) return;
+    const now = Date.now();
+    if (now - (this.lastTypingSent.get(conv.key) || 0) < 3000) return;
+    this.lastTypingSent.set(conv.key, now);
+    this.conn.sendNow(conv.kind === 'room' ? { type: 'typing', room: conv.name } : { type: 'typing', to: conv.name });
+  }
+
+  // ---------- server frames ----------
+
+  onFrame(f) {
+    const h = this[`on_${f.type}`];
+    if (h) h.call(this, f);
+  }
+
+  on_welcome(f) { this.onWelcome(f); }
+
+  on_joined(f) {
+    const key = roomKey(f.room);
+    const info = this.requests.get(f.ref) || (this.joinIntents.has(f.room) ? { select: true } : {});
+    this.joinIntents.delete(f.room);
+    this.requests.delete(f.ref);
+    const conv = this.ensureConv(key);
+    conv.members = new Map((f.members || []).map((m) => [lc(m.user), { ...m }]));
+    for (const m of f.members || []) this.noteUser(m);
+    const hist = f.history || [];
+    addMessages(conv, hist);
+    if (!conv.loaded) conv.more = hist.length >= PAGE;
+    conv.loaded = true;
+    this.request({ type: 'who', room: f.room }, { kind: 'who', key });
+    if (info.select || !this.current) this.select(key);
+    else this.ui.renderAll();
+    if (info.select) this.ui.announce(`Joined #${f.room}`);
+  }
+
+  on_left(f) {
+    const key = roomKey(f.room);
+    if (!this.convs.has(key)) return;
+    this.convs.delete(key);
+    if (this.current === key) {
+      this.current = [...this.convs.keys()].find((k) => k.startsWith('#')) || [...this.convs.keys()][0] || null;
+    }
+    const undo = document.createElement('span');
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'link-btn';
+    b.textContent = 'Rejoin';
+    b.addEventListener('click', () => { b.closest('.toast')?.remove(); this.join(f.room); });
+    undo.append(`You left #${f.room}. `, b);
+    this.ui.toast(undo, 'info', 8000);
+    this.ui.renderAll({ scrollToBottom: true });
+  }
+
+  on_rooms(f) { this.ui.renderRoomBrowser(f.rooms || []); }
+
+  on_who(f) {
+    const conv = this.convs.get(roomKey(f.room));
+    for (const m of f.members || []) this.noteUser(m);
+    if (conv) conv.members = new Map((f.members || []).map((m) => [lc(m.user), { ...m }]));
+    this.ui.renderAll();
+  }
+
+  noteUser(m) {
+    const k = lc(m.user);
+    const u = this.users.get(k) || { user: m.user };
+    if (m.nick) u.nick = m.nick;
+    if (typeof m.online === 'boolean') u.online = m.online;
+    if (m.last_seen) u.last_seen = m.last_seen;
+    this.users.set(k, u);
+    const dm = this.convs.get(dmKey(m.user));
+    if (dm && u.nick) dm.display = u.nick;
+    return u;
+  }
+
+  on_presence(f) {
+    const k = lc(f.user);
+    if (f.event === 'online' || f.event === 'offline') {
+      const online = f.event === 'online';
+      const u = this.noteUser({ user: f.user, nick: f.nick, online, last_seen: online ? undefined : (f.last_seen || Date.now()) });
+      let known = false;
+      for (const conv of this.convs.values()) {
+        const m = conv.members.get(k);
+        if (m) { known = true; Object.assign(m, { online, nick: u.nick || m.nick, last_seen: u.last_seen }); }
+      }
+      // Someone sharing a room with us whom no member list has (e.g. a brand-new account,
+      // which is put in #general without a `join` presence): refresh the member lists.
+      if (!known && online) this.refreshMembersSoon();
+    } else if (f.room && this.me && k === lc(this.me.user)) {
+      // Our own join/leave, done on another connection (phone and laptop): follow it here.
+      const key = roomKey(f.room);
+      if (f.event === 'join' && !this.convs.has(key)) {
+        this.request({ type: 'join', room: f.room }, { kind: 'join', key });
+      } else if (f.event === 'leave' && this.convs.has(key)) {
+        this.convs.delete(key);
+        if (this.current === key) this.current = [...this.convs.keys()].find((x) => x.startsWith('#')) || null;
+      }
+    } else if (f.room) {
+      const conv = this.convs.get(roomKey(f.room));
+      if (!conv) return;
+      if (f.event === 'join') {
+        const had = conv.members.has(k);
+        conv.members.set(k, { user: f.user, nick: f.nick || f.user, online: true });
+        this.noteUser({ user: f.user, nick: f.nick, online: true });
+        if (!had) this.systemLine(conv, `${f.nick || f.user} joined #${f.room}`);
+      } else if (f.event === 'leave') {
+        if (conv.members.delete(k)) this.systemLine(conv, `${f.nick || f.user} left #${f.room}`);
+      }
+    }
+    this.ui.renderAll();
+  }
+
+  refreshMembersSoon() {
+    if (this.whoTimer) return;
+    this.whoTimer = setTimeout(() => {
+      this.whoTimer = null;
+      for (const conv of this.convs.values()) {
+        if (conv.kind === 'room' && conv.loaded) this.request({ type: 'who', room: conv.name }, { kind: 'who', key: conv.key });
+      }
+    }, 250);
+  }
+
+  systemLine(conv, text) {
+    conv.system.push({ afterId: lastId(conv), afterPending: conv.pending.length, ts: Date.now(), text });
+    if (conv.system.length > 100) conv.system.shift();
+  }
+
+  on_message(f) {
+    if (!this.me) return;
+    const key = keyOfMessage(f, this.me.user);
+    const isNewConv = !this.convs.has(key);
+    const conv = this.ensureConv(key);
+    if (isNewConv && conv.kind === 'dm') {
+      conv.display = f.from && lc(f.from) !== lc(this.me.user) ? (f.nick || f.from) : conv.name;
+      this.catchUp(conv); // older messages of this conversation, if any
+    }
+    if (f.from) this.noteUser({ user: f.from, nick: f.nick });
+    const fresh = addMessages(conv, [f]);
+    if (!fresh.length) return;
+    conv.typing.delete(lc(f.from));
+    if (lc(f.from) !== lc(this.me.user)) this.alert(conv, f);
+    this.ui.renderAll({ newMessage: true, key });
+  }
+
+  alert(conv, m) {
+    const visible = !document.hidden && document.hasFocus();
+    const here = conv.key === this.current;
+    const mention = mentions(m.text, [this.me.user, this.me.nick]);
+    const dm = conv.kind === 'dm';
+    if (!here || !visible) {
+      conv.unread += 1;
+      if (mention || dm) conv.mentioned = true;
+    }
+    const who = m.nick || m.from;
+    if (here) this.ui.announce(`${who}: ${plainPreview(m.text, 200)}`);
+    else this.ui.announce(`New message from ${who} in ${conv.kind === 'room' ? `#${conv.name}` : 'a direct message'}`);
+    if ((!here || !visible) && wantsAlert(this.prefs, { mention, dm })) {
+      if (this.prefs.sound) chime(this.prefs.volume, { mention: mention || dm });
+      if (this.prefs.desktop && document.hidden && 'Notification' in window && Notification.permission === 'granted') {
+        try {
+          const n = new Notification(conv.kind === 'room' ? `${who} in #${conv.name}` : who, {
+            body: plainPreview(m.text, 160), tag: conv.key, icon: 'img/icon.svg', silent: true,
+          });
+          n.onclick = () => { window.focus(); this.select(conv.key); n.close(); };
+        } catch { /* not supported here */ }
+      }
+    }
+  }
+
+  on_ack(f) {
+    const info = this.requests.get(f.ref);
+    const convs = info?.key && this.convs.has(info.key) ? [this.convs.get(info.key)] : [...this.convs.values()];
+    for (const conv of convs) {
+      const p = conv.pending.find((x) => x.ref === f.ref);
+      if (!p) continue;
+      p.id = f.id;
+      if (!conv.ids.has(f.id)) {
+        const base = { id: f.id, from: this.me.user, nick: this.me.nick, text: p.text, ts: f.ts || Date.now() };
+        addMessages(conv, [conv.kind === 'room' ? { ...base, room: conv.name } : { ...base, to: conv.name }]);
+      } else {
+        conv.pending = conv.pending.filter((x) => x !== p);
+      }
+      this.requests.delete(f.ref);
+      this.ui.renderAll();
+      return;
+    }
+  }
+
+  on_history(f) {
+    const info = this.requests.get(f.ref);
+    let key = info?.key;
+    if (!key) key = f.room ? roomKey(f.room) : (f.with ? dmKey(f.with) : null);
+    const conv = key && this.convs.get(key);
+    if (!conv) return;
+    const msgs = f.messages || [];
+    const dir = info?.dir || (conv.loadingOlder ? 'before' : conv.loaded ? 'after' : 'latest');
+    this.requests.delete(f.ref);
+    const anchor = dir === 'before' ? this.ui.scrollAnchor() : null;
+    for (const m of msgs) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
+    const fresh = addMessages(conv, msgs);
+    if (dir === 'after' && this.me) {
+      // Missed while disconnected: count as unread (no sound for a backlog).
+      const visible = !document.hidden && document.hasFocus();
+      const missed = fresh.filter((m) => lc(m.from) !== lc(this.me.user)).length;
+      if (missed && (key !== this.current || !visible)) conv.unread += missed;
+    }
+    if (dir === 'before') {
+      conv.more = Boolean(f.more);
+      conv.loadingOlder = false;
+    } else if (dir === 'latest') {
+      conv.more = Boolean(f.more);
+      conv.loaded = true;
+    } else if (dir === 'after') {
+      conv.loaded = true;
+      if (f.more && msgs.length) this.catchUp(conv); // more missed than one page
+    }
+    if (conv.kind === 'dm') {
+      const other = msgs.find((m) => lc(m.from) === conv.name);
+      if (other?.nick) conv.display = other.nick;
+    }
+    this.ui.renderAll({ anchor, scrollToBottom: dir === 'latest' && key === this.current });
+  }
+
+  on_nick(f) {
+    const k = lc(f.user);
+    const isMe = this.me && k === lc(this.me.user);
+    const old = this.users.get(k)?.nick || (isMe ? this.me.nick : f.user);
+    if (isMe) {
+      this.me.nick = f.nick;
+      this.ui.closeDialog('nick-dialog');
+    }
+    this.noteUser({ user: f.user, nick: f.nick });
+    const text = isMe ? `You are now known as ${f.nick}` : `${old} is now known as ${f.nick}`;
+    for (const conv of this.convs.values()) {
+      const m = conv.members.get(k);
+      if (m) m.nick = f.nick;
+      if (m || (conv.kind === 'dm' && conv.name === k) || (isMe && conv.kind === 'room')) {
+        if (old !== f.nick) this.systemLine(conv, text);
+      }
+    }
+    if (old !== f.nick) this.ui.announce(text);
+    this.ui.renderAll();
+  }
+
+  on_typing(f) {
+    if (!this.me || lc(f.user) === lc(this.me.user)) return;
+    const key = f.room ? roomKey(f.room) : dmKey(f.user);
+    const conv = this.convs.get(key);
+    if (!conv) return;
+    setTyping(conv, f.user, f.nick);
+    this.ui.renderTyping();
+  }
+
+  on_error(f) {
+    const info = f.ref ? this.requests.get(f.ref) : null;
+    const msg = f.message || f.code;
+    if (!info) {
+      if (f.code === 'unauthenticated') {
+        store.remove('token');
+        this.resetSession();
+        this.ui.showLogin();
+      } else if (f.code === 'rate_limited') {
+        this.ui.toast('Slow down a little — too many messages.', 'error');
+      } else {
+        this.ui.toast(`Server: ${msg}`, 'error');
+      }
+      return;
+    }
+    this.requests.delete(f.ref);
+    switch (info.kind) {
+      case 'auth': {
+        this.authPending = false;
+        this.ui.loginBusy(false);
+        if (info.how === 'resume') {
+          store.remove('token');
+          this.resetSession();
+          this.ui.showLogin();
+          this.ui.loginError('Your session has ended. Please log in again.');
+        } else {
+          const text = {
+            auth_failed: 'Wrong user name or password.',
+            user_taken: 'That user name is taken. Log in instead, or pick another name.',
+            weak_password: 'That password is too weak: use at least 8 characters.',
+            rate_limited: 'Too many attempts. Wait a little and try again.',
+            bad_request: msg,
+          }[f.code] || msg;
+          this.ui.loginError(text);
+        }
+        break;
+      }
+      case 'msg': {
+        const conv = this.convs.get(info.key);
+        const p = conv?.pending.find((x) => x.ref === f.ref);
+        if (p) {
+          const text = {
+            not_member: 'You are not a member of this room.',
+            no_such_user: 'There is no user with that name.',
+            too_long: 'Too long.',
+            rate_limited: 'Sending too fast.',
+          }[f.code] || msg;
+          Object.assign(p, { state: 'failed', error: text, auto: false });
+          // Too fast (e.g. a burst of messages queued while offline): try again shortly, a few times.
+          if (f.code === 'rate_limited' && (p.rateRetries || 0) < 5) {
+            p.rateRetries = (p.rateRetries || 0) + 1;
+            p.error = 'Sending too fast — retrying…';
+            setTimeout(() => { if (p.state === 'failed') this.retry(info.key, p.ref); }, 700 * p.rateRetries);
+          }
+        }
+        this.ui.renderAll();
+        break;
+      }
+      case 'join':
+        this.ui.toast(`Could not join #${info.key.slice(1)}: ${msg}`, 'error');
+        if (info.initial) this.convs.delete(info.key);
+        this.ui.renderAll();
+        break;
+      case 'nick': {
+        const text = f.code === 'nick_taken' ? `The nick “${info.nick}” is taken.` : msg;
+        this.ui.nickError(text);
+        this.ui.toast(text, 'error');
+        break;
+      }
+      case 'history': {
+        const conv = this.convs.get(info.key);
+        if (conv) {
+          conv.loadingOlder = false;
+          if (conv.kind === 'dm' && f.code === 'no_such_user') {
+            this.ui.toast(`There is no user called “${conv.name}”.`, 'error');
+            if (!conv.messages.length) this.closeDm(conv.key);
+          } else if (info.dir === 'before') {
+            conv.more = false;
+          }
+        }
+        this.ui.renderAll();
+        break;
+      }
+      default:
+        this.ui.toast(msg, 'error');
+    }
+  }
+
+  // ---------- misc ----------
+
+  onVisible() {
+    if (document.hidden) return;
+    const conv = this.conv;
+    if (conv && (conv.unread || conv.mentioned)) {
+      conv.unread = 0;
+      conv.mentioned = false;
+      this.ui.renderAll();
+    }
+  }
+
+  tick() {
+    this.ui.renderTyping();
+    this.ui.tick();
+  }
+
+  setPrefs(patch) {
+    this.prefs = savePrefs({ ...this.prefs, ...patch });
+    return this.prefs;
+  }
+
+  listRooms() { this.request({ type: 'rooms' }, { kind: 'rooms' }); }
+}
+
+const app = new App();
+window.parlor = app; // handy for debugging from the console
+app.start();
