@@ -251,6 +251,11 @@ impl Server {
         WsClient::connect(self.addr, "/echo")
     }
 
+    /// A WebSocket client on another endpoint (e.g. the chat's `/ws`).
+    pub fn ws_at(&self, path: &str) -> WsClient {
+        WsClient::connect(self.addr, path)
+    }
+
     /// A raw TCP connection with the test timeouts.
     pub fn tcp(&self) -> TcpStream {
         tcp(self.addr)
