@@ -12,7 +12,9 @@ use parlor::http::{
     check_upgrade, is_upgrade, parse_request, switching_protocols, HeadLimits, Parsed,
 };
 use parlor::ws::frame::{decode_frame, decode_header, encode, FrameError, OpCode, Role};
-use parlor::ws::reader::{read_all, MessageReader, OwnedEvent, ReadError, ReadLimits};
+use parlor::ws::reader::{
+    read_all, read_all_observing, MessageReader, OwnedEvent, ReadError, ReadLimits,
+};
 use parlor::ws::utf8::{validate_in_pieces, Utf8Validator};
 
 /// Takes fuzz-chosen parameters off the front of the input; past the end every value is 0.
@@ -66,45 +68,19 @@ const OPCODES: [OpCode; 6] = [
 /// frame (2-byte header + 4-byte mask + 125 bytes), as its module doc promises.
 const MAX_UNCONSUMED: usize = 131;
 
-/// The same loop as `read_all`, plus the reader's own promise that the caller never has to keep
-/// more than a control frame of unconsumed bytes, checked after every piece.
+/// `read_all`, plus the reader's own promise that the caller never has to keep more than a
+/// control frame of unconsumed bytes, checked after every piece.
 fn read_checking_unconsumed(
     reader: &mut MessageReader,
     stream: &[u8],
     cuts: &[usize],
 ) -> (Vec<OwnedEvent>, Option<ReadError>) {
-    let mut events = Vec::new();
-    let mut pending: Vec<u8> = Vec::new();
-    let mut start = 0;
-    let mut bounds: Vec<usize> = cuts.iter().map(|&c| c.min(stream.len())).collect();
-    bounds.sort_unstable();
-    bounds.push(stream.len());
-    for end in bounds {
-        pending.extend_from_slice(&stream[start..end]);
-        start = end;
-        let mut pos = 0;
-        loop {
-            let available = pending.len() - pos;
-            match reader.next(&mut pending[pos..]) {
-                Ok((0, None)) => break,
-                Ok((n, ev)) => {
-                    assert!(n <= available, "consumed more than it was given");
-                    if let Some(ev) = ev {
-                        events.push(OwnedEvent::from(ev));
-                    }
-                    pos += n;
-                }
-                Err(e) => return (events, Some(e)),
-            }
-        }
-        pending.drain(..pos);
+    read_all_observing(reader, stream, cuts, |left| {
         assert!(
-            pending.len() <= MAX_UNCONSUMED,
-            "reader left {} bytes unconsumed",
-            pending.len()
-        );
-    }
-    (events, None)
+            left <= MAX_UNCONSUMED,
+            "reader left {left} bytes unconsumed"
+        )
+    })
 }
 
 /// `frame_decoder`: the frame decoder and message reader on arbitrary bytes, plus an

@@ -295,6 +295,18 @@ pub fn read_all(
     stream: &[u8],
     cuts: &[usize],
 ) -> (Vec<OwnedEvent>, Option<ReadError>) {
+    read_all_observing(reader, stream, cuts, |_| {})
+}
+
+/// Like [`read_all`], and calls `after_piece` with the number of bytes the reader left
+/// unconsumed after each piece (the fuzz target checks the module's promise that this never
+/// exceeds one control frame).
+pub fn read_all_observing(
+    reader: &mut MessageReader,
+    stream: &[u8],
+    cuts: &[usize],
+    mut after_piece: impl FnMut(usize),
+) -> (Vec<OwnedEvent>, Option<ReadError>) {
     let mut events = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
     let mut start = 0;
@@ -302,16 +314,15 @@ pub fn read_all(
     bounds.sort_unstable();
     bounds.push(stream.len());
     for end in bounds {
-        if end < start {
-            continue;
-        }
         pending.extend_from_slice(&stream[start..end]);
         start = end;
         let mut pos = 0;
         loop {
+            let available = pending.len() - pos;
             match reader.next(&mut pending[pos..]) {
                 Ok((0, None)) => break,
                 Ok((n, ev)) => {
+                    assert!(n <= available, "reader consumed more than it was given");
                     if let Some(ev) = ev {
                         events.push(OwnedEvent::from(ev));
                     }
@@ -321,6 +332,7 @@ pub fn read_all(
             }
         }
         pending.drain(..pos);
+        after_piece(pending.len());
     }
     (events, None)
 }
