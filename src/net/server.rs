@@ -370,23 +370,20 @@ impl Server {
                 self.on_http_input(idx);
             }
             Phase::Open | Phase::CloseSent => {
-                if conn.rbuf.is_empty() {
-                    // Common case: parse straight out of the loop's scratch buffer.
-                    let used = self.on_frames(idx, fresh);
-                    if let Some(c) = self.conns.get_mut(idx) {
-                        if matches!(c.phase, Phase::Open | Phase::CloseSent) {
-                            c.rbuf.extend_from_slice(&fresh[used..]);
-                        }
-                    }
+                // Common case: nothing held over, so parse straight out of the loop's scratch
+                // buffer; otherwise the held bytes (at most a frame header or a control frame)
+                // go first.
+                let mut held = mem::take(&mut conn.rbuf);
+                let data: &mut [u8] = if held.is_empty() {
+                    fresh
                 } else {
-                    let mut held = mem::take(&mut conn.rbuf);
                     held.extend_from_slice(fresh);
-                    let used = self.on_frames(idx, &mut held);
-                    held.drain(..used);
-                    if let Some(c) = self.conns.get_mut(idx) {
-                        if matches!(c.phase, Phase::Open | Phase::CloseSent) {
-                            c.rbuf = if held.is_empty() { Vec::new() } else { held };
-                        }
+                    &mut held
+                };
+                let used = self.on_frames(idx, data);
+                if let Some(c) = self.conns.get_mut(idx) {
+                    if matches!(c.phase, Phase::Open | Phase::CloseSent) {
+                        c.rbuf.extend_from_slice(&data[used..]);
                     }
                 }
             }
@@ -471,17 +468,10 @@ impl Server {
             svc.on_open(out, ConnId(token as u64), peer)
         });
         if !rest.is_empty() {
-            // Frames that arrived in the same read as the request head.
+            // Frames that arrived in the same read as the request head go through the same path
+            // as every later read.
             let mut rest = rest;
-            let conn = &mut self.conns[idx];
-            if conn.phase == Phase::Open {
-                let used = self.on_frames(idx, &mut rest);
-                if let Some(c) = self.conns.get_mut(idx) {
-                    if matches!(c.phase, Phase::Open | Phase::CloseSent) {
-                        c.rbuf = rest[used..].to_vec();
-                    }
-                }
-            }
+            self.on_input(idx, &mut rest);
         }
     }
 
@@ -588,10 +578,7 @@ impl Server {
                     Some(c) => close::close_payload(c, ""),
                     None => Vec::new(),
                 };
-                conn.out
-                    .push(Chunk::Owned(frame::encode_vec(OpCode::Close, &payload)));
-                *self.metrics.closes_sent.entry(code).or_default() += 1;
-                self.leave_open(idx, Phase::Finishing);
+                self.queue_close(idx, code, &payload, Phase::Finishing);
             }
         }
     }
@@ -621,27 +608,35 @@ impl Server {
     fn fail(&mut self, idx: usize, code: u16, reason: &str) {
         // Replies already queued (e.g. the echo of a valid message that arrived in the same
         // read) still go out before the close.
-        let conn = &mut self.conns[idx];
-        conn.out.push(Chunk::Owned(frame::encode_vec(
-            OpCode::Close,
+        self.queue_close(
+            idx,
+            code,
             &close::close_payload(code, reason),
-        )));
-        *self.metrics.closes_sent.entry(code).or_default() += 1;
-        self.leave_open(idx, Phase::Finishing);
+            Phase::Finishing,
+        );
     }
 
     /// Starts a close handshake we initiate: close frame, then wait for the peer's close.
     fn initiate_close(&mut self, idx: usize, code: u16, reason: &str) {
-        let conn = &mut self.conns[idx];
-        if conn.phase != Phase::Open {
+        if self.conns[idx].phase != Phase::Open {
             return;
         }
-        conn.out.push(Chunk::Owned(frame::encode_vec(
-            OpCode::Close,
+        self.queue_close(
+            idx,
+            code,
             &close::close_payload(code, reason),
-        )));
+            Phase::CloseSent,
+        );
+    }
+
+    /// Queues a close frame with `payload` (counted under `code`, 1005 for an empty one) after
+    /// whatever is already queued, and moves the connection to `next`.
+    fn queue_close(&mut self, idx: usize, code: u16, payload: &[u8], next: Phase) {
+        self.conns[idx]
+            .out
+            .push(Chunk::Owned(frame::encode_vec(OpCode::Close, payload)));
         *self.metrics.closes_sent.entry(code).or_default() += 1;
-        self.leave_open(idx, Phase::CloseSent);
+        self.leave_open(idx, next);
     }
 
     /// Moves an open connection to a closing phase and tells its service it is gone.
