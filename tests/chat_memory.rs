@@ -4,17 +4,8 @@
 
 mod common;
 
-use common::Server;
+use common::{rss_bytes, Server};
 use parlor::ws::reader::OwnedEvent;
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
-}
 
 fn register(server: &Server, user: &str) {
     let mut ws = server.ws_at("/ws");
@@ -32,11 +23,11 @@ fn registrations_do_not_grow_memory() {
     // Default argon2 cost on purpose: the growth came from its 19 MiB blocks.
     let server = Server::with_args(&["--rate-limit", "0"]);
     register(&server, "warmup");
-    let base = rss_kib(server.pid());
+    let base = rss_bytes(server.pid()).expect("VmRSS") / 1024;
     for i in 0..12 {
         register(&server, &format!("user{i}"));
     }
-    let grown = rss_kib(server.pid()).saturating_sub(base);
+    let grown = (rss_bytes(server.pid()).expect("VmRSS") / 1024).saturating_sub(base);
     assert!(
         grown < 8 * 1024,
         "12 registrations grew the server by {grown} KiB (base {base} KiB)"

@@ -275,10 +275,7 @@ fn sigterm_sends_1001_to_every_client_and_exits_0() {
     let start = Instant::now();
     server.signal("TERM");
     for c in &mut clients {
-        match c.recv_message() {
-            OwnedEvent::Close(Some(1001), _) => {}
-            other => panic!("expected close 1001, got {other:?}"),
-        }
+        c.expect_close(1001);
         c.send_close(1001, "");
     }
     for c in &mut clients {
@@ -321,10 +318,7 @@ fn sigterm_with_unresponsive_clients_exits_after_grace() {
     assert_eq!(status.code(), Some(0));
     assert!(start.elapsed() >= Duration::from_millis(400));
     for c in &mut clients {
-        match c.recv_message() {
-            OwnedEvent::Close(Some(1001), _) => {}
-            other => panic!("expected close 1001, got {other:?}"),
-        }
+        c.expect_close(1001);
     }
 }
 
@@ -334,10 +328,7 @@ fn sigint_behaves_like_sigterm() {
     let mut ws = server.ws();
     ws.echo("hi");
     server.signal("INT");
-    match ws.recv_message() {
-        OwnedEvent::Close(Some(1001), _) => {}
-        other => panic!("expected close 1001, got {other:?}"),
-    }
+    ws.expect_close(1001);
     ws.send_close(1001, "");
     assert_eq!(ws.recv(), Incoming::Eof);
     drop(ws);
@@ -351,10 +342,7 @@ fn listener_closes_on_sigterm() {
     let mut ws = server.ws();
     ws.echo("hi");
     server.signal("TERM");
-    match ws.recv_message() {
-        OwnedEvent::Close(Some(1001), _) => {}
-        other => panic!("expected close 1001, got {other:?}"),
-    }
+    ws.expect_close(1001);
     // The server is still running (waiting for our close), but accepts nothing new.
     assert!(server.is_running());
     assert!(
@@ -463,10 +451,7 @@ fn second_signal_stops_waiting_for_peers() {
     let mut ws = server.ws();
     ws.echo("hi");
     server.signal("TERM");
-    match ws.recv_message() {
-        OwnedEvent::Close(Some(1001), _) => {}
-        other => panic!("expected close 1001, got {other:?}"),
-    }
+    ws.expect_close(1001);
     // We never answer; a second signal ends the wait long before the 60 s grace.
     assert!(server.is_running());
     server.signal("TERM");

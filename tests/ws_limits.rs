@@ -111,12 +111,7 @@ fn ping_flood_answers_at_most_once_per_ping_and_keeps_the_connection_usable() {
     const PINGS: usize = 10_000;
     // 125-byte payloads: 1.27 MB of pongs if every ping were answered, more than the socket
     // buffers hold while we do not read.
-    let mut burst = Vec::with_capacity(PINGS * 131);
-    for i in 0..PINGS {
-        let mut p = format!("{i:08}").into_bytes();
-        p.resize(125, b'.');
-        burst.extend_from_slice(&masked(true, OpCode::Ping, &p));
-    }
+    let burst = ping_burst(PINGS);
     ws.send_raw(&burst);
     ws.send_text("after the flood");
 
@@ -258,12 +253,7 @@ fn ping_flood_larger_than_socket_buffers_is_coalesced() {
     // than loopback socket buffers hold while we do not read, so the server must coalesce
     // (RFC 6455 §5.5.3 allows answering only the most recent ping) instead of queueing them.
     const PINGS: usize = 100_000;
-    let mut burst = Vec::with_capacity(PINGS * 131);
-    for i in 0..PINGS {
-        let mut p = format!("{i:08}").into_bytes();
-        p.resize(125, b'.');
-        burst.extend_from_slice(&masked(true, OpCode::Ping, &p));
-    }
+    let burst = ping_burst(PINGS);
     ws.stream
         .set_write_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -360,19 +350,6 @@ fn one_message_of_the_maximum_size_is_echoed_despite_the_queue_limit() {
     ws.echo("after the big one");
 }
 
-/// Resident memory of a process in bytes, from /proc (Linux).
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
-}
-
 /// The outbound queue limit must bound memory, not just payload bytes: a client that sends
 /// tiny messages and never reads makes the server queue one tiny echo frame per message, and
 /// the memory those frames pin has to stay within a small factor of the configured limit.
@@ -431,4 +408,15 @@ fn queue_limit_bounds_memory_for_tiny_frames_too() {
         growth / 1024,
         max_queue / 1024
     );
+}
+
+/// `count` masked pings with 125-byte payloads numbered `00000000…`, in one buffer.
+fn ping_burst(count: usize) -> Vec<u8> {
+    let mut burst = Vec::with_capacity(count * 131);
+    for i in 0..count {
+        let mut p = format!("{i:08}").into_bytes();
+        p.resize(125, b'.');
+        burst.extend_from_slice(&masked(true, OpCode::Ping, &p));
+    }
+    burst
 }

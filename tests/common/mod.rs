@@ -297,6 +297,19 @@ impl Drop for Server {
 }
 
 /// The value of `name` in Prometheus text (the line `name VALUE`).
+/// Resident memory of a process, from `/proc` (Linux).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 pub fn metric_value(body: &str, name: &str) -> Option<u64> {
     body.lines().find_map(|l| {
         let rest = l.strip_prefix(name)?.strip_prefix(' ')?;
@@ -601,18 +614,23 @@ impl WsClient {
         self.expect_text(text);
     }
 
-    /// Expects a close frame with `code` (any reason) as the next non-ping event, then EOF.
-    pub fn expect_close_then_eof(&mut self, code: u16) -> String {
-        let reason = loop {
+    /// Expects a close frame with `code` (any reason) as the next non-ping event.
+    pub fn expect_close(&mut self, code: u16) -> String {
+        loop {
             match self.recv() {
                 Incoming::Event(OwnedEvent::Ping(_) | OwnedEvent::Pong(_)) => continue,
                 Incoming::Event(OwnedEvent::Close(Some(c), reason)) => {
                     assert_eq!(c, code, "close code (reason {reason:?})");
-                    break reason;
+                    return reason;
                 }
                 other => panic!("expected close {code}, got {other:?}"),
             }
-        };
+        }
+    }
+
+    /// Expects a close frame with `code` (any reason) as the next non-ping event, then EOF.
+    pub fn expect_close_then_eof(&mut self, code: u16) -> String {
+        let reason = self.expect_close(code);
         assert_eq!(
             self.recv(),
             Incoming::Eof,
