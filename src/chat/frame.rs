@@ -12,23 +12,15 @@ pub fn text_frame(payload: &[u8]) -> SharedFrame {
 }
 
 /// Decodes what [`text_frame`] produced (tests only): the payload of one unmasked frame.
+/// The payload of a final, unmasked text frame (what the fake outbox in tests records).
 #[cfg(test)]
 pub fn decode_text_frame(frame: &[u8]) -> Option<&[u8]> {
-    if frame.len() < 2 || frame[0] != 0x81 {
+    use crate::ws::frame::{decode_header, Role};
+    let h = decode_header(frame, Role::Client, u64::MAX).ok()??;
+    if !h.fin || h.opcode != OpCode::Text {
         return None;
     }
-    let (len, start) = match frame[1] {
-        126 => (
-            u16::from_be_bytes([*frame.get(2)?, *frame.get(3)?]) as usize,
-            4,
-        ),
-        127 => {
-            let b: [u8; 8] = frame.get(2..10)?.try_into().ok()?;
-            (u64::from_be_bytes(b) as usize, 10)
-        }
-        n => (n as usize, 2),
-    };
-    frame.get(start..start + len)
+    frame.get(h.header_len..h.header_len + usize::try_from(h.payload_len).ok()?)
 }
 
 #[cfg(test)]
