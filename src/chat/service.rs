@@ -40,6 +40,23 @@ const MAX_BACKLOG: usize = 256;
 /// bound, repeated logins would grow memory and the store forever.
 const MAX_SESSIONS: usize = 64;
 
+/// Replaces `scratch` with the connections of the users `keys`, minus `skip_conn`. A free
+/// function over the two fields so callers can iterate another part of the service (a room's
+/// members) while filling the list.
+fn conns_of<'a>(
+    scratch: &mut Vec<ConnId>,
+    users: &HashMap<String, User>,
+    keys: impl Iterator<Item = &'a String>,
+    skip_conn: ConnId,
+) {
+    scratch.clear();
+    for k in keys {
+        if let Some(u) = users.get(k) {
+            scratch.extend(u.conns.iter().copied().filter(|c| *c != skip_conn));
+        }
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -370,13 +387,7 @@ impl ChatService {
 
     /// Puts the connections of `keys` (minus `skip_conn`) into the scratch list.
     fn collect_conns<'a>(&mut self, keys: impl Iterator<Item = &'a String>, skip_conn: ConnId) {
-        self.scratch.clear();
-        for k in keys {
-            if let Some(u) = self.users.get(k) {
-                self.scratch
-                    .extend(u.conns.iter().copied().filter(|c| *c != skip_conn));
-            }
-        }
+        conns_of(&mut self.scratch, &self.users, keys, skip_conn);
     }
 
     /// Keys of users sharing at least one room with `key` (not `key` itself).
@@ -1380,16 +1391,14 @@ impl ChatService {
         r: Option<&str>,
     ) {
         let now = out.now();
-        let (target, recipients): (String, Vec<String>) = match (&room, &to) {
+        // The throttle key; recipients are only gathered for events that pass the throttle.
+        let target = match (&room, &to) {
             (Some(room), None) => {
                 if let Err((c, m)) = validate::room_name(room) {
                     return self.error(out, conn, c, &m, r);
                 }
                 match self.rooms.get(room) {
-                    Some(rm) if rm.members.contains(key) => (
-                        format!("#{room}"),
-                        rm.members.iter().filter(|m| *m != key).cloned().collect(),
-                    ),
+                    Some(rm) if rm.members.contains(key) => format!("#{room}"),
                     _ => return self.error(out, conn, ErrorCode::NotMember, "not a member", r),
                 }
             }
@@ -1401,12 +1410,7 @@ impl ChatService {
                 if !self.users.contains_key(&tk) {
                     return self.error(out, conn, ErrorCode::NoSuchUser, "no such user", r);
                 }
-                let rec = if tk == key {
-                    Vec::new()
-                } else {
-                    vec![tk.clone()]
-                };
-                (format!("@{tk}"), rec)
+                format!("@{tk}")
             }
             _ => {
                 return self.error(
@@ -1425,7 +1429,19 @@ impl ChatService {
             }
         }
         self.typing.insert(tkey, now);
-        self.collect_conns(recipients.iter(), conn);
+        // Everyone else in the room, or the other side of the DM; never the typist's own
+        // connections. Gathered only now, for an event that passed the throttle.
+        match (&room, &to) {
+            (Some(room), _) => {
+                let others = self.rooms[room].members.iter().filter(|m| *m != key);
+                conns_of(&mut self.scratch, &self.users, others, conn);
+            }
+            (_, to) => {
+                let other = to.as_ref().map(|t| validate::user_key(t));
+                let other = other.iter().filter(|tk| *tk != key);
+                conns_of(&mut self.scratch, &self.users, other, conn);
+            }
+        }
         let u = &self.users[key];
         let to_name = to
             .as_ref()
