@@ -57,6 +57,10 @@ pub trait Service {
     fn on_close(&mut self, _out: &mut dyn Outbox, _conn: ConnId) {}
     /// The waker fired: collect results from worker threads.
     fn on_wake(&mut self, _out: &mut dyn Outbox) {}
+    /// The loop finished a turn (input read, before and after its writes are flushed): hand
+    /// work gathered during the turn to worker threads in one go, so a burst of messages costs
+    /// one wake-up of a worker instead of one per message.
+    fn on_turn_end(&mut self) {}
     /// Called about once a second, for housekeeping that is due by time rather than by input.
     fn on_tick(&mut self, _out: &mut dyn Outbox) {}
     /// Appends Prometheus text for `/metrics`.

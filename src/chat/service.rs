@@ -164,7 +164,9 @@ pub struct ChatService {
     /// a room's cached fan-out list is valid only for the epoch it was built in.
     membership_epoch: u64,
     wake: Wake,
-    store_tx: Sender<StoreReq>,
+    store_tx: Sender<Vec<StoreReq>>,
+    /// Store requests of the current loop turn, handed over together in `on_turn_end`.
+    store_batch: Vec<StoreReq>,
     store_rx: Receiver<StoreEvent>,
     store_thread: Option<JoinHandle<()>>,
     auth: AuthPool,
@@ -290,6 +292,7 @@ impl ChatService {
             cfg,
             wake,
             store_tx,
+            store_batch: Vec::new(),
             store_rx,
             store_thread: Some(store_thread),
             auth,
@@ -321,9 +324,7 @@ impl ChatService {
 
     fn write(&mut self, w: Write) -> u64 {
         self.write_seq += 1;
-        if self.store_tx.send(StoreReq::Write(w)).is_err() {
-            log::error!("chat: store thread is gone; write dropped");
-        }
+        self.store_batch.push(StoreReq::Write(w));
         self.write_seq
     }
 
@@ -335,10 +336,21 @@ impl ChatService {
     fn query(&mut self, q: Query, waiter: QueryWaiter) {
         self.next_qid += 1;
         self.queries.insert(self.next_qid, waiter);
-        let _ = self.store_tx.send(StoreReq::Query {
+        self.store_batch.push(StoreReq::Query {
             qid: self.next_qid,
             query: q,
         });
+    }
+
+    /// Sends the turn's store requests to the store thread in one message.
+    fn hand_to_store(&mut self) {
+        if self.store_batch.is_empty() {
+            return;
+        }
+        let reqs = std::mem::take(&mut self.store_batch);
+        if self.store_tx.send(reqs).is_err() {
+            log::error!("chat: store thread is gone; writes dropped");
+        }
     }
 
     fn send(&mut self, out: &mut dyn Outbox, conn: ConnId, frame: &ServerFrame<'_>) {
@@ -1867,13 +1879,18 @@ impl Service for ChatService {
         }
     }
 
+    fn on_turn_end(&mut self) {
+        self.hand_to_store();
+    }
+
     fn shutdown(&mut self) {
         if self.stopped {
             return;
         }
         self.stopped = true;
         // Everything queued before Shutdown is committed before the thread exits.
-        let _ = self.store_tx.send(StoreReq::Shutdown);
+        self.store_batch.push(StoreReq::Shutdown);
+        self.hand_to_store();
         if let Some(h) = self.store_thread.take() {
             if h.join().is_err() {
                 log::error!("chat: store thread panicked");

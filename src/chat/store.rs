@@ -1,11 +1,14 @@
 //! SQLite storage on a dedicated thread.
 //!
 //! The event loop never touches the database after startup. It sends [`StoreReq`]s over a
-//! channel; the store thread takes everything queued, applies it in one transaction (group
+//! channel, a loop turn's worth per message: one wake-up of this thread per turn rather than
+//! one per chat message (on a shared core every wake-up preempted the loop and committed a
+//! one-row transaction). The store thread takes everything queued, applies it in one transaction (group
 //! commit), commits, and reports the results of any queries in that batch followed by the
 //! highest committed write sequence number. Queries run inside the batch after the writes
 //! queued before them, so a query sees everything the loop accepted before sending it.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -416,20 +419,30 @@ fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>
 
 /// The store thread's body. Returns when it gets [`StoreReq::Shutdown`] (after committing
 /// everything before it) or when the loop side hangs up.
-pub fn run(mut conn: Connection, rx: Receiver<StoreReq>, events: Sender<StoreEvent>, wake: Wake) {
+pub fn run(
+    mut conn: Connection,
+    rx: Receiver<Vec<StoreReq>>,
+    events: Sender<StoreEvent>,
+    wake: Wake,
+) {
     let mut seq: u64 = 0;
+    // Requests arrive a loop turn's worth at a time; a transaction takes at most MAX_BATCH.
+    let mut queued: VecDeque<StoreReq> = VecDeque::new();
     loop {
-        let first = match rx.recv() {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        if queued.is_empty() {
+            match rx.recv() {
+                Ok(reqs) => queued.extend(reqs),
+                Err(_) => return,
+            }
+        }
+        while queued.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok(reqs) => queued.extend(reqs),
                 Err(_) => break,
             }
         }
+        let take = queued.len().min(MAX_BATCH);
+        let batch: Vec<StoreReq> = queued.drain(..take).collect();
         let start = Instant::now();
         let mut results = Vec::new();
         let mut failed = Vec::new();

@@ -127,6 +127,7 @@ impl H {
     fn settle(&mut self) {
         let start = Instant::now();
         loop {
+            self.svc.on_turn_end();
             self.svc.on_wake(&mut self.out);
             if self.svc.is_idle() {
                 return;
@@ -1360,5 +1361,48 @@ fn registrations_are_throttled_per_address() {
         );
         assert_eq!(h.one(c)["type"], "welcome");
     }
+    h.shutdown();
+}
+
+/// Messages accepted in one loop turn reach the store as one batch (one wake-up of the store
+/// thread, one transaction), and every one of them is still acked.
+#[test]
+fn one_turn_of_messages_is_one_store_batch() {
+    fn metric(h: &H, name: &str) -> f64 {
+        let mut m = String::new();
+        h.svc.metrics(&mut m);
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    }
+    let dir = TempDir::new("turn-batch");
+    let mut h = H::new(&dir, &["--rate-limit", "0"]);
+    let (a, _) = h.user("alice");
+    h.settle();
+    let before = metric(&h, "parlor_chat_store_batch_writes_count");
+    for i in 0..50 {
+        h.send(
+            a,
+            json!({"type":"say","room":"general","text":format!("m{i}"),"ref":format!("r{i}")}),
+        );
+    }
+    // The store thread has nothing yet: the turn has not ended.
+    std::thread::sleep(Duration::from_millis(50));
+    h.svc.on_wake(&mut h.out);
+    let acks = |h: &mut H| {
+        h.out
+            .frames
+            .get(&a)
+            .map_or(0, |f| f.iter().filter(|v| v["type"] == "ack").count())
+    };
+    assert_eq!(acks(&mut h), 0, "acked before the store got the writes");
+    h.settle();
+    assert_eq!(acks(&mut h), 50);
+    let batches = metric(&h, "parlor_chat_store_batch_writes_count") - before;
+    assert_eq!(
+        batches, 1.0,
+        "50 messages of one turn took {batches} store batches"
+    );
+    assert!(metric(&h, "parlor_chat_store_batch_writes_max") >= 50.0);
     h.shutdown();
 }

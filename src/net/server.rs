@@ -832,6 +832,8 @@ impl Server {
 
     fn end_turn(&mut self) {
         self.notify_closed();
+        // Before the flush, so workers (the store's commit) overlap with our writes.
+        self.services_turn_end();
         let mut dirty = mem::take(&mut self.dirty);
         for &idx in &dirty {
             if let Some(c) = self.conns.get_mut(idx) {
@@ -842,6 +844,8 @@ impl Server {
         dirty.clear();
         self.dirty = dirty;
         self.notify_closed();
+        // Closes found while flushing may have produced work too.
+        self.services_turn_end();
         for idx in mem::take(&mut self.dead) {
             if let Some(mut conn) = self.conns.try_remove(idx) {
                 let _ = self.poll.registry().deregister(&mut conn.socket);
@@ -874,6 +878,12 @@ impl Server {
     fn wake_services(&mut self) {
         for ep in 0..self.endpoints.len() {
             self.with_service(ep, |svc, out| svc.on_wake(out));
+        }
+    }
+
+    fn services_turn_end(&mut self) {
+        for ep in &mut self.endpoints {
+            ep.service.on_turn_end();
         }
     }
 
