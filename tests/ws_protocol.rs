@@ -347,6 +347,34 @@ fn close_followed_by_half_close_still_gets_the_close_reply() {
     ws.expect_close_then_eof(1000);
 }
 
+/// The loop stops reading at a short read (the socket is drained; new data raises a new
+/// edge), but a FIN that arrived together with the data raised its edge already: the server
+/// must still see it and end the connection, not wait for the idle timeout.
+#[test]
+fn data_and_fin_in_one_read_end_the_connection() {
+    let server = Server::start();
+    let mut ws = server.ws();
+    ws.echo("warm");
+    server.pause();
+    ws.send_text("last words");
+    ws.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    server.resume();
+    ws.expect_text("last words");
+    assert_eq!(ws.recv(), Incoming::Eof, "server must close after the FIN");
+}
+
+/// A FIN that comes after the server drained the socket with a short read raises its own edge.
+#[test]
+fn fin_after_a_drained_read_ends_the_connection() {
+    let server = Server::start();
+    let mut ws = server.ws();
+    ws.echo("one");
+    thread::sleep(Duration::from_millis(50));
+    ws.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(ws.recv(), Incoming::Eof, "server must close after the FIN");
+}
+
 #[test]
 fn queued_echo_goes_out_before_the_close_reply() {
     let server = Server::start();

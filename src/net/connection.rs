@@ -57,6 +57,9 @@ pub struct Connection {
     pub eof: bool,
     /// Read budget ran out with data possibly left in the socket: in the loop's ready list.
     pub needs_read: bool,
+    /// epoll reported the peer's FIN or a socket error: read until EOF/error, not just until
+    /// a short read (that event will not be reported again).
+    pub hangup_seen: bool,
 }
 
 impl Connection {
