@@ -402,6 +402,34 @@ impl ChatService {
         conns_of(&mut self.scratch, &self.users, keys, skip_conn);
     }
 
+    /// Puts the connections of users sharing a room with `key` (not `key`'s own, nor
+    /// `skip_conn`) into the scratch list, each once. Presence goes to this list on every
+    /// first connect and last disconnect, so when everyone reconnects at once it runs once per
+    /// user over a room of everyone: no per-member String clone or set insert here, only the
+    /// member's connection lookup.
+    fn collect_sharer_conns(&mut self, key: &str, skip_conn: ConnId) {
+        self.scratch.clear();
+        let Some(u) = self.users.get(key) else {
+            return;
+        };
+        for r in &u.rooms {
+            let Some(room) = self.rooms.get(r) else {
+                continue;
+            };
+            for m in room.members.iter().filter(|m| *m != key) {
+                if let Some(mu) = self.users.get(m) {
+                    self.scratch
+                        .extend(mu.conns.iter().copied().filter(|c| *c != skip_conn));
+                }
+            }
+        }
+        if u.rooms.len() > 1 {
+            // Someone in two of these rooms has been collected twice.
+            self.scratch.sort_unstable();
+            self.scratch.dedup();
+        }
+    }
+
     /// Keys of users sharing at least one room with `key` (not `key` itself).
     fn room_sharers(&self, key: &str) -> BTreeSet<String> {
         let mut s = BTreeSet::new();
@@ -751,8 +779,7 @@ impl ChatService {
         self.membership_epoch += 1;
         if first {
             self.online.insert(key.to_string());
-            let sharers = self.room_sharers(key);
-            self.collect_conns(sharers.iter(), conn);
+            self.collect_sharer_conns(key, conn);
             let u = &self.users[key];
             let json = ServerFrame::Presence {
                 room: None,
@@ -1724,8 +1751,7 @@ impl Service for ChatService {
             key: key.clone(),
             ts,
         });
-        let sharers = self.room_sharers(&key);
-        self.collect_conns(sharers.iter(), conn);
+        self.collect_sharer_conns(&key, conn);
         let u = &self.users[&key];
         let json = ServerFrame::Presence {
             room: None,

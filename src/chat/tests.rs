@@ -479,6 +479,31 @@ fn dm_privacy_and_multi_connection() {
     h.shutdown();
 }
 
+/// Sharing two rooms with someone still means one presence frame per event, not one per room.
+#[test]
+fn presence_is_sent_once_to_a_user_sharing_two_rooms() {
+    let dir = TempDir::new("presence-two-rooms");
+    let mut h = H::new(&dir, &[]);
+    let (a, _) = h.user("alice");
+    let (b, tb) = h.user("bob");
+    h.send(a, json!({"type":"join","room":"rust"}));
+    h.send(b, json!({"type":"join","room":"rust"}));
+    h.clear();
+    h.close(b);
+    let off = h.one(a);
+    assert_eq!(
+        (off["event"].as_str(), off["user"].as_str()),
+        (Some("offline"), Some("bob"))
+    );
+    let _b = h.resume(&tb);
+    let on = h.one(a);
+    assert_eq!(
+        (on["event"].as_str(), on["user"].as_str()),
+        (Some("online"), Some("bob"))
+    );
+    h.shutdown();
+}
+
 #[test]
 fn presence_online_offline() {
     let dir = TempDir::new("presence");
