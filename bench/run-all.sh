@@ -19,7 +19,7 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-1}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 TARGETS=${TARGETS:-"parlor tokio-tungstenite node-ws"}
-SCENARIOS=${SCENARIOS:-"echo-100x20B echo-100x16KiB echo-10x16inflight fanout-1000-max fanout-1000-at-100 fanout-1000-at-1000 idle-memory"}
+SCENARIOS=${SCENARIOS:-"echo-100x20B echo-100x16KiB echo-10x16inflight fanout-1000-max fanout-1000-max-w128 fanout-1000-at-100 fanout-1000-at-1000 idle-memory"}
 OUT_DIR=${OUT_DIR:-$CARGO_TARGET_DIR/bench-results}
 SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
@@ -111,6 +111,8 @@ args_for() {
     echo-100x16KiB) echo "echo --url $BASE/echo -c 100 --size 16384 --inflight 1 $common" ;;
     echo-10x16inflight) echo "echo --url $BASE/echo -c 10 --size 20 --inflight 16 $common" ;;
     fanout-1000-max) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 0 $common" ;;
+    # The same with 128 messages in flight: tokio-tungstenite's best window in our runs.
+    fanout-1000-max-w128) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 0 --max-inflight 128 $common" ;;
     fanout-1000-at-100) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 100 $common" ;;
     fanout-1000-at-1000) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 1000 $common" ;;
     idle-memory) echo "connections --url $BASE/echo -c $IDLE_CONNS --hold 5 --pid $SERVER_PID --json -q" ;;
@@ -170,7 +172,7 @@ metrics = {
                ("server_ns_per_delivery", "server ns/delivery", "{:,.0f}", False), ("lost", "lost (max)", "{:,.0f}", False)],
     "idle": [("kib_per_conn", "KiB/conn", "{:,.2f}", False), ("still_open", "still open (min)", "{:,.0f}", True)],
 }
-order = ["echo-100x20B", "echo-100x16KiB", "echo-10x16inflight", "fanout-1000-max", "fanout-1000-at-100",
+order = ["echo-100x20B", "echo-100x16KiB", "echo-10x16inflight", "fanout-1000-max", "fanout-1000-max-w128", "fanout-1000-at-100",
          "fanout-1000-at-1000", "idle-memory"]
 names = {"parlor": "Parlor", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
 peers = [t for t in targets if t != "parlor"]
