@@ -95,6 +95,13 @@ pub struct Config {
     #[arg(long, default_value = "3", value_parser = parse_secs)]
     pub shutdown_grace: Duration,
 
+    /// Bytes of freed heap the allocator keeps for reuse before handing memory back to the
+    /// kernel (glibc's M_TRIM_THRESHOLD; ignored elsewhere). glibc's own default (128 KiB, raised
+    /// only by chance at run time) returns the heap top after every burst of large frames and
+    /// faults the same pages back in on the next one. 0 leaves glibc's default.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub malloc_trim_threshold: usize,
+
     #[command(flatten)]
     pub chat: crate::chat::ChatConfig,
 }

@@ -34,6 +34,7 @@ fn help_lists_every_flag() {
         "--pong-timeout",
         "--close-timeout",
         "--shutdown-grace",
+        "--malloc-trim-threshold",
     ] {
         assert!(
             help.contains(flag),
