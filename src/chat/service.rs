@@ -187,6 +187,10 @@ pub struct ChatService {
     online: HashSet<String>,
     /// Users with dedup entries, so expiry does not walk every account.
     dedup_users: HashSet<String>,
+    /// Rooms that may have lost their last online member since the last tick (see
+    /// `cool_if_unwatched`). Checked once per tick, so a storm of departures from a big room
+    /// costs one scan of its members, not one per departure.
+    maybe_unwatched: HashSet<String>,
     next_id: i64,
     /// Ids below this are covered by a committed reservation and may be broadcast.
     id_durable: i64,
@@ -310,6 +314,7 @@ impl ChatService {
             conns: HashMap::new(),
             online: HashSet::new(),
             dedup_users: HashSet::new(),
+            maybe_unwatched: HashSet::new(),
             next_id: loaded.next_id,
             id_durable: reserved,
             id_requested: reserved,
@@ -1090,6 +1095,28 @@ impl ChatService {
         .to_json();
         self.fanout_scratch(out, &json, false);
         self.send(out, conn, &ServerFrame::Left { room, reference: r });
+        self.maybe_unwatched.insert(room.to_string());
+    }
+
+    /// Drops a room's join snapshot from memory once no member is online: the store has the
+    /// same messages and the next join loads them (off the loop), so memory follows the rooms
+    /// of online users rather than every room touched since start.
+    fn cool_if_unwatched(&mut self, room: &str) {
+        let Some(rm) = self.rooms.get_mut(room) else {
+            return;
+        };
+        // A loading ring has joins waiting on it; only a warm one can go.
+        if matches!(rm.ring, Ring::Warm(_)) && !rm.members.iter().any(|m| self.online.contains(m)) {
+            rm.ring = Ring::Cold;
+        }
+    }
+
+    /// Whether `room`'s join snapshot is in memory (for tests).
+    #[cfg(test)]
+    pub(super) fn ring_is_warm(&self, room: &str) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|r| matches!(r.ring, Ring::Warm(_)))
     }
 
     /// `say` (room set) and `dm` (to set).
@@ -1762,6 +1789,8 @@ impl Service for ChatService {
         }
         .to_json();
         self.fanout_scratch(out, &json, false);
+        let rooms = &self.users[&key].rooms;
+        self.maybe_unwatched.extend(rooms.iter().cloned());
     }
 
     fn on_wake(&mut self, out: &mut dyn Outbox) {
@@ -1810,6 +1839,9 @@ impl Service for ChatService {
             }
             None => false,
         });
+        for room in std::mem::take(&mut self.maybe_unwatched) {
+            self.cool_if_unwatched(&room);
+        }
     }
 
     fn metrics(&self, out: &mut String) {
@@ -1832,6 +1864,15 @@ impl Service for ChatService {
             "gauge",
             "Users with at least one authenticated connection.",
             self.online.len() as f64,
+        );
+        g(
+            "parlor_chat_rooms_warm",
+            "gauge",
+            "Rooms whose recent messages are held in memory (rooms with a member online).",
+            self.rooms
+                .values()
+                .filter(|r| matches!(r.ring, Ring::Warm(_)))
+                .count() as f64,
         );
         g(
             "parlor_chat_messages_in_total",

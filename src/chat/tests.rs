@@ -153,6 +153,19 @@ impl H {
         f.into_iter().next().unwrap_or(Value::Null)
     }
 
+    /// `c` says "m0", "m1", ... "m{n-1}" in `room`.
+    fn say_numbered(&mut self, c: ConnId, room: &str, n: usize) {
+        for i in 0..n {
+            self.send(c, json!({"type":"say","room":room,"text":format!("m{i}")}));
+        }
+    }
+
+    /// Settles, then runs the service's periodic housekeeping.
+    fn tick(&mut self) {
+        self.settle();
+        self.svc.on_tick(&mut self.out);
+    }
+
     fn advance(&mut self, d: Duration) {
         let now = self.out.now();
         self.out.now = Some(now + d);
@@ -1040,12 +1053,7 @@ fn join_snapshot_meets_live_stream_exactly() {
         let (c, _) = h.user("carol");
         h.send(a, json!({"type":"join","room":"rust"}));
         h.send(c, json!({"type":"join","room":"rust"}));
-        for i in 0..60 {
-            h.send(
-                a,
-                json!({"type":"say","room":"rust","text":format!("m{i}")}),
-            );
-        }
+        h.say_numbered(a, "rust", 60);
         h.clear();
         h.shutdown();
     }
@@ -1429,5 +1437,62 @@ fn one_turn_of_messages_is_one_store_batch() {
         "50 messages of one turn took {batches} store batches"
     );
     assert!(metric(&h, "parlor_chat_store_batch_writes_max") >= 50.0);
+    h.shutdown();
+}
+
+/// A room's join snapshot leaves memory (at the next tick) when its last online member goes
+/// (offline or `leave`), and the next join loads the same messages from the store.
+#[test]
+fn rooms_without_online_members_drop_their_snapshot() {
+    fn warm(h: &H, room: &str) -> bool {
+        h.svc.ring_is_warm(room)
+    }
+    fn warm_gauge(h: &H) -> String {
+        let mut m = String::new();
+        h.svc.metrics(&mut m);
+        m.lines()
+            .find(|l| l.starts_with("parlor_chat_rooms_warm "))
+            .unwrap_or_default()
+            .to_string()
+    }
+    let dir = TempDir::new("cool");
+    let mut h = H::new(&dir, &["--rate-limit", "0"]);
+    let (a, _) = h.user("alice");
+    let (b, _) = h.user("bob");
+    h.send(a, json!({"type":"join","room":"rust"}));
+    h.send(b, json!({"type":"join","room":"rust"}));
+    h.say_numbered(a, "rust", 3);
+    h.clear();
+    assert!(warm(&h, "rust"));
+    assert_eq!(warm_gauge(&h), "parlor_chat_rooms_warm 2"); // general and rust
+
+    // One member still online: the snapshot stays.
+    h.close(a);
+    h.tick();
+    assert!(warm(&h, "rust"));
+    h.close(b);
+    assert!(warm(&h, "rust"), "checked at the tick, not per departure");
+    h.tick();
+    assert!(!warm(&h, "rust"));
+    assert!(!warm(&h, "general"));
+    assert_eq!(warm_gauge(&h), "parlor_chat_rooms_warm 0");
+
+    // The next join gets the same history, from the store.
+    let (c, _) = h.user("carol");
+    h.clear();
+    h.send(c, json!({"type":"join","room":"rust"}));
+    let f = h.take(c);
+    assert_eq!(types(&f), ["joined"], "{f:#?}");
+    let texts: Vec<&str> = f[0]["history"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["text"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(texts, ["m0", "m1", "m2"]);
+    assert!(warm(&h, "rust"));
+
+    // Leaving counts too: carol is online, but no longer a member of rust.
+    h.send(c, json!({"type":"leave","room":"rust"}));
+    h.tick();
+    assert!(!warm(&h, "rust"));
     h.shutdown();
 }
