@@ -290,6 +290,48 @@ fn ping_flood_larger_than_socket_buffers_is_coalesced() {
     ws.echo("still usable");
 }
 
+/// A ping that arrives while a big frame is half-written is answered at the next frame boundary,
+/// so before anything queued behind it. (The pong used to wait for a write that started exactly
+/// at a boundary, so a text queued after the ping could overtake it in the same writev.)
+#[test]
+fn pong_for_a_backlogged_ping_is_not_overtaken_by_later_frames() {
+    // A 12 MiB echo outgrows the loopback socket buffers; the queue limit is raised so the
+    // frames behind it are accepted.
+    let server = Server::with_args(&["--max-queue", "64000000"]);
+    let mut ws = server.ws();
+    let big = pattern(12 << 20, 9);
+    ws.stream
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    ws.send_raw(&masked(true, OpCode::Binary, &big));
+    // The server echoes until the socket buffers are full: its queue head is now half-written.
+    thread::sleep(Duration::from_millis(200));
+    let mut rest = masked(true, OpCode::Ping, b"while backlogged");
+    rest.extend(masked(true, OpCode::Text, b"after the ping"));
+    ws.send_raw(&rest);
+    thread::sleep(Duration::from_millis(200));
+    let mut seen = Vec::new();
+    loop {
+        match ws.recv_event() {
+            OwnedEvent::Binary(b) => {
+                assert!(b == big, "echo of the big message differs");
+                seen.push("big");
+            }
+            OwnedEvent::Pong(p) => {
+                assert_eq!(p, b"while backlogged");
+                seen.push("pong");
+            }
+            OwnedEvent::Text(t) => {
+                assert_eq!(t, "after the ping");
+                seen.push("text");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["big", "pong", "text"]);
+}
+
 #[test]
 fn slow_consumer_that_resumes_reading_gets_close_1008() {
     let server = Server::with_args(&[

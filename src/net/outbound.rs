@@ -101,11 +101,17 @@ impl OutQueue {
         }
     }
 
-    /// One vectored write of the queue's head. Returns the bytes written.
-    pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<usize> {
+    /// One vectored write of up to `max_chunks` (at most [`MAX_IOVECS`]) chunks from the head.
+    /// Returns the bytes written.
+    pub fn write_to<W: Write>(&mut self, w: &mut W, max_chunks: usize) -> io::Result<usize> {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let mut n = 0;
-        for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
+        for (i, c) in self
+            .chunks
+            .iter()
+            .take(max_chunks.min(MAX_IOVECS))
+            .enumerate()
+        {
             let bytes: &[u8] = if i == 0 { &c[self.head_offset..] } else { c };
             slices[n] = IoSlice::new(bytes);
             n += 1;
@@ -193,7 +199,7 @@ mod tests {
             limit: 7,
         };
         while !q.is_empty() {
-            q.write_to(&mut w).unwrap();
+            q.write_to(&mut w, MAX_IOVECS).unwrap();
         }
         assert_eq!(w.got, expected);
         assert_eq!(q.bytes(), 0);
@@ -211,13 +217,31 @@ mod tests {
             got: Vec::new(),
             limit: 16,
         };
-        q.write_to(&mut w).unwrap();
+        q.write_to(&mut w, MAX_IOVECS).unwrap();
         assert!(q.at_frame_boundary());
         q.push_front(Chunk::Owned(b"pong".to_vec()));
         while !q.is_empty() {
-            q.write_to(&mut w).unwrap();
+            q.write_to(&mut w, MAX_IOVECS).unwrap();
         }
         assert_eq!(w.got, b"HTTP/1.1 101\r\n\r\npongframe");
+    }
+
+    #[test]
+    fn a_write_limited_to_one_chunk_stops_at_the_frame_boundary() {
+        let mut q = OutQueue::default();
+        q.push(Chunk::Owned(b"head".to_vec()));
+        q.push(Chunk::Owned(b"next".to_vec()));
+        let mut w = Trickle {
+            got: Vec::new(),
+            limit: 3,
+        };
+        q.write_to(&mut w, 1).unwrap();
+        assert!(!q.at_frame_boundary());
+        w.limit = 100;
+        assert_eq!(q.write_to(&mut w, 1).unwrap(), 1);
+        assert!(q.at_frame_boundary());
+        assert_eq!(w.got, b"head");
+        assert_eq!(q.bytes(), 4);
     }
 
     #[test]
@@ -229,7 +253,7 @@ mod tests {
             got: Vec::new(),
             limit: 4,
         };
-        q.write_to(&mut w).unwrap();
+        q.write_to(&mut w, MAX_IOVECS).unwrap();
         q.discard_unstarted();
         assert_eq!(q.bytes(), 6);
         assert!(!q.at_frame_boundary());

@@ -19,7 +19,7 @@ use slab::Slab;
 
 use super::connection::{Connection, Phase};
 use super::metrics::Metrics;
-use super::outbound::Chunk;
+use super::outbound::{Chunk, MAX_IOVECS};
 use super::timers::Timers;
 use crate::config::Config;
 use crate::http::{self, HeadLimits, Parsed, Response, StaticFiles};
@@ -798,7 +798,14 @@ impl Server {
             if conn.out.is_empty() {
                 break;
             }
-            match conn.out.write_to(&mut conn.socket) {
+            // A pong still waiting for a frame boundary goes right after the half-written head,
+            // so the head is written alone: frames queued behind it must not overtake the pong.
+            let max_chunks = if conn.pending_pong.is_some() {
+                1
+            } else {
+                MAX_IOVECS
+            };
+            match conn.out.write_to(&mut conn.socket, max_chunks) {
                 Ok(0) => {
                     self.kill(idx);
                     return;
