@@ -1636,6 +1636,8 @@ impl ChatService {
                     self.send_joined(out, conn, &room, reference.as_deref());
                     self.unblock(out, conn);
                 }
+                // The joiners may have gone offline while it loaded.
+                self.maybe_unwatched.insert(room);
             }
             Some(QueryWaiter::History {
                 conn,

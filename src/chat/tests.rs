@@ -1494,5 +1494,13 @@ fn rooms_without_online_members_drop_their_snapshot() {
     h.send(c, json!({"type":"leave","room":"rust"}));
     h.tick();
     assert!(!warm(&h, "rust"));
+
+    // A joiner that goes offline while the ring loads leaves no warm ring behind.
+    h.send(c, json!({"type":"join","room":"rust"}));
+    h.close(c);
+    h.svc.on_tick(&mut h.out); // before the load lands: the loading ring must stay
+    h.tick();
+    assert!(!warm(&h, "rust"));
+    assert_eq!(warm_gauge(&h), "parlor_chat_rooms_warm 0");
     h.shutdown();
 }
