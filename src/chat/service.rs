@@ -5,7 +5,7 @@
 //! a message is given its id and broadcast in the same call, so every connection sees ids in
 //! increasing order; its `ack` waits for the store's commit report.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -50,6 +50,16 @@ fn conns_of<'a>(
     skip_conn: ConnId,
 ) {
     scratch.clear();
+    extend_conns_of(scratch, users, keys, skip_conn);
+}
+
+/// Appends the connections of `keys` (minus `skip_conn`) to `scratch`.
+fn extend_conns_of<'a>(
+    scratch: &mut Vec<ConnId>,
+    users: &HashMap<String, User>,
+    keys: impl Iterator<Item = &'a String>,
+    skip_conn: ConnId,
+) {
     for k in keys {
         if let Some(u) = users.get(k) {
             scratch.extend(u.conns.iter().copied().filter(|c| *c != skip_conn));
@@ -421,31 +431,14 @@ impl ChatService {
             let Some(room) = self.rooms.get(r) else {
                 continue;
             };
-            for m in room.members.iter().filter(|m| *m != key) {
-                if let Some(mu) = self.users.get(m) {
-                    self.scratch
-                        .extend(mu.conns.iter().copied().filter(|c| *c != skip_conn));
-                }
-            }
+            let others = room.members.iter().filter(|m| *m != key);
+            extend_conns_of(&mut self.scratch, &self.users, others, skip_conn);
         }
         if u.rooms.len() > 1 {
             // Someone in two of these rooms has been collected twice.
             self.scratch.sort_unstable();
             self.scratch.dedup();
         }
-    }
-
-    /// Keys of users sharing at least one room with `key` (not `key` itself).
-    fn room_sharers(&self, key: &str) -> BTreeSet<String> {
-        let mut s = BTreeSet::new();
-        if let Some(u) = self.users.get(key) {
-            for r in &u.rooms {
-                if let Some(room) = self.rooms.get(r) {
-                    s.extend(room.members.iter().filter(|m| *m != key).cloned());
-                }
-            }
-        }
-        s
     }
 
     /// One token from the user's bucket (say, dm, nick, creating a room).
@@ -1106,7 +1099,7 @@ impl ChatService {
             return;
         };
         // A loading ring has joins waiting on it; only a warm one can go.
-        if matches!(rm.ring, Ring::Warm(_)) && !rm.members.iter().any(|m| self.online.contains(m)) {
+        if rm.is_warm() && !rm.members.iter().any(|m| self.online.contains(m)) {
             rm.ring = Ring::Cold;
         }
     }
@@ -1114,9 +1107,7 @@ impl ChatService {
     /// Whether `room`'s join snapshot is in memory (for tests).
     #[cfg(test)]
     pub(super) fn ring_is_warm(&self, room: &str) -> bool {
-        self.rooms
-            .get(room)
-            .is_some_and(|r| matches!(r.ring, Ring::Warm(_)))
+        self.rooms.get(room).is_some_and(Room::is_warm)
     }
 
     /// `say` (room set) and `dm` (to set).
@@ -1419,15 +1410,17 @@ impl ChatService {
             return;
         };
         u.nick = nick.clone();
-        let partners: Vec<String> = u.dm_partners.iter().cloned().collect();
+        let mut hearers: Vec<String> = u.dm_partners.iter().cloned().collect();
+        hearers.push(key.to_string());
         self.write(Write::SetNick {
             key: key.to_string(),
             nick: nick.clone(),
         });
-        let mut keys = self.room_sharers(key);
-        keys.extend(partners);
-        keys.insert(key.to_string());
-        self.collect_conns(keys.iter(), conn);
+        // Room sharers, DM partners and the user's other connections: each connection once.
+        self.collect_sharer_conns(key, conn);
+        extend_conns_of(&mut self.scratch, &self.users, hearers.iter(), conn);
+        self.scratch.sort_unstable();
+        self.scratch.dedup();
         let name = self.users[key].name.clone();
         let json = ServerFrame::Nick {
             user: &name,
@@ -1871,10 +1864,7 @@ impl Service for ChatService {
             "parlor_chat_rooms_warm",
             "gauge",
             "Rooms whose recent messages are held in memory (rooms with a member online).",
-            self.rooms
-                .values()
-                .filter(|r| matches!(r.ring, Ring::Warm(_)))
-                .count() as f64,
+            self.rooms.values().filter(|r| r.is_warm()).count() as f64,
         );
         g(
             "parlor_chat_messages_in_total",

@@ -112,6 +112,11 @@ impl Room {
         }
     }
 
+    /// Whether the join ring is in memory (not cold, not loading).
+    pub fn is_warm(&self) -> bool {
+        matches!(self.ring, Ring::Warm(_))
+    }
+
     /// Adds a just-accepted message to the ring (if the room has one) keeping the last `cap`.
     pub fn remember(&mut self, msg: &Rc<ChatMessage>, cap: usize) {
         match &mut self.ring {

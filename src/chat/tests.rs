@@ -588,6 +588,8 @@ fn nick_changes_and_nick_taken() {
     h.send(d, json!({"type":"dm","to":"alice","text":"hey"}));
     let (e, _) = h.user("eve");
     h.send(e, json!({"type":"leave","room":"general"}));
+    // bob is both a room sharer and a DM partner: still one frame.
+    h.send(b, json!({"type":"dm","to":"alice","text":"hi"}));
     h.clear();
 
     h.send(a, json!({"type":"nick","nick":"Ally ✨","ref":"n"}));
