@@ -160,6 +160,15 @@ impl H {
         }
     }
 
+    /// The value of metric `name` (a `name VALUE` line of the service's Prometheus text).
+    fn metric(&self, name: &str) -> f64 {
+        let mut m = String::new();
+        self.svc.metrics(&mut m);
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    }
+
     /// Settles, then runs the service's periodic housekeeping.
     fn tick(&mut self) {
         self.settle();
@@ -1403,18 +1412,11 @@ fn registrations_are_throttled_per_address() {
 /// thread, one transaction), and every one of them is still acked.
 #[test]
 fn one_turn_of_messages_is_one_store_batch() {
-    fn metric(h: &H, name: &str) -> f64 {
-        let mut m = String::new();
-        h.svc.metrics(&mut m);
-        m.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
-    }
     let dir = TempDir::new("turn-batch");
     let mut h = H::new(&dir, &["--rate-limit", "0"]);
     let (a, _) = h.user("alice");
     h.settle();
-    let before = metric(&h, "parlor_chat_store_batch_writes_count");
+    let before = h.metric("parlor_chat_store_batch_writes_count");
     for i in 0..50 {
         h.send(
             a,
@@ -1433,12 +1435,12 @@ fn one_turn_of_messages_is_one_store_batch() {
     assert_eq!(acks(&mut h), 0, "acked before the store got the writes");
     h.settle();
     assert_eq!(acks(&mut h), 50);
-    let batches = metric(&h, "parlor_chat_store_batch_writes_count") - before;
+    let batches = h.metric("parlor_chat_store_batch_writes_count") - before;
     assert_eq!(
         batches, 1.0,
         "50 messages of one turn took {batches} store batches"
     );
-    assert!(metric(&h, "parlor_chat_store_batch_writes_max") >= 50.0);
+    assert!(h.metric("parlor_chat_store_batch_writes_max") >= 50.0);
     h.shutdown();
 }
 
@@ -1449,14 +1451,6 @@ fn rooms_without_online_members_drop_their_snapshot() {
     fn warm(h: &H, room: &str) -> bool {
         h.svc.ring_is_warm(room)
     }
-    fn warm_gauge(h: &H) -> String {
-        let mut m = String::new();
-        h.svc.metrics(&mut m);
-        m.lines()
-            .find(|l| l.starts_with("parlor_chat_rooms_warm "))
-            .unwrap_or_default()
-            .to_string()
-    }
     let dir = TempDir::new("cool");
     let mut h = H::new(&dir, &["--rate-limit", "0"]);
     let (a, _) = h.user("alice");
@@ -1466,7 +1460,7 @@ fn rooms_without_online_members_drop_their_snapshot() {
     h.say_numbered(a, "rust", 3);
     h.clear();
     assert!(warm(&h, "rust"));
-    assert_eq!(warm_gauge(&h), "parlor_chat_rooms_warm 2"); // general and rust
+    assert_eq!(h.metric("parlor_chat_rooms_warm"), 2.0); // general and rust
 
     // One member still online: the snapshot stays.
     h.close(a);
@@ -1477,7 +1471,7 @@ fn rooms_without_online_members_drop_their_snapshot() {
     h.tick();
     assert!(!warm(&h, "rust"));
     assert!(!warm(&h, "general"));
-    assert_eq!(warm_gauge(&h), "parlor_chat_rooms_warm 0");
+    assert_eq!(h.metric("parlor_chat_rooms_warm"), 0.0);
 
     // The next join gets the same history, from the store.
     let (c, _) = h.user("carol");
@@ -1503,6 +1497,6 @@ fn rooms_without_online_members_drop_their_snapshot() {
     h.svc.on_tick(&mut h.out); // before the load lands: the loading ring must stay
     h.tick();
     assert!(!warm(&h, "rust"));
-    assert_eq!(warm_gauge(&h), "parlor_chat_rooms_warm 0");
+    assert_eq!(h.metric("parlor_chat_rooms_warm"), 0.0);
     h.shutdown();
 }
