@@ -157,11 +157,12 @@ macro_rules! field {
 /// A substring search, not a JSON parse: the load generator must stay cheaper per delivery
 /// than the server it measures.
 fn str_field<'a>(data: &'a [u8], pat: &[u8]) -> Option<&'a [u8]> {
-    value_at(data, memchr::memmem::find(data, pat)? + pat.len())
+    str_field_by(data, &memchr::memmem::Finder::new(pat))
 }
 
-/// The string value starting at `start`, up to its closing quote.
-fn value_at(data: &[u8], start: usize) -> Option<&[u8]> {
+/// [`str_field`] with a prebuilt searcher, for the field read on every delivery.
+fn str_field_by<'a>(data: &'a [u8], finder: &memchr::memmem::Finder<'_>) -> Option<&'a [u8]> {
+    let start = finder.find(data)? + finder.needle().len();
     let len = memchr::memchr(b'"', &data[start..])?;
     Some(&data[start..start + len])
 }
@@ -301,11 +302,7 @@ impl Fanout {
         let ty = frame_type(data);
         match ty {
             b"message" => {
-                let text = self
-                    .text_field
-                    .find(data)
-                    .and_then(|at| value_at(data, at + field!("text").len()));
-                if let Some(text) = text {
+                if let Some(text) = str_field_by(data, &self.text_field) {
                     self.deliver(idx, text, now);
                 }
             }
