@@ -337,13 +337,7 @@ fn close_followed_by_half_close_still_gets_the_close_reply() {
     let server = Server::start();
     let mut ws = server.ws();
     ws.echo("hello");
-    // Freeze the server so that it finds the close frame and the FIN in the same read (as it
-    // does whenever it is busy); otherwise the outcome depends on scheduling.
-    server.pause();
-    ws.send_close(1000, "bye");
-    ws.stream.shutdown(std::net::Shutdown::Write).unwrap();
-    thread::sleep(Duration::from_millis(50));
-    server.resume();
+    server.send_with_fin(&mut ws.stream, &close_frame(1000, b"bye"));
     ws.expect_close_then_eof(1000);
 }
 
@@ -355,11 +349,7 @@ fn data_and_fin_in_one_read_end_the_connection() {
     let server = Server::start();
     let mut ws = server.ws();
     ws.echo("warm");
-    server.pause();
-    ws.send_text("last words");
-    ws.stream.shutdown(std::net::Shutdown::Write).unwrap();
-    thread::sleep(Duration::from_millis(50));
-    server.resume();
+    server.send_with_fin(&mut ws.stream, &masked(true, OpCode::Text, b"last words"));
     ws.expect_text("last words");
     assert_eq!(ws.recv(), Incoming::Eof, "server must close after the FIN");
 }

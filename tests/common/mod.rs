@@ -226,6 +226,18 @@ impl Server {
         self.signal("CONT");
     }
 
+    /// Writes `bytes` and then a FIN on `stream` while the server is frozen, so that it finds
+    /// both in the same read (as it does whenever it is busy) instead of by scheduling luck.
+    pub fn send_with_fin(&self, stream: &mut TcpStream, bytes: &[u8]) {
+        self.pause();
+        stream.write_all(bytes).expect("send before FIN");
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        thread::sleep(Duration::from_millis(50));
+        self.resume();
+    }
+
     /// Waits up to `limit` for the process to exit.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let end = Instant::now() + limit;
