@@ -15,7 +15,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub mod auth;
+pub mod confusable;
 pub mod frame;
+pub mod hashq;
 pub mod protocol;
 pub mod ratelimit;
 pub mod service;
@@ -71,10 +73,55 @@ pub struct ChatConfig {
     #[arg(long, default_value_t = 200)]
     pub max_rooms_per_user: usize,
 
-    /// Failed logins (per user, and per client address) after which logins are refused with
-    /// `rate_limited` until the oldest failure is --login-window old; 0 disables.
+    /// Failed logins for one account from one client address (attempts still being checked
+    /// count too) after which that address's logins to that account get `rate_limited` until
+    /// the oldest failure is --login-window old; 0 disables all login throttles.
     #[arg(long, default_value_t = 5)]
     pub login_throttle: usize,
+
+    /// Failed logins from one client address, to any accounts, within --login-window after
+    /// which that address's logins get `rate_limited`.
+    #[arg(long, default_value_t = 20)]
+    pub login_throttle_ip: usize,
+
+    /// Failed logins for one account from all addresses together within --login-window after
+    /// which every login to it gets `rate_limited`. Much higher than --login-throttle: a few
+    /// wrong guesses from elsewhere must not lock the owner out; this only stops a guessing
+    /// campaign spread over many addresses.
+    #[arg(long, default_value_t = 100)]
+    pub login_throttle_account: usize,
+
+    /// Password hashes (register/login) waiting per client address; more get `rate_limited`
+    /// at once, without hashing. 0: no per-address bound.
+    #[arg(long, default_value_t = 16)]
+    pub hash_queue_per_ip: usize,
+
+    /// Password hashes waiting in total; more get `rate_limited` at once. 0: no bound.
+    #[arg(long, default_value_t = 1024)]
+    pub hash_queue: usize,
+
+    /// Seconds a session token stays valid without being used (resume, or a connection using
+    /// it closing); an expired token gets `auth_failed`. Default 30 days.
+    #[arg(long, default_value = "2592000", value_parser = crate::config::parse_secs)]
+    pub session_ttl: Duration,
+
+    /// Seconds a /ws connection may stay unauthenticated; then it is closed with 1008.
+    #[arg(long, default_value = "30", value_parser = crate::config::parse_secs)]
+    pub auth_timeout: Duration,
+
+    /// `history` requests per second per user (token bucket); more get `rate_limited`.
+    /// 0 disables.
+    #[arg(long, default_value_t = 10.0)]
+    pub query_rate: f64,
+
+    /// `history` requests a user may send in a burst before --query-rate applies.
+    #[arg(long, default_value_t = 20.0)]
+    pub query_burst: f64,
+
+    /// `history` requests one connection may have waiting for the store; more get
+    /// `rate_limited`.
+    #[arg(long, default_value_t = 4)]
+    pub queries_in_flight: usize,
 
     /// Registrations accepted from one client address per --login-window (each costs an
     /// argon2 hash and an account); 0 disables, and so does --rate-limit 0 (benchmarks and

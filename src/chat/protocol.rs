@@ -91,7 +91,11 @@ pub enum Command {
     Resume {
         token: String,
     },
-    Logout {},
+    Logout {
+        /// Revoke every token of the user and close all their connections.
+        #[serde(default)]
+        all: bool,
+    },
     Join {
         room: String,
     },
@@ -235,7 +239,7 @@ pub fn check_client_frame(bytes: &[u8]) {
                 Command::Typing { room, to } => {
                     room.iter().chain(to.iter()).map(|s| s.as_str()).collect()
                 }
-                Command::Logout {} | Command::Rooms {} => Vec::new(),
+                Command::Logout { .. } | Command::Rooms {} => Vec::new(),
             };
             for s in strings {
                 let _ = super::validate::user_name(s);
@@ -243,7 +247,7 @@ pub fn check_client_frame(bytes: &[u8]) {
                 let _ = super::validate::nick(s);
                 let _ = super::validate::password(s);
                 let _ = super::validate::text(s, 4000);
-                let _ = super::validate::nick_key(s);
+                let _ = super::confusable::skeleton_keys(s);
             }
         }
         Err(e) => {

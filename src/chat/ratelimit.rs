@@ -40,11 +40,16 @@ impl TokenBucket {
 /// Counts failures per key in a sliding window; a key with `max` failures inside the window is
 /// blocked until the oldest of them leaves it (the backoff). Checked before any hashing, so a
 /// blocked attacker costs us no CPU.
+///
+/// Attempts still being hashed count as failures until their result is known
+/// ([`FailureThrottle::begin`] / [`FailureThrottle::finish`]): otherwise 500 guesses sent at
+/// once would all pass the check before the first one failed.
 #[derive(Debug)]
 pub struct FailureThrottle<K> {
     window: Duration,
     max: usize,
     failures: HashMap<K, VecDeque<Instant>>,
+    in_flight: HashMap<K, usize>,
 }
 
 impl<K: Hash + Eq + Clone> FailureThrottle<K> {
@@ -53,6 +58,7 @@ impl<K: Hash + Eq + Clone> FailureThrottle<K> {
             window,
             max,
             failures: HashMap::new(),
+            in_flight: HashMap::new(),
         }
     }
 
@@ -61,14 +67,34 @@ impl<K: Hash + Eq + Clone> FailureThrottle<K> {
             return false;
         }
         let window = self.window;
-        match self.failures.get_mut(key) {
+        let pending = self.in_flight.get(key).copied().unwrap_or(0);
+        let failed = match self.failures.get_mut(key) {
             Some(q) => {
                 while q.front().is_some_and(|t| now.duration_since(*t) >= window) {
                     q.pop_front();
                 }
-                q.len() >= self.max
+                q.len()
             }
-            None => false,
+            None => 0,
+        };
+        failed + pending >= self.max
+    }
+
+    /// An attempt for `key` is being checked; it counts against the limit until
+    /// [`FailureThrottle::finish`].
+    pub fn begin(&mut self, key: K) {
+        if self.max != 0 {
+            *self.in_flight.entry(key).or_default() += 1;
+        }
+    }
+
+    /// The attempt begun for `key` has its result (record the failure separately).
+    pub fn finish(&mut self, key: &K) {
+        if let Some(n) = self.in_flight.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(key);
+            }
         }
     }
 
@@ -126,5 +152,24 @@ mod tests {
         assert!(!t.is_blocked(&"a", t0 + Duration::from_secs(61)));
         t.prune(t0 + Duration::from_secs(61));
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn attempts_in_flight_count_until_finished() {
+        let t0 = Instant::now();
+        let mut t = FailureThrottle::new(2, Duration::from_secs(60));
+        t.begin("a");
+        assert!(!t.is_blocked(&"a", t0));
+        t.begin("a");
+        assert!(
+            t.is_blocked(&"a", t0),
+            "two guesses in flight use the allowance"
+        );
+        t.finish(&"a");
+        assert!(!t.is_blocked(&"a", t0), "the first one succeeded");
+        t.record_failure("a", t0);
+        assert!(t.is_blocked(&"a", t0));
+        t.finish(&"a");
+        assert!(!t.is_blocked(&"a", t0 + Duration::from_secs(61)));
     }
 }

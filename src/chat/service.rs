@@ -8,19 +8,22 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::auth::{self, AuthJob, AuthPool, AuthResult};
+use super::confusable::{skeleton_keys, SkeletonIndex};
 use super::frame::text_frame;
+use super::hashq::{FairQueue, Refused};
 use super::protocol::{
     parse_client_frame, ChatMessage, Command, ErrorCode, MemberInfo, PresenceEvent, RoomInfo,
     ServerFrame, WhoMember,
 };
 use super::ratelimit::{FailureThrottle, TokenBucket};
-use super::state::{Conn, DedupEntry, Ring, Room, User};
+use super::state::{Conn, DedupEntry, Ring, Room, Session, User};
 use super::store::{self, Durability, Query, StoreEvent, StoreReq, Target, Write};
 use super::validate;
 use super::{ChatConfig, DurabilityArg, Wake};
@@ -39,6 +42,8 @@ const MAX_BACKLOG: usize = 256;
 /// Sessions (tokens) kept per user; a new login beyond this revokes the oldest. Without a
 /// bound, repeated logins would grow memory and the store forever.
 const MAX_SESSIONS: usize = 64;
+/// How often expired sessions and dedup refs are swept from memory and the store.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Replaces `scratch` with the connections of the users `keys`, minus `skip_conn`. A free
 /// function over the two fields so callers can iterate another part of the service (a room's
@@ -90,8 +95,9 @@ enum Pending {
         token: String,
         reference: Option<String>,
     },
+    /// Logout: close these connections with 1000 once the revocation is durable.
     Close {
-        conn: ConnId,
+        conns: Vec<ConnId>,
     },
     Reserved {
         upto: i64,
@@ -114,6 +120,8 @@ enum AuthWaiter {
     Register {
         conn: ConnId,
         key: String,
+        /// The name's look-alike keys, reserved while hashing (see `registering`).
+        skeleton: Vec<String>,
         name: String,
         reference: Option<String>,
     },
@@ -123,6 +131,20 @@ enum AuthWaiter {
         ip: Option<IpAddr>,
         reference: Option<String>,
     },
+}
+
+/// A hashing job waiting in [`ChatService::hash_queue`] for a free worker.
+struct QueuedHash {
+    conn: ConnId,
+    job: AuthJob,
+}
+
+impl AuthJob {
+    fn id(&self) -> u64 {
+        match self {
+            AuthJob::Hash { job, .. } | AuthJob::Verify { job, .. } => *job,
+        }
+    }
 }
 
 /// count / sum / max of a duration or size, exported as a Prometheus summary without quantiles.
@@ -188,10 +210,20 @@ pub struct ChatService {
     queries: HashMap<u64, QueryWaiter>,
     next_job: u64,
     jobs: HashMap<u64, AuthWaiter>,
-    /// Keys being registered (hashing in progress): a second registration is `user_taken`.
-    registering: HashSet<String>,
+    /// Hashing jobs waiting for a worker, fair across client addresses.
+    hash_queue: FairQueue<Option<IpAddr>, QueuedHash>,
+    /// Look-alike keys of names being registered (hashing in progress): a second
+    /// registration of the same or a look-alike name is `user_taken`.
+    registering: SkeletonIndex,
+    /// Look-alike keys of every account name, and of every user's current nick.
+    name_skeletons: SkeletonIndex,
+    nick_skeletons: SkeletonIndex,
     users: HashMap<String, User>,
-    sessions: HashMap<[u8; 32], String>,
+    sessions: HashMap<[u8; 32], Session>,
+    /// Unauthenticated connections in order of their `--auth-timeout` deadline.
+    auth_deadlines: VecDeque<(Instant, ConnId)>,
+    /// When sessions and dedup refs were last swept (see `SWEEP_INTERVAL`).
+    last_sweep: Option<Instant>,
     rooms: BTreeMap<String, Room>,
     conns: HashMap<ConnId, Conn>,
     online: HashSet<String>,
@@ -206,8 +238,10 @@ pub struct ChatService {
     id_durable: i64,
     /// Highest reservation sent to the store (committed or not).
     id_requested: i64,
-    user_throttle: FailureThrottle<String>,
+    /// Failed logins per (account, address), per address, per account (all addresses).
+    pair_throttle: FailureThrottle<(String, Option<IpAddr>)>,
     ip_throttle: FailureThrottle<IpAddr>,
+    account_throttle: FailureThrottle<String>,
     /// Registrations per client address (counted like failures: every one counts).
     register_throttle: FailureThrottle<IpAddr>,
     typing: HashMap<(String, String), Instant>,
@@ -234,13 +268,38 @@ impl ChatService {
             DurabilityArg::Full => Durability::Full,
         };
         let conn = store::open_db(&config.data, durability)?;
-        let (loaded, reserved) = store::load(&conn, ID_RESERVE)?;
+        let dedup_since = now_ms() - cfg.dedup_window.as_millis() as i64;
+        let (loaded, reserved) = store::load(&conn, ID_RESERVE, dedup_since)?;
 
         let mut users = HashMap::with_capacity(loaded.users.len());
+        let mut name_skeletons = SkeletonIndex::default();
+        let mut nick_skeletons = SkeletonIndex::default();
         for u in loaded.users {
+            name_skeletons.insert(&skeleton_keys(&u.name), &u.key);
+            nick_skeletons.insert(&skeleton_keys(&u.nick), &u.key);
             let mut user = User::new(u.key.clone(), u.name, u.nick, u.phc);
             user.last_seen = u.last_seen;
             users.insert(u.key, user);
+        }
+        // Refs of messages committed before the restart: a client retrying one of them gets
+        // the original ack, not a second message.
+        let (start, start_ms) = (Instant::now(), now_ms());
+        let mut dedup_users = HashSet::new();
+        for (key, reference, id, ts) in loaded.dedup {
+            let Some(u) = users.get_mut(&key) else {
+                continue;
+            };
+            let age = Duration::from_millis(start_ms.saturating_sub(ts).max(0) as u64);
+            let at = start.checked_sub(age).unwrap_or(start);
+            let entry = DedupEntry {
+                at,
+                id,
+                ts,
+                committed: true,
+                waiters: Vec::new(),
+            };
+            u.dedup.insert(reference, entry, cfg.dedup_max_refs);
+            dedup_users.insert(key);
         }
         let mut rooms = BTreeMap::new();
         for r in loaded.rooms {
@@ -261,10 +320,16 @@ impl ChatService {
             }
         }
         let mut sessions = HashMap::with_capacity(loaded.sessions.len());
-        for (hash, key) in loaded.sessions {
+        for (hash, key, last_used) in loaded.sessions {
             if let Some(u) = users.get_mut(&key) {
                 u.sessions.push_back(hash);
-                sessions.insert(hash, key);
+                sessions.insert(
+                    hash,
+                    Session {
+                        user: key,
+                        last_used,
+                    },
+                );
             }
         }
 
@@ -293,8 +358,24 @@ impl ChatService {
         );
         Ok(ChatService {
             membership_epoch: 0,
-            user_throttle: FailureThrottle::new(cfg.login_throttle, cfg.login_window),
-            ip_throttle: FailureThrottle::new(cfg.login_throttle, cfg.login_window),
+            pair_throttle: FailureThrottle::new(cfg.login_throttle, cfg.login_window),
+            ip_throttle: FailureThrottle::new(
+                if cfg.login_throttle == 0 {
+                    0
+                } else {
+                    cfg.login_throttle_ip
+                },
+                cfg.login_window,
+            ),
+            account_throttle: FailureThrottle::new(
+                if cfg.login_throttle == 0 {
+                    0
+                } else {
+                    cfg.login_throttle_account
+                },
+                cfg.login_window,
+            ),
+            hash_queue: FairQueue::new(cfg.hash_queue_per_ip, cfg.hash_queue, cfg.hash_threads),
             register_throttle: FailureThrottle::new(
                 if cfg.rate_limit == 0.0 {
                     0
@@ -317,13 +398,17 @@ impl ChatService {
             queries: HashMap::new(),
             next_job: 0,
             jobs: HashMap::new(),
-            registering: HashSet::new(),
+            registering: SkeletonIndex::default(),
+            name_skeletons,
+            nick_skeletons,
             users,
             sessions,
+            auth_deadlines: VecDeque::new(),
+            last_sweep: None,
             rooms,
             conns: HashMap::new(),
             online: HashSet::new(),
-            dedup_users: HashSet::new(),
+            dedup_users,
             maybe_unwatched: HashSet::new(),
             next_id: loaded.next_id,
             id_durable: reserved,
@@ -492,37 +577,49 @@ impl ChatService {
                     return self.error(out, conn, code, &msg, r);
                 }
                 let key = validate::user_key(&user);
-                if self.users.contains_key(&key) || self.registering.contains(&key) {
+                let skeleton = skeleton_keys(&user);
+                // Nobody may register a name that looks like another account's name or
+                // another user's nick (`aIice` beside `alice`).
+                if self.users.contains_key(&key)
+                    || self.registering.held_by_other(&skeleton, "")
+                    || self.name_skeletons.held_by_other(&skeleton, &key)
+                    || self.nick_skeletons.held_by_other(&skeleton, &key)
+                {
                     return self.error(out, conn, ErrorCode::UserTaken, "user name is taken", r);
                 }
+                if ip.is_some_and(|ip| self.register_throttle.is_blocked(&ip, now)) {
+                    return self.error(
+                        out,
+                        conn,
+                        ErrorCode::RateLimited,
+                        "too many registrations from this address; try again later",
+                        r,
+                    );
+                }
+                self.next_job += 1;
+                let job = AuthJob::Hash {
+                    job: self.next_job,
+                    password,
+                };
+                if let Err(why) = self.hash_queue.push(ip, QueuedHash { conn, job }) {
+                    return self.hash_queue_full(out, conn, why, r);
+                }
                 if let Some(ip) = ip {
-                    if self.register_throttle.is_blocked(&ip, now) {
-                        return self.error(
-                            out,
-                            conn,
-                            ErrorCode::RateLimited,
-                            "too many registrations from this address; try again later",
-                            r,
-                        );
-                    }
                     self.register_throttle.record_failure(ip, now);
                 }
-                self.registering.insert(key.clone());
-                self.next_job += 1;
+                self.registering.insert(&skeleton, &key);
                 self.jobs.insert(
                     self.next_job,
                     AuthWaiter::Register {
                         conn,
                         key,
+                        skeleton,
                         name: user,
                         reference,
                     },
                 );
-                self.auth.submit(AuthJob::Hash {
-                    job: self.next_job,
-                    password,
-                });
                 self.set_auth_pending(conn, true);
+                self.pump_hashes();
             }
             Command::Login { user, password } => {
                 if let Err((code, msg)) = validate::user_name(&user) {
@@ -532,8 +629,12 @@ impl ChatService {
                     return self.error(out, conn, ErrorCode::BadRequest, "password too long", r);
                 }
                 let key = validate::user_key(&user);
-                if self.user_throttle.is_blocked(&key, now)
+                // Attempts still being hashed count as failures until they are known not to
+                // be, so parallel guesses cannot all slip past the limit.
+                let pair = (key.clone(), ip);
+                if self.pair_throttle.is_blocked(&pair, now)
                     || ip.is_some_and(|ip| self.ip_throttle.is_blocked(&ip, now))
+                    || self.account_throttle.is_blocked(&key, now)
                 {
                     return self.error(
                         out,
@@ -547,6 +648,19 @@ impl ChatService {
                 // answer takes as long as for a wrong password.
                 let phc = self.users.get(&key).map(|u| u.phc.clone());
                 self.next_job += 1;
+                let job = AuthJob::Verify {
+                    job: self.next_job,
+                    phc,
+                    password,
+                };
+                if let Err(why) = self.hash_queue.push(ip, QueuedHash { conn, job }) {
+                    return self.hash_queue_full(out, conn, why, r);
+                }
+                self.pair_throttle.begin(pair);
+                if let Some(ip) = ip {
+                    self.ip_throttle.begin(ip);
+                }
+                self.account_throttle.begin(key.clone());
                 self.jobs.insert(
                     self.next_job,
                     AuthWaiter::Login {
@@ -556,32 +670,33 @@ impl ChatService {
                         reference,
                     },
                 );
-                self.auth.submit(AuthJob::Verify {
-                    job: self.next_job,
-                    phc,
-                    password,
-                });
                 self.set_auth_pending(conn, true);
+                self.pump_hashes();
             }
             Command::Resume { token } => {
-                if ip.is_some_and(|ip| self.ip_throttle.is_blocked(&ip, now)) {
-                    return self.error(
-                        out,
-                        conn,
-                        ErrorCode::RateLimited,
-                        "too many failed logins; try again later",
-                        r,
-                    );
-                }
+                // A valid token is never refused because of anyone's failed logins: it is
+                // 128 random bits, so there is nothing to guess, and refusing it would let a
+                // stranger's typos log people out. Hence no throttle on this path at all.
                 let hash = auth::token_hash(&token);
-                match self.sessions.get(&hash).cloned() {
-                    Some(key) if self.users.contains_key(&key) => {
+                let ttl = self.cfg.session_ttl.as_millis() as i64;
+                let now_ms = now_ms();
+                let (key, expired) = match self.sessions.get(&hash) {
+                    Some(s) if self.users.contains_key(&s.user) => {
+                        (Some(s.user.clone()), now_ms - s.last_used > ttl)
+                    }
+                    _ => (None, false),
+                };
+                match key {
+                    Some(key) if !expired => {
+                        self.touch_session(hash, now_ms);
                         self.authenticate(out, conn, &key, &token, reference.as_deref());
                     }
-                    _ => {
-                        if let Some(ip) = ip {
-                            self.ip_throttle.record_failure(ip, now);
-                        }
+                    Some(key) => {
+                        self.revoke_session(&key, hash);
+                        self.m.logins_failed += 1;
+                        self.error(out, conn, ErrorCode::AuthFailed, "session expired", r);
+                    }
+                    None => {
                         self.m.logins_failed += 1;
                         self.error(out, conn, ErrorCode::AuthFailed, "invalid token", r);
                     }
@@ -589,6 +704,63 @@ impl ChatService {
             }
             _ => {}
         }
+    }
+
+    fn hash_queue_full(
+        &mut self,
+        out: &mut dyn Outbox,
+        conn: ConnId,
+        why: Refused,
+        r: Option<&str>,
+    ) {
+        let msg = match why {
+            Refused::AddressFull => "too many sign-ins waiting from this address; try again later",
+            Refused::QueueFull => "server busy with sign-ins; try again later",
+        };
+        self.error(out, conn, ErrorCode::RateLimited, msg, r);
+    }
+
+    /// Hands queued hashing jobs to free workers, fairly across addresses.
+    fn pump_hashes(&mut self) {
+        while let Some(q) = self.hash_queue.next() {
+            self.auth.submit(q.job);
+        }
+    }
+
+    /// Undoes the bookkeeping of a hashing job whose result will never be used.
+    fn abandon_job(&mut self, job: u64) {
+        match self.jobs.remove(&job) {
+            Some(AuthWaiter::Register { skeleton, key, .. }) => {
+                self.registering.remove(&skeleton, &key);
+            }
+            Some(AuthWaiter::Login { key, ip, .. }) => self.finish_login_attempt(key, ip),
+            None => {}
+        }
+    }
+
+    fn finish_login_attempt(&mut self, key: String, ip: Option<IpAddr>) {
+        if let Some(ip) = ip {
+            self.ip_throttle.finish(&ip);
+        }
+        self.account_throttle.finish(&key);
+        self.pair_throttle.finish(&(key, ip));
+    }
+
+    /// Marks a session used now (resume, or a connection using it closing).
+    fn touch_session(&mut self, hash: [u8; 32], ts: i64) {
+        if let Some(s) = self.sessions.get_mut(&hash) {
+            s.last_used = ts;
+            self.write(Write::TouchSession { hash, ts });
+        }
+    }
+
+    /// Forgets a session token (memory and store).
+    fn revoke_session(&mut self, key: &str, hash: [u8; 32]) {
+        self.sessions.remove(&hash);
+        if let Some(u) = self.users.get_mut(key) {
+            u.sessions.retain(|h| *h != hash);
+        }
+        self.write(Write::DeleteSession { hash });
     }
 
     /// Marks an authentication in progress; the connection's later messages wait for it
@@ -618,18 +790,22 @@ impl ChatService {
 
     fn on_auth_result(&mut self, out: &mut dyn Outbox, res: AuthResult) {
         let now = out.now();
+        // A worker is free: the next address in turn gets it.
+        self.hash_queue.done();
+        self.pump_hashes();
         match res {
             AuthResult::Hashed { job, phc } => {
                 let Some(AuthWaiter::Register {
                     conn,
                     key,
+                    skeleton,
                     name,
                     reference,
                 }) = self.jobs.remove(&job)
                 else {
                     return;
                 };
-                self.registering.remove(&key);
+                self.registering.remove(&skeleton, &key);
                 if !self.conns.contains_key(&conn) {
                     // The client is gone before getting a token: creating the account anyway
                     // would leave a name it cannot use until it remembers the password.
@@ -656,6 +832,8 @@ impl ChatService {
                     phc: phc.clone(),
                     created,
                 });
+                self.name_skeletons.insert(&skeleton, &key);
+                self.nick_skeletons.insert(&skeleton, &key);
                 self.users
                     .insert(key.clone(), User::new(key.clone(), name.clone(), name, phc));
                 if !self.rooms.contains_key(GENERAL) {
@@ -680,6 +858,7 @@ impl ChatService {
                 else {
                     return;
                 };
+                self.finish_login_attempt(key.clone(), ip);
                 if ok && self.users.contains_key(&key) {
                     if self.conns.contains_key(&conn) {
                         self.m.logins_ok += 1;
@@ -687,7 +866,8 @@ impl ChatService {
                     }
                 } else {
                     self.m.logins_failed += 1;
-                    self.user_throttle.record_failure(key, now);
+                    self.account_throttle.record_failure(key.clone(), now);
+                    self.pair_throttle.record_failure((key, ip), now);
                     if let Some(ip) = ip {
                         self.ip_throttle.record_failure(ip, now);
                     }
@@ -728,7 +908,14 @@ impl ChatService {
             }
         };
         let hash = auth::token_hash(&token);
-        self.sessions.insert(hash, key.clone());
+        let created = now_ms();
+        self.sessions.insert(
+            hash,
+            Session {
+                user: key.clone(),
+                last_used: created,
+            },
+        );
         let mut evicted = Vec::new();
         if let Some(u) = self.users.get_mut(&key) {
             u.sessions.push_back(hash);
@@ -743,7 +930,7 @@ impl ChatService {
         self.write(Write::InsertSession {
             hash,
             user_key: key.clone(),
-            created: now_ms(),
+            created,
         });
         self.after_commit(Pending::Welcome {
             conn,
@@ -819,22 +1006,7 @@ impl ChatService {
             Command::Register { .. } | Command::Login { .. } | Command::Resume { .. } => {
                 self.error(out, conn, ErrorCode::BadRequest, "already authenticated", r)
             }
-            Command::Logout {} => {
-                let hash = self.conns.get(&conn).and_then(|c| c.token_hash);
-                if let Some(hash) = hash {
-                    self.sessions.remove(&hash);
-                    if let Some(u) = self.users.get_mut(&key) {
-                        u.sessions.retain(|h| *h != hash);
-                    }
-                    self.write(Write::DeleteSession { hash });
-                }
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.closing = true;
-                }
-                // Close once the revocation is durable: the client may then forget the token
-                // knowing it is dead even if we crash right after.
-                self.after_commit(Pending::Close { conn });
-            }
+            Command::Logout { all } => self.logout(conn, &key, all),
             Command::Join { room } => self.join(out, conn, &key, room, reference),
             Command::Leave { room } => self.leave(out, conn, &key, &room, r),
             Command::Rooms {} => {
@@ -900,6 +1072,60 @@ impl ChatService {
             Command::Nick { nick } => self.nick(out, conn, &key, nick, r),
             Command::Typing { room, to } => self.typing(out, conn, &key, room, to, r),
         }
+    }
+
+    /// Revokes the connection's token (or, with `all`, every token of the user) and closes
+    /// every connection that used a revoked token. They stop being served at once; the close
+    /// (1000) goes out once the revocation is durable, so a client may forget the token knowing
+    /// it is dead even if we crash right after.
+    fn logout(&mut self, conn: ConnId, key: &str, all: bool) {
+        let hash = self.conns.get(&conn).and_then(|c| c.token_hash);
+        let revoked: Vec<[u8; 32]> = if all {
+            self.users
+                .get(key)
+                .map(|u| u.sessions.iter().copied().collect())
+                .unwrap_or_default()
+        } else {
+            hash.into_iter().collect()
+        };
+        for h in &revoked {
+            self.sessions.remove(h);
+        }
+        if let Some(u) = self.users.get_mut(key) {
+            u.sessions.retain(|h| !revoked.contains(h));
+        }
+        if all {
+            self.write(Write::DeleteUserSessions {
+                user_key: key.to_string(),
+            });
+        } else if let Some(h) = hash {
+            self.write(Write::DeleteSession { hash: h });
+        }
+        let user_conns = self
+            .users
+            .get(key)
+            .map(|u| u.conns.clone())
+            .unwrap_or_default();
+        let mut closing = vec![conn];
+        for c in user_conns {
+            if c == conn {
+                continue;
+            }
+            let uses_revoked = self
+                .conns
+                .get(&c)
+                .and_then(|x| x.token_hash)
+                .is_some_and(|h| revoked.contains(&h));
+            if all || uses_revoked {
+                closing.push(c);
+            }
+        }
+        for c in &closing {
+            if let Some(x) = self.conns.get_mut(c) {
+                x.closing = true;
+            }
+        }
+        self.after_commit(Pending::Close { conns: closing });
     }
 
     fn join(
@@ -1267,7 +1493,8 @@ impl ChatService {
         };
         self.fanout_scratch(out, &json, true);
         let msg = Rc::try_unwrap(msg).unwrap_or_else(|rc| (*rc).clone());
-        self.write(Write::InsertMessage { msg, dm });
+        let dedup = r.map(|reference| (key.to_string(), reference.to_string()));
+        self.write(Write::InsertMessage { msg, dm, dedup });
         self.after_commit(Pending::Ack {
             conn,
             user: key.to_string(),
@@ -1318,6 +1545,35 @@ impl ChatService {
         if limit == 0 || limit > MAX_HISTORY_LIMIT {
             return self.error(out, conn, ErrorCode::BadRequest, "limit must be 1-200", r);
         }
+        // Queries cost the store real work: a few in flight per connection, and a rate per
+        // user, so one client pipelining thousands cannot queue seconds of work ahead of
+        // everyone's messages.
+        let in_flight = self.conns.get(&conn).map_or(0, |c| c.queries);
+        if in_flight >= self.cfg.queries_in_flight {
+            return self.error(
+                out,
+                conn,
+                ErrorCode::RateLimited,
+                "too many history requests in flight; wait for the replies",
+                r,
+            );
+        }
+        let (rate, burst) = (self.cfg.query_rate, self.cfg.query_burst);
+        let now = out.now();
+        let allowed = self.users.get_mut(key).is_some_and(|u| {
+            u.query_bucket
+                .get_or_insert_with(|| TokenBucket::new(burst, now))
+                .try_take(rate, burst, now)
+        });
+        if !allowed {
+            return self.error(
+                out,
+                conn,
+                ErrorCode::RateLimited,
+                "history requests too fast",
+                r,
+            );
+        }
         let (target, room, with) = match (room, with) {
             (Some(room), None) => {
                 if let Err((c, m)) = validate::room_name(&room) {
@@ -1356,12 +1612,18 @@ impl ChatService {
                 )
             }
         };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.queries += 1;
+        let cancelled = c.gone.get_or_insert_with(Default::default).clone();
         self.query(
             Query::History {
                 target,
                 before,
                 after,
                 limit: limit as usize,
+                cancelled: Some(cancelled),
             },
             QueryWaiter::History {
                 conn,
@@ -1383,16 +1645,11 @@ impl ChatService {
         if let Err((c, m)) = validate::nick(&nick) {
             return self.error(out, conn, c, &m, r);
         }
-        let nk = validate::nick_key(&nick);
-        // Another account's name, or another online user's nick: nobody may pass as them.
-        let taken = (nk != key && self.users.contains_key(&nk))
-            || self.online.iter().any(|k| {
-                k != key
-                    && self
-                        .users
-                        .get(k)
-                        .is_some_and(|u| validate::nick_key(&u.nick) == nk)
-            });
+        // Another account's name, or another user's nick (online or not), or anything that
+        // looks like one of them: nobody may pass as someone else.
+        let skeleton = skeleton_keys(&nick);
+        let taken = self.name_skeletons.held_by_other(&skeleton, key)
+            || self.nick_skeletons.held_by_other(&skeleton, key);
         if taken {
             return self.error(out, conn, ErrorCode::NickTaken, "nick is taken", r);
         }
@@ -1409,6 +1666,8 @@ impl ChatService {
         let Some(u) = self.users.get_mut(key) else {
             return;
         };
+        self.nick_skeletons.remove(&skeleton_keys(&u.nick), key);
+        self.nick_skeletons.insert(&skeleton, key);
         u.nick = nick.clone();
         let mut hearers: Vec<String> = u.dm_partners.iter().cloned().collect();
         hearers.push(key.to_string());
@@ -1602,7 +1861,11 @@ impl ChatService {
                         );
                     }
                 }
-                Pending::Close { conn } => out.close(conn, 1000, "logged out"),
+                Pending::Close { conns } => {
+                    for c in conns {
+                        out.close(c, 1000, "logged out");
+                    }
+                }
                 Pending::Reserved { upto } => {
                     if ok {
                         self.id_durable = self.id_durable.max(upto);
@@ -1638,6 +1901,10 @@ impl ChatService {
                 room,
                 with,
             }) => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return; // closed meanwhile (the store skipped it if it could)
+                };
+                c.queries = c.queries.saturating_sub(1);
                 let json = ServerFrame::History {
                     room: room.as_deref(),
                     with: with.as_deref(),
@@ -1723,7 +1990,56 @@ impl ChatService {
     /// Test hook: nothing is waiting on a worker thread.
     #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
-        self.pending.is_empty() && self.queries.is_empty() && self.jobs.is_empty()
+        self.pending.is_empty()
+            && self.queries.is_empty()
+            && self.jobs.is_empty()
+            && self.hash_queue.queued() == 0
+    }
+
+    /// Closes connections that did not authenticate within `--auth-timeout`. Deadlines are
+    /// queued in connection order, so only due ones are looked at.
+    fn expire_unauthenticated(&mut self, out: &mut dyn Outbox, now: Instant) {
+        while let Some(&(at, conn)) = self.auth_deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.auth_deadlines.pop_front();
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            // A sign-in waiting for its hash is the server's delay, not the client's.
+            if c.user.is_some() || c.auth_pending || c.closing {
+                continue;
+            }
+            c.closing = true;
+            out.close(conn, 1008, "authentication timeout");
+        }
+    }
+
+    /// Once a minute: forget sessions unused for `--session-ttl` (except those in use by an
+    /// open connection, which count as used) and dedup refs older than `--dedup-window`.
+    fn sweep(&mut self, now: Instant) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_INTERVAL)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        let now_ms = now_ms();
+        let ttl = self.cfg.session_ttl.as_millis() as i64;
+        let in_use: HashSet<[u8; 32]> = self.conns.values().filter_map(|c| c.token_hash).collect();
+        let expired: Vec<([u8; 32], String)> = self
+            .sessions
+            .iter()
+            .filter(|(h, s)| now_ms - s.last_used > ttl && !in_use.contains(*h))
+            .map(|(h, s)| (*h, s.user.clone()))
+            .collect();
+        for (hash, key) in expired {
+            self.revoke_session(&key, hash);
+        }
+        let before_ts = now_ms - self.cfg.dedup_window.as_millis() as i64;
+        self.write(Write::PruneDedup { before_ts });
     }
 }
 
@@ -1735,8 +2051,10 @@ impl Service for ChatService {
         self.wake.wake();
     }
 
-    fn on_open(&mut self, _out: &mut dyn Outbox, conn: ConnId, peer: SocketAddr) {
+    fn on_open(&mut self, out: &mut dyn Outbox, conn: ConnId, peer: SocketAddr) {
         self.conns.insert(conn, Conn::new(Some(peer)));
+        self.auth_deadlines
+            .push_back((out.now() + self.cfg.auth_timeout, conn));
     }
 
     fn on_message(&mut self, out: &mut dyn Outbox, conn: ConnId, msg: Message<'_>) {
@@ -1755,9 +2073,22 @@ impl Service for ChatService {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        if let Some(gone) = &c.gone {
+            gone.store(true, Ordering::Relaxed);
+        }
+        if c.auth_pending {
+            // Its sign-in may still be waiting for a worker: nobody will read the answer.
+            let dropped = self.hash_queue.remove_where(|q| q.conn == conn);
+            for q in dropped {
+                self.abandon_job(q.job.id());
+            }
+        }
         let Some(key) = c.user else {
             return;
         };
+        if let Some(hash) = c.token_hash {
+            self.touch_session(hash, now_ms());
+        }
         let Some(u) = self.users.get_mut(&key) else {
             return;
         };
@@ -1819,9 +2150,12 @@ impl Service for ChatService {
 
     fn on_tick(&mut self, out: &mut dyn Outbox) {
         let now = out.now();
-        self.user_throttle.prune(now);
+        self.pair_throttle.prune(now);
         self.ip_throttle.prune(now);
+        self.account_throttle.prune(now);
         self.register_throttle.prune(now);
+        self.expire_unauthenticated(out, now);
+        self.sweep(now);
         let interval = self.cfg.typing_interval;
         self.typing
             .retain(|_, t| now.saturating_duration_since(*t) < interval);

@@ -5,6 +5,8 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::protocol::ChatMessage;
@@ -23,6 +25,8 @@ pub struct User {
     /// Users this one has exchanged DMs with (keys), for nick broadcasts.
     pub dm_partners: HashSet<String>,
     pub bucket: Option<TokenBucket>,
+    /// `history` requests (`--query-rate`), separate from messages.
+    pub query_bucket: Option<TokenBucket>,
     pub dedup: Dedup,
     /// Token hashes of this user's sessions, oldest first (bounded; see `MAX_SESSIONS`).
     pub sessions: VecDeque<[u8; 32]>,
@@ -40,6 +44,7 @@ impl User {
             rooms: BTreeSet::new(),
             dm_partners: HashSet::new(),
             bucket: None,
+            query_bucket: None,
             dedup: Dedup::default(),
             sessions: VecDeque::new(),
         }
@@ -58,8 +63,13 @@ pub struct Conn {
     pub auth_pending: bool,
     /// Hash of the token this connection authenticated with, for `logout`.
     pub token_hash: Option<[u8; 32]>,
-    /// Logout is committing; the connection closes when it does.
+    /// Logout is committing (or the auth deadline passed); the connection closes when it does
+    /// and its further messages are ignored.
     pub closing: bool,
+    /// `history` queries sent to the store and not answered yet (`--queries-in-flight`).
+    pub queries: usize,
+    /// Set when the connection closes; its queries still queued in the store are skipped.
+    pub gone: Option<Arc<AtomicBool>>,
     /// `Some` while a join or authentication of this connection waits on a worker thread:
     /// later messages queue here and run, in order, when it completes.
     pub backlog: Option<VecDeque<String>>,
@@ -73,6 +83,8 @@ impl Conn {
             auth_pending: false,
             token_hash: None,
             closing: false,
+            queries: 0,
+            gone: None,
             backlog: None,
         }
     }
@@ -145,6 +157,12 @@ impl Room {
         let skip = all.len().saturating_sub(cap);
         self.ring = Ring::Warm(all.into_iter().skip(skip).collect());
     }
+}
+
+/// A session token's owner and when it was last used (ms since the epoch).
+pub struct Session {
+    pub user: String,
+    pub last_used: i64,
 }
 
 /// Per-user memory of recent `ref`s of say/dm, for retry deduplication.

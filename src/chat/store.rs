@@ -10,7 +10,9 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -49,6 +51,16 @@ pub enum Write {
     DeleteSession {
         hash: [u8; 32],
     },
+    /// Every session of a user ("log out everywhere").
+    DeleteUserSessions {
+        user_key: String,
+    },
+    /// A session was used (resume, or a connection using it closed): `--session-ttl` counts
+    /// from here.
+    TouchSession {
+        hash: [u8; 32],
+        ts: i64,
+    },
     InsertRoom {
         name: String,
         created: i64,
@@ -61,10 +73,17 @@ pub enum Write {
         room: String,
         user_key: String,
     },
-    /// `dm` is the pair key of a direct message (see [`dm_key`]).
+    /// `dm` is the pair key of a direct message (see [`dm_key`]). `dedup` is the sender's key
+    /// and the message's `ref`: stored in the same transaction as the message, so a retry after
+    /// any restart finds the original exactly when the message itself survived.
     InsertMessage {
         msg: ChatMessage,
         dm: Option<String>,
+        dedup: Option<(String, String)>,
+    },
+    /// Forgets refs of messages older than `ts` (outside `--dedup-window`).
+    PruneDedup {
+        before_ts: i64,
     },
     SetNick {
         key: String,
@@ -101,6 +120,9 @@ pub enum Query {
         before: Option<i64>,
         after: Option<i64>,
         limit: usize,
+        /// Set when the asking connection closed: the store skips the query if it has not run
+        /// yet, so a flood of queries does not outlive its sender.
+        cancelled: Option<Arc<AtomicBool>>,
     },
 }
 
@@ -145,7 +167,10 @@ pub fn dm_key(a: &str, b: &str) -> String {
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub users: Vec<LoadedUser>,
-    pub sessions: Vec<([u8; 32], String)>,
+    /// Token hash, user key, last use (ms), oldest first.
+    pub sessions: Vec<([u8; 32], String, i64)>,
+    /// Refs of messages stored since `dedup_since` (see [`load`]): user key, ref, id, ts.
+    pub dedup: Vec<(String, String, i64, i64)>,
     pub rooms: Vec<String>,
     pub members: Vec<(String, String)>,
     pub dm_pairs: Vec<(String, String)>,
@@ -179,7 +204,33 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_room ON messages (room, id);
 CREATE INDEX IF NOT EXISTS messages_dm ON messages (dm, id);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dedup (
+    user_key TEXT NOT NULL, ref TEXT NOT NULL, id INTEGER NOT NULL, ts INTEGER NOT NULL,
+    PRIMARY KEY (user_key, ref)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_ts ON dedup (ts);
 ";
+
+/// Columns added after a table first shipped: `CREATE TABLE IF NOT EXISTS` leaves an older
+/// database's table as it was, so each is added here if missing.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("sessions", "last_used", "INTEGER")];
+
+fn add_missing_columns(conn: &Connection) -> Result<(), String> {
+    for (table, column, decl) in ADDED_COLUMNS {
+        let mut st = conn
+            .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+            .map_err(sql_err)?;
+        let names = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(sql_err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql_err)?;
+        if !names.iter().any(|n| n == column) {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+                .map_err(sql_err)?;
+        }
+    }
+    Ok(())
+}
 
 fn sql_err(e: rusqlite::Error) -> String {
     e.to_string()
@@ -201,12 +252,15 @@ pub fn open_db(dir: &Path, durability: Durability) -> Result<Connection, String>
     conn.pragma_update(None, "foreign_keys", "OFF")
         .map_err(sql_err)?;
     conn.execute_batch(SCHEMA).map_err(sql_err)?;
+    add_missing_columns(&conn)?;
     Ok(conn)
 }
 
 /// Loads startup state and persists a fresh id reservation of `reserve` ids before returning,
-/// so ids handed out before the store thread's first commit are already covered.
-pub fn load(conn: &Connection, reserve: i64) -> Result<(Loaded, i64), String> {
+/// so ids handed out before the store thread's first commit are already covered. Refs of
+/// messages with `ts >= dedup_since` are loaded for retry deduplication; older ones are
+/// deleted.
+pub fn load(conn: &Connection, reserve: i64, dedup_since: i64) -> Result<(Loaded, i64), String> {
     let mut l = Loaded::default();
     {
         let mut st = conn
@@ -227,18 +281,36 @@ pub fn load(conn: &Connection, reserve: i64) -> Result<(Loaded, i64), String> {
             l.users.push(u.map_err(sql_err)?);
         }
         let mut st = conn
-            .prepare("SELECT hash, user_key FROM sessions ORDER BY created, rowid")
+            .prepare(
+                "SELECT hash, user_key, COALESCE(last_used, created) FROM sessions
+                 ORDER BY created, rowid",
+            )
             .map_err(sql_err)?;
         let rows = st
             .query_map([], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
             })
             .map_err(sql_err)?;
         for s in rows {
-            let (h, u) = s.map_err(sql_err)?;
+            let (h, u, used) = s.map_err(sql_err)?;
             if let Ok(h) = <[u8; 32]>::try_from(h.as_slice()) {
-                l.sessions.push((h, u));
+                l.sessions.push((h, u, used));
             }
+        }
+        conn.execute("DELETE FROM dedup WHERE ts < ?1", params![dedup_since])
+            .map_err(sql_err)?;
+        let mut st = conn
+            .prepare("SELECT user_key, ref, id, ts FROM dedup ORDER BY ts, id")
+            .map_err(sql_err)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(sql_err)?;
+        for r in rows {
+            l.dedup.push(r.map_err(sql_err)?);
         }
         let mut st = conn.prepare("SELECT name FROM rooms").map_err(sql_err)?;
         let rows = st.query_map([], |r| r.get(0)).map_err(sql_err)?;
@@ -316,6 +388,14 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             .prepare_cached("DELETE FROM sessions WHERE hash = ?1")?
             .execute(params![&hash[..]])
             .map(|_| ()),
+        Write::DeleteUserSessions { user_key } => conn
+            .prepare_cached("DELETE FROM sessions WHERE user_key = ?1")?
+            .execute(params![user_key])
+            .map(|_| ()),
+        Write::TouchSession { hash, ts } => conn
+            .prepare_cached("UPDATE sessions SET last_used = ?2 WHERE hash = ?1")?
+            .execute(params![&hash[..], ts])
+            .map(|_| ()),
         Write::InsertRoom { name, created } => conn
             .prepare_cached("INSERT OR IGNORE INTO rooms (name, created) VALUES (?1, ?2)")?
             .execute(params![name, created])
@@ -328,14 +408,25 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             .prepare_cached("DELETE FROM members WHERE room = ?1 AND user_key = ?2")?
             .execute(params![room, user_key])
             .map(|_| ()),
-        Write::InsertMessage { msg, dm } => conn
-            .prepare_cached(
+        Write::InsertMessage { msg, dm, dedup } => {
+            conn.prepare_cached(
                 "INSERT INTO messages (id, room, dm, from_name, to_name, nick, text, ts)
                  VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
             )?
             .execute(params![
                 msg.id, msg.room, dm, msg.from, msg.to, msg.nick, msg.text, msg.ts
-            ])
+            ])?;
+            if let Some((user_key, reference)) = dedup {
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO dedup (user_key, ref, id, ts) VALUES (?1,?2,?3,?4)",
+                )?
+                .execute(params![user_key, reference, msg.id, msg.ts])?;
+            }
+            Ok(())
+        }
+        Write::PruneDedup { before_ts } => conn
+            .prepare_cached("DELETE FROM dedup WHERE ts < ?1")?
+            .execute(params![before_ts])
             .map(|_| ()),
         Write::SetNick { key, nick } => conn
             .prepare_cached("UPDATE users SET nick = ?2 WHERE key = ?1")?
@@ -378,6 +469,7 @@ fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>
             before,
             after,
             limit,
+            ..
         } => {
             let (col, key) = match target {
                 Target::Room(r) => ("room", r.as_str()),
@@ -414,6 +506,15 @@ fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>
         out.truncate(limit);
         out.reverse();
         Ok((out, more))
+    }
+}
+
+fn is_cancelled(q: &Query) -> bool {
+    match q {
+        Query::History {
+            cancelled: Some(c), ..
+        } => c.load(Ordering::Relaxed),
+        _ => false,
     }
 }
 
@@ -463,10 +564,14 @@ pub fn run(
                             }
                         }
                         StoreReq::Query { qid, query } => {
-                            let (messages, more) = run_query(&tx, &query).unwrap_or_else(|e| {
-                                log::error!("store query {query:?}: {e}");
+                            let (messages, more) = if is_cancelled(&query) {
                                 (Vec::new(), false)
-                            });
+                            } else {
+                                run_query(&tx, &query).unwrap_or_else(|e| {
+                                    log::error!("store query {query:?}: {e}");
+                                    (Vec::new(), false)
+                                })
+                            };
                             results.push(StoreEvent::QueryDone {
                                 qid,
                                 messages,
@@ -549,6 +654,7 @@ mod tests {
                 &Write::InsertMessage {
                     msg: msg(id, if id % 2 == 0 { "even" } else { "odd" }),
                     dm: None,
+                    dedup: None,
                 },
             )
             .unwrap();
@@ -561,6 +667,7 @@ mod tests {
                     before,
                     after,
                     limit,
+                    cancelled: None,
                 },
             )
             .unwrap();
@@ -572,9 +679,9 @@ mod tests {
         assert_eq!(h(None, Some(0), 3), (vec![2, 4, 6], true));
         assert_eq!(h(None, Some(6), 3), (vec![8, 10], false));
         assert_eq!(h(Some(8), Some(2), 10), (vec![4, 6], false));
-        let (l, _) = load(&conn, 100).unwrap();
+        let (l, _) = load(&conn, 100, 0).unwrap();
         assert_eq!(l.next_id, 11);
-        let (l, _) = load(&conn, 100).unwrap();
+        let (l, _) = load(&conn, 100, 0).unwrap();
         assert_eq!(l.next_id, 111, "reservation survives and is honoured");
     }
 }

@@ -297,10 +297,12 @@ fn register_login_resume_logout() {
     h.send(e, json!({"type":"resume","token":token}));
     assert_eq!(h.one(e)["type"], "welcome");
 
-    // Logout revokes the token (for every connection using it) and closes with 1000.
+    // Logout revokes the token and closes every connection using it with 1000.
     h.send(e, json!({"type":"logout"}));
     h.settle();
     assert_eq!(h.out.closed.get(&e).map(|x| x.0), Some(1000));
+    assert_eq!(h.out.closed.get(&c).map(|x| x.0), Some(1000), "same token");
+    assert_eq!(h.out.closed.get(&d), None, "another token");
     h.close(e);
     let f = h.connect();
     h.send(f, json!({"type":"resume","token":token}));
@@ -622,13 +624,31 @@ fn nick_changes_and_nick_taken() {
     // One's own name is fine.
     h.send(a, json!({"type":"nick","nick":"ALICE"}));
     assert_eq!(h.take(a)[0]["nick"], "ALICE");
-    // Another online user's nick.
+    // Another user's nick, and anything that looks like it.
     h.send(b, json!({"type":"nick","nick":"Zed"}));
+    h.clear();
+    for look_alike in ["zed", "Z\u{0435}d", "ＺＥＤ", "ZED"] {
+        h.send(a, json!({"type":"nick","nick":look_alike}));
+        assert_eq!(err(&h.one(a)), "nick_taken", "{look_alike:?}");
+    }
+    // Still taken while bob is offline: an absent user's name is not up for grabs.
+    h.close(b);
     h.clear();
     h.send(a, json!({"type":"nick","nick":"zed"}));
     assert_eq!(err(&h.one(a)), "nick_taken");
-    // Once bob is offline the nick is free.
-    h.close(b);
+    // Look-alikes of another account's name.
+    for look_alike in ["B0b", "b\u{043e}b", "ｂｏｂ"] {
+        h.send(a, json!({"type":"nick","nick":look_alike}));
+        assert_eq!(err(&h.one(a)), "nick_taken", "{look_alike:?}");
+    }
+    // Once bob picks another nick, Zed is free.
+    let b2 = h.connect();
+    h.send(
+        b2,
+        json!({"type":"login","user":"bob","password":"password123"}),
+    );
+    assert_eq!(h.one(b2)["type"], "welcome");
+    h.send(b2, json!({"type":"nick","nick":"Robert"}));
     h.clear();
     h.send(a, json!({"type":"nick","nick":"zed"}));
     assert_eq!(h.take(a)[0]["type"], "nick");
@@ -962,43 +982,151 @@ fn rate_limit_zero_disables() {
 }
 
 #[test]
-fn login_throttle_per_user_and_address() {
+fn login_throttle_per_account_and_address() {
     let dir = TempDir::new("throttle");
-    let mut h = H::new(&dir, &["--login-throttle", "3"]);
+    let mut h = H::new(&dir, &["--login-throttle", "3", "--login-throttle-ip", "5"]);
+    h.out.now = Some(Instant::now());
+    let (_, token) = h.user("alice");
+    h.user("bob");
+    let c = h.connect_from([10, 0, 0, 1]);
+    let wrong = |user: &str| json!({"type":"login","user":user,"password":"wrongwrong"});
+    for _ in 0..3 {
+        h.send(c, wrong("alice"));
+        assert_eq!(err(&h.one(c)), "auth_failed");
+    }
+    // That address is now blocked for alice, even with the right password...
+    h.send(
+        c,
+        json!({"type":"login","user":"alice","password":"password123","ref":"x"}),
+    );
+    let e = h.one(c);
+    assert_eq!(err(&e), "rate_limited");
+    assert_eq!(e["ref"], "x");
+    // ...but the owner from another address gets in (no lockout by strangers' guesses).
+    let d = h.connect_from([10, 0, 0, 2]);
+    h.send(
+        d,
+        json!({"type":"login","user":"alice","password":"password123"}),
+    );
+    assert_eq!(h.one(d)["type"], "welcome");
+    // A valid token resumes from the blocked address too.
+    let r = h.connect_from([10, 0, 0, 1]);
+    h.send(r, json!({"type":"resume","token":token}));
+    assert_eq!(h.one(r)["type"], "welcome");
+    // The address may still try other accounts until its own limit (5 failures in all).
+    for user in ["bob", "nobody"] {
+        h.send(c, wrong(user));
+        assert_eq!(err(&h.one(c)), "auth_failed");
+    }
+    h.send(
+        c,
+        json!({"type":"login","user":"bob","password":"password123"}),
+    );
+    assert_eq!(err(&h.one(c)), "rate_limited", "per-address limit reached");
+    let r2 = h.connect_from([10, 0, 0, 1]);
+    h.send(r2, json!({"type":"resume","token":token}));
+    assert_eq!(h.one(r2)["type"], "welcome", "resume is never throttled");
+    // After the window it works again (from a new connection: `c` was closed by the
+    // authentication deadline meanwhile).
+    h.advance(Duration::from_secs(61));
+    h.svc.on_tick(&mut h.out);
+    assert_eq!(
+        h.out.closed.get(&c).map(|x| x.0),
+        Some(1008),
+        "auth timeout"
+    );
+    let c = h.connect_from([10, 0, 0, 1]);
+    h.send(
+        c,
+        json!({"type":"login","user":"alice","password":"password123"}),
+    );
+    assert_eq!(h.one(c)["type"], "welcome");
+    h.shutdown();
+}
+
+#[test]
+fn account_throttle_stops_a_spread_out_campaign() {
+    let dir = TempDir::new("throttle-acct");
+    let mut h = H::new(&dir, &["--login-throttle-account", "4"]);
     h.out.now = Some(Instant::now());
     h.user("alice");
-    let c = h.connect_from([10, 0, 0, 1]);
-    for _ in 0..3 {
+    for i in 0..4u8 {
+        let c = h.connect_from([10, 1, 0, i]);
         h.send(
             c,
             json!({"type":"login","user":"alice","password":"wrongwrong"}),
         );
         assert_eq!(err(&h.one(c)), "auth_failed");
     }
-    // Even the right password is refused now, without hashing, from anywhere.
-    let d = h.connect_from([10, 0, 0, 2]);
-    h.send(
-        d,
-        json!({"type":"login","user":"alice","password":"password123","ref":"x"}),
-    );
-    let e = h.one(d);
-    assert_eq!(err(&e), "rate_limited");
-    assert_eq!(e["ref"], "x");
-    // The first address is blocked for other users too.
-    h.user("bob");
+    let c = h.connect_from([10, 1, 0, 9]);
     h.send(
         c,
-        json!({"type":"login","user":"bob","password":"password123"}),
+        json!({"type":"login","user":"alice","password":"wrongwrong"}),
     );
     assert_eq!(err(&h.one(c)), "rate_limited");
-    // After the window it works again.
-    h.advance(Duration::from_secs(61));
-    h.svc.on_tick(&mut h.out);
+    h.shutdown();
+}
+
+/// Guesses sent at once count while they are being hashed: only `--login-throttle` of them
+/// are checked at all, the rest are refused before hashing.
+#[test]
+fn parallel_login_attempts_count_while_in_flight() {
+    let dir = TempDir::new("throttle-parallel");
+    let mut h = H::new(&dir, &["--login-throttle", "3"]);
+    h.user("alice");
+    let conns: Vec<ConnId> = (0..20).map(|_| h.connect_from([10, 2, 0, 1])).collect();
+    for (i, c) in conns.iter().enumerate() {
+        // The right password is among them, after the allowance.
+        let pw = if i == 10 { "password123" } else { "wrongwrong" };
+        h.send(*c, json!({"type":"login","user":"alice","password":pw}));
+    }
+    h.settle();
+    let mut codes = Vec::new();
+    for c in &conns {
+        let f = h.one(*c);
+        codes.push(if f["type"] == "error" {
+            err(&f).to_string()
+        } else {
+            f["type"].as_str().unwrap_or_default().to_string()
+        });
+    }
+    let checked = codes.iter().filter(|c| *c == "auth_failed").count();
+    assert_eq!(checked, 3, "{codes:?}");
+    assert_eq!(codes[10], "rate_limited", "the right guess came too late");
+    assert!(!codes.iter().any(|c| c == "welcome"), "{codes:?}");
+    h.shutdown();
+}
+
+/// The hashing queue is bounded per address: the overflow gets `rate_limited` at once.
+#[test]
+fn hashing_queue_is_bounded_per_address() {
+    let dir = TempDir::new("hashq");
+    let mut h = H::new(&dir, &["--hash-queue-per-ip", "2", "--login-throttle", "0"]);
+    let conns: Vec<ConnId> = (0..6).map(|_| h.connect_from([10, 3, 0, 1])).collect();
+    for c in &conns {
+        h.send(
+            *c,
+            json!({"type":"login","user":"x","password":"wrongwrong"}),
+        );
+    }
+    // One job went to the worker at once, two wait; three were refused before hashing.
+    let refused: Vec<ConnId> = conns
+        .iter()
+        .copied()
+        .filter(|c| h.out.frames.get(c).is_some_and(|f| !f.is_empty()))
+        .collect();
+    assert_eq!(refused.len(), 3);
+    for c in refused {
+        assert_eq!(err(&h.one(c)), "rate_limited");
+    }
+    // Another address is not affected.
+    let other = h.connect_from([10, 3, 0, 2]);
     h.send(
-        d,
-        json!({"type":"login","user":"alice","password":"password123"}),
+        other,
+        json!({"type":"login","user":"x","password":"wrongwrong"}),
     );
-    assert_eq!(h.one(d)["type"], "welcome");
+    h.settle();
+    assert_eq!(err(&h.one(other)), "auth_failed");
     h.shutdown();
 }
 

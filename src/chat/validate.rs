@@ -93,11 +93,6 @@ pub fn text(s: &str, max: usize) -> Check {
     Ok(())
 }
 
-/// The case-insensitive form used to compare nicks with names and other nicks.
-pub fn nick_key(s: &str) -> String {
-    s.to_lowercase()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
