@@ -65,7 +65,7 @@ impl<A: Hash + Eq + Clone, J> FairQueue<A, J> {
 
     /// The next job for a worker, if a worker is free: the oldest job of the address whose turn
     /// it is. The caller must call [`FairQueue::done`] when the worker's result comes back.
-    pub fn next(&mut self) -> Option<J> {
+    pub fn next_job(&mut self) -> Option<J> {
         if self.in_flight >= self.max_in_flight {
             return None;
         }
@@ -89,7 +89,7 @@ impl<A: Hash + Eq + Clone, J> FairQueue<A, J> {
         None
     }
 
-    /// A job handed out by [`FairQueue::next`] finished.
+    /// A job handed out by [`FairQueue::next_job`] finished.
     pub fn done(&mut self) {
         self.in_flight = self.in_flight.saturating_sub(1);
     }
@@ -135,14 +135,18 @@ mod tests {
             q.push("attacker", i).unwrap();
         }
         q.push("alice", 100).unwrap();
-        assert_eq!(q.next(), Some(0));
-        assert_eq!(q.next(), None, "one worker: one in flight");
+        assert_eq!(q.next_job(), Some(0));
+        assert_eq!(q.next_job(), None, "one worker: one in flight");
         q.done();
-        assert_eq!(q.next(), Some(100), "alice waits for one hash, not five");
+        assert_eq!(
+            q.next_job(),
+            Some(100),
+            "alice waits for one hash, not five"
+        );
         q.done();
-        assert_eq!(q.next(), Some(1));
+        assert_eq!(q.next_job(), Some(1));
         q.done();
-        assert_eq!(q.next(), Some(2));
+        assert_eq!(q.next_job(), Some(2));
     }
 
     #[test]
@@ -154,7 +158,7 @@ mod tests {
         q.push("b", 4).unwrap();
         assert_eq!(q.push("c", 5), Err(Refused::QueueFull));
         assert_eq!(q.queued(), 3);
-        assert_eq!(q.next(), Some(1));
+        assert_eq!(q.next_job(), Some(1));
         assert_eq!(q.queued(), 2);
         q.push("c", 5).unwrap();
     }
@@ -167,8 +171,8 @@ mod tests {
         q.push("a", 3).unwrap();
         assert_eq!(q.remove_where(|j| *j != 2), vec![1, 3]);
         assert_eq!(q.queued(), 1);
-        assert_eq!(q.next(), Some(2));
-        assert_eq!(q.next(), None);
+        assert_eq!(q.next_job(), Some(2));
+        assert_eq!(q.next_job(), None);
         assert_eq!(q.in_flight(), 1);
     }
 }

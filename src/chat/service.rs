@@ -722,7 +722,7 @@ impl ChatService {
 
     /// Hands queued hashing jobs to free workers, fairly across addresses.
     fn pump_hashes(&mut self) {
-        while let Some(q) = self.hash_queue.next() {
+        while let Some(q) = self.hash_queue.next_job() {
             self.auth.submit(q.job);
         }
     }
