@@ -48,11 +48,15 @@ export function ensureBuilt() {
 
 /**
  * Starts the server: port 0 (or `port`, for restarts) and a data dir (fresh unless given).
+ * `args`: extra server options, e.g. `['--rate-limit', '2', '--rate-burst', '3']`; an option
+ * given there replaces the default of the same name (the default is `--rate-limit 0`).
  * Resolves once it printed "parlor listening on ADDR".
  */
-export async function startServer({ port = 0, dataDir = tmpDir('data') } = {}) {
+export async function startServer({ port = 0, dataDir = tmpDir('data'), args: extra = [] } = {}) {
   ensureBuilt();
-  const args = ['--listen', `127.0.0.1:${port}`, '--data', dataDir, '--www', WWW, '--rate-limit', '0'];
+  const args = ['--listen', `127.0.0.1:${port}`, '--data', dataDir, '--www', WWW];
+  if (!extra.includes('--rate-limit')) args.push('--rate-limit', '0');
+  args.push(...extra);
   const proc = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   const logs = [];
   proc.stderr.on('data', (d) => { logs.push(String(d)); if (logs.length > 200) logs.shift(); });
@@ -74,6 +78,7 @@ export async function startServer({ port = 0, dataDir = tmpDir('data') } = {}) {
     url: `http://127.0.0.1:${actualPort}/`,
     wsUrl: `ws://127.0.0.1:${actualPort}/ws`,
     logs,
+    args: extra,
     async stop(signal = 'SIGTERM') {
       if (proc.exitCode !== null || proc.signalCode !== null) return;
       const exited = new Promise((r) => proc.once('exit', r));
