@@ -3,7 +3,8 @@
 // client (the `ws` package) for seeding data.
 //
 // Run: `npm ci && npm test` here (builds target/release/parlor with cargo if it is missing).
-// Environment: PARLOR_BIN=path (another server binary), CHROMIUM=path (default /usr/bin/chromium).
+// Environment: PARLOR_BIN=path (another server binary), CHROMIUM=path (default /usr/bin/chromium),
+// PARLOR_WWW=path (another client, e.g. an older www/ to check that a test catches its bug).
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -15,7 +16,7 @@ import { chromium } from 'playwright-core';
 import WebSocket from 'ws';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-export const WWW = path.join(ROOT, 'www');
+export const WWW = process.env.PARLOR_WWW || path.join(ROOT, 'www');
 export const BIN = process.env.PARLOR_BIN || path.join(ROOT, 'target', 'release', 'parlor');
 export const SHOTS = path.join(ROOT, 'docs', 'screenshots');
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
