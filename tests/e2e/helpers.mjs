@@ -3,7 +3,8 @@
 // client (the `ws` package) for seeding data.
 //
 // Run: `npm ci && npm test` here (builds target/release/parlor with cargo if it is missing).
-// Environment: PARLOR_BIN=path (another server binary), CHROMIUM=path (default /usr/bin/chromium).
+// Environment: PARLOR_BIN=path (another server binary), CHROMIUM=path (default /usr/bin/chromium),
+// PARLOR_WWW=path (another client, e.g. an older www/ to check that a test catches its bug).
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -15,7 +16,7 @@ import { chromium } from 'playwright-core';
 import WebSocket from 'ws';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-export const WWW = path.join(ROOT, 'www');
+export const WWW = process.env.PARLOR_WWW || path.join(ROOT, 'www');
 export const BIN = process.env.PARLOR_BIN || path.join(ROOT, 'target', 'release', 'parlor');
 export const SHOTS = path.join(ROOT, 'docs', 'screenshots');
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -48,11 +49,15 @@ export function ensureBuilt() {
 
 /**
  * Starts the server: port 0 (or `port`, for restarts) and a data dir (fresh unless given).
+ * `args`: extra server options, e.g. `['--rate-limit', '2', '--rate-burst', '3']`; an option
+ * given there replaces the default of the same name (the default is `--rate-limit 0`).
  * Resolves once it printed "parlor listening on ADDR".
  */
-export async function startServer({ port = 0, dataDir = tmpDir('data') } = {}) {
+export async function startServer({ port = 0, dataDir = tmpDir('data'), args: extra = [] } = {}) {
   ensureBuilt();
-  const args = ['--listen', `127.0.0.1:${port}`, '--data', dataDir, '--www', WWW, '--rate-limit', '0'];
+  const args = ['--listen', `127.0.0.1:${port}`, '--data', dataDir, '--www', WWW];
+  if (!extra.includes('--rate-limit')) args.push('--rate-limit', '0');
+  args.push(...extra);
   const proc = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   const logs = [];
   proc.stderr.on('data', (d) => { logs.push(String(d)); if (logs.length > 200) logs.shift(); });
@@ -74,6 +79,7 @@ export async function startServer({ port = 0, dataDir = tmpDir('data') } = {}) {
     url: `http://127.0.0.1:${actualPort}/`,
     wsUrl: `ws://127.0.0.1:${actualPort}/ws`,
     logs,
+    args: extra,
     async stop(signal = 'SIGTERM') {
       if (proc.exitCode !== null || proc.signalCode !== null) return;
       const exited = new Promise((r) => proc.once('exit', r));

@@ -26,6 +26,18 @@ class App {
     this.joinIntents = new Set(); // rooms the user asked to join (in case a reply lacks its ref)
     this.authPending = false;
     this.loggingOut = false;
+    // Outbox: say/dm go out one at a time, in the order they were typed (`seq`), so that a
+    // message refused with `rate_limited` and retried can never be overtaken by a later one.
+    this.seq = 0;
+    this.inflight = null;      // ref of the message sent and not yet acked or refused
+    this.holdUntil = 0;        // after `rate_limited`: send nothing before this time
+    this.rateStrikes = 0;      // consecutive `rate_limited` refusals (backoff grows with them)
+    this.holdTimer = null;
+    // A `resume` refused for a passing reason (e.g. `rate_limited`): the token is kept and
+    // the resume is tried again at `authRetryAt`, with a growing delay.
+    this.authRetries = 0;
+    this.authRetryAt = 0;
+    this.authTimer = null;
     this.conn = new Connection(wsUrl());
     this.ui = new UI(this);
 
@@ -54,18 +66,48 @@ class App {
       this.request(frame, info, true);
       return;
     }
-    const token = store.get('token');
-    if (token && !this.loggingOut) {
-      this.authPending = true;
-      this.request({ type: 'resume', token }, { kind: 'auth', how: 'resume' }, true);
-    } else {
+    if (!this.resume()) {
       this.ui.showLogin();
       this.ui.loginStatus('');
     }
   }
 
+  /** Sends `resume` with the stored token, if there is one; false if there is none. */
+  resume() {
+    clearTimeout(this.authTimer);
+    this.authTimer = null;
+    this.authRetryAt = 0;
+    const token = store.get('token');
+    if (!token || this.loggingOut) return false;
+    this.authPending = true;
+    this.request({ type: 'resume', token }, { kind: 'auth', how: 'resume' }, true);
+    this.ui.renderStatus();
+    return true;
+  }
+
+  /** The server refused `resume` for a passing reason: keep the token, try again later. */
+  retryResumeLater(code) {
+    this.authRetries += 1;
+    // 2 s, 4 s, 8 s, … up to a minute, with some jitter so that many tabs don't stampede.
+    const d = Math.min(60000, 2000 * 2 ** Math.min(this.authRetries - 1, 5));
+    const delay = Math.round(d * (0.75 + Math.random() * 0.25));
+    this.authRetryAt = Date.now() + delay;
+    this.authRetryCode = code;
+    clearTimeout(this.authTimer);
+    this.authTimer = setTimeout(() => {
+      this.authTimer = null;
+      if (this.conn.isOpen && this.conn.state !== 'ready') this.resume();
+      // (if the socket closed meanwhile, its reconnect sends `resume` by itself)
+    }, delay);
+    this.ui.renderStatus();
+  }
+
   onClose({ code }) {
     this.authPending = false;
+    clearTimeout(this.authTimer);
+    this.authTimer = null;
+    this.authRetryAt = 0;
+    this.inflight = null;
     if (this.loggingOut) {
       this.finishLogout();
       return;
@@ -107,8 +149,10 @@ class App {
     this.authPending = true;
     const frame = { type: register ? 'register' : 'login', user, password };
     const info = { kind: 'auth', how: register ? 'register' : 'login' };
-    if (this.conn.isOpen) this.request(frame, info, true);
-    else {
+    if (this.conn.isOpen) {
+      this.request(frame, info, true);
+      this.ui.loginStatus('Signing in…');
+    } else {
       // Not connected (yet): send it as soon as the socket opens.
       this.pendingAuth = { frame, info };
       this.ui.loginStatus('Connecting to the server…');
@@ -143,6 +187,9 @@ class App {
     this.users.clear();
     this.current = null;
     this.requests.clear();
+    this.inflight = null;
+    this.holdUntil = 0;
+    this.rateStrikes = 0;
     this.ui.reset();
   }
 
@@ -151,6 +198,8 @@ class App {
     if (firstTime && this.me) this.resetSession();
     this.me = { user: f.user, nick: f.nick || f.user };
     this.authPending = false;
+    this.authRetries = 0;
+    this.authRetryAt = 0;
     if (f.token) store.set('token', f.token);
     this.conn.markReady();
     this.ui.loginBusy(false);
@@ -317,9 +366,11 @@ class App {
       case 'join': return this.join(cmd.room);
       case 'leave': this.leave(cmd.room); return true;
       case 'msg': {
+        const from = this.current;
         const conv = this.openDm(cmd.to, { select: true });
         if (!conv) return false;
-        return this.sendMessage(conv, cmd.text);
+        // `typed`: what to give back to the composer if the server says there is no such user.
+        return this.sendMessage(conv, cmd.text, { typed: text, back: from });
       }
       case 'help':
         this.ui.showHelp(HELP);
@@ -330,38 +381,66 @@ class App {
     }
   }
 
-  sendMessage(conv, text) {
+  sendMessage(conv, text, extra = {}) {
     if ([...text].length > MAX_TEXT) {
       this.ui.toast(`Messages are limited to ${MAX_TEXT} characters.`, 'error');
       return false;
     }
-    const p = { ref: newRef('m'), text, ts: Date.now(), state: 'queued', from: this.me.user, nick: this.me.nick };
+    this.seq += 1;
+    const p = {
+      ref: newRef('m'), seq: this.seq, text, ts: Date.now(), state: 'queued', from: this.me.user, nick: this.me.nick, ...extra,
+    };
     conv.pending.push(p);
-    this.requests.set(p.ref, { kind: 'msg', key: conv.key, at: Date.now() });
-    this.transmit(conv, p);
+    this.pump();
     this.lastTypingSent.delete(conv.key);
     this.ui.renderAll({ scrollToBottom: true });
     return true;
   }
 
-  transmit(conv, p) {
-    const frame = conv.kind === 'room'
-      ? { type: 'say', room: conv.name, text: p.text, ref: p.ref }
-      : { type: 'dm', to: conv.name, text: p.text, ref: p.ref };
-    if (this.conn.isReady) {
-      this.conn.sendNow(frame);
-      Object.assign(p, { state: 'sending', error: null, auto: false, sentAt: Date.now() });
-    } else {
-      Object.assign(p, { state: 'queued', error: null, auto: false });
+  /**
+   * Sends the next message of the outbox, if nothing is in flight and sending is not paused.
+   * One say/dm at a time, the earliest typed first: the server's rate limit may refuse any
+   * message, and a later one must never be stored before an earlier refused one.
+   */
+  pump() {
+    if (this.inflight || !this.conn.isReady) return;
+    const wait = this.holdUntil - Date.now();
+    if (wait > 0) {
+      if (!this.holdTimer) this.holdTimer = setTimeout(() => { this.holdTimer = null; this.pump(); }, wait);
+      return;
     }
+    let next = null;
+    let nextConv = null;
+    for (const conv of this.convs.values()) {
+      for (const p of conv.pending) {
+        if (p.state !== 'queued' && !(p.state === 'failed' && p.auto)) continue;
+        if (!next || p.seq < next.seq) { next = p; nextConv = conv; }
+      }
+    }
+    if (!next) return;
+    const frame = nextConv.kind === 'room'
+      ? { type: 'say', room: nextConv.name, text: next.text, ref: next.ref }
+      : { type: 'dm', to: nextConv.name, text: next.text, ref: next.ref };
+    this.requests.set(next.ref, { kind: 'msg', key: nextConv.key, at: Date.now() });
+    if (!this.conn.sendNow(frame)) return;
+    this.inflight = next.ref;
+    Object.assign(next, { state: 'sending', error: null, auto: false, sentAt: Date.now() });
+    this.ui.renderAll();
+  }
+
+  /** The in-flight message got its answer (`ack` or `error`): the next one may go. */
+  settled(ref) {
+    if (this.inflight !== ref) return;
+    this.inflight = null;
+    queueMicrotask(() => this.pump());
   }
 
   retry(key, ref) {
     const conv = this.convs.get(key);
     const p = conv?.pending.find((x) => x.ref === ref);
-    if (!p) return;
-    this.requests.set(p.ref, { kind: 'msg', key, at: Date.now() });
-    this.transmit(conv, p);
+    if (!p || p.state === 'sending') return;
+    Object.assign(p, { state: 'queued', error: null, auto: false });
+    this.pump();
     this.ui.renderAll();
   }
 
@@ -369,15 +448,19 @@ class App {
     const conv = this.convs.get(key);
     if (!conv) return;
     conv.pending = conv.pending.filter((x) => x.ref !== ref);
+    this.settled(ref);
     this.ui.renderAll();
   }
 
+  /** After (re)authenticating: messages not known to be stored go out again, same refs. */
   resendPending() {
+    this.inflight = null;
     for (const conv of this.convs.values()) {
       for (const p of conv.pending) {
-        if (p.state === 'queued' || p.state === 'sending' || (p.state === 'failed' && p.auto)) this.transmit(conv, p);
+        if (p.state === 'sending' || (p.state === 'failed' && p.auto)) Object.assign(p, { state: 'queued', error: null, auto: false });
       }
     }
+    this.pump();
   }
 
   typing() {
@@ -550,6 +633,8 @@ class App {
   }
 
   on_ack(f) {
+    if (this.inflight === f.ref) this.rateStrikes = 0;
+    this.settled(f.ref);
     const info = this.requests.get(f.ref);
     const convs = info?.key && this.convs.has(info.key) ? [this.convs.get(info.key)] : [...this.convs.values()];
     for (const conv of convs) {
@@ -653,12 +738,19 @@ class App {
       case 'auth': {
         this.authPending = false;
         this.ui.loginBusy(false);
-        if (info.how === 'resume') {
+        if (info.how === 'resume' && f.code !== 'auth_failed') {
+          // Not a verdict on the token (too many sign-ins from this address, the server could
+          // not answer, …): keep it and try again later; the person stays signed in.
+          this.retryResumeLater(f.code);
+        } else if (info.how === 'resume') {
+          // The token is invalid, expired or revoked: only now is the session over.
           store.remove('token');
           this.resetSession();
           this.ui.showLogin();
+          this.ui.loginStatus('');
           this.ui.loginError('Your session has ended. Please log in again.');
         } else {
+          this.ui.loginStatus('');
           const text = {
             auth_failed: 'Wrong user name or password.',
             user_taken: 'That user name is taken. Log in instead, or pick another name.',
@@ -680,14 +772,18 @@ class App {
             too_long: 'Too long.',
             rate_limited: 'Sending too fast.',
           }[f.code] || msg;
-          Object.assign(p, { state: 'failed', error: text, auto: false });
-          // Too fast (e.g. a burst of messages queued while offline): try again shortly, a few times.
-          if (f.code === 'rate_limited' && (p.rateRetries || 0) < 5) {
-            p.rateRetries = (p.rateRetries || 0) + 1;
-            p.error = 'Sending too fast — retrying…';
-            setTimeout(() => { if (p.state === 'failed') this.retry(info.key, p.ref); }, 700 * p.rateRetries);
+          if (f.code === 'rate_limited') {
+            // Too fast (e.g. typed quickly, or a burst queued while offline): pause the whole
+            // outbox, then resend this one first and the later ones after it, in typed order.
+            this.rateStrikes += 1;
+            this.holdUntil = Date.now() + Math.min(8000, 500 * 2 ** Math.min(this.rateStrikes - 1, 4));
+            Object.assign(p, { state: 'queued', error: 'Sending too fast — will retry', auto: false });
+          } else {
+            Object.assign(p, { state: 'failed', error: text, auto: false });
           }
         }
+        this.settled(f.ref);
+        if (p && f.code === 'no_such_user' && conv.kind === 'dm') this.noSuchDmUser(conv);
         this.ui.renderAll();
         break;
       }
@@ -707,8 +803,7 @@ class App {
         if (conv) {
           conv.loadingOlder = false;
           if (conv.kind === 'dm' && f.code === 'no_such_user') {
-            this.ui.toast(`There is no user called “${conv.name}”.`, 'error');
-            if (!conv.messages.length) this.closeDm(conv.key);
+            this.noSuchDmUser(conv);
           } else if (info.dir === 'before') {
             conv.more = false;
           }
@@ -719,6 +814,26 @@ class App {
       default:
         this.ui.toast(msg, 'error');
     }
+  }
+
+  /**
+   * The server says the other side of a DM does not exist (a mistyped `/msg NAME text`): say so,
+   * close the conversation if it is empty, go back to where the person was, and give what they
+   * typed back to the composer so that they can correct the name instead of retyping it all.
+   */
+  noSuchDmUser(conv) {
+    if (this.convs.get(conv.key) !== conv) return; // already handled (history and dm both fail)
+    this.ui.toast(`There is no user called “${conv.name}”.`, 'error');
+    const typed = conv.pending.filter((p) => p.typed !== undefined);
+    conv.pending = conv.pending.filter((p) => p.typed === undefined);
+    for (const p of typed) this.settled(p.ref);
+    const back = typed.find((p) => p.back)?.back;
+    if (!conv.messages.length && !conv.pending.length) {
+      this.closeDm(conv.key);
+      if (back && this.convs.has(back)) this.select(back);
+    }
+    if (typed.length) this.ui.restoreComposer(typed.map((p) => p.typed).join('\n'));
+    this.ui.renderAll();
   }
 
   // ---------- misc ----------

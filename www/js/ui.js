@@ -235,6 +235,14 @@ export class UI {
     c.focus();
   }
 
+  /** Puts text that could not be sent back into the composer (before anything typed since). */
+  restoreComposer(text) {
+    const c = $('composer');
+    c.value = c.value ? `${text}\n${c.value}` : text;
+    c.focus();
+    c.setSelectionRange(c.value.length, c.value.length);
+  }
+
   focusComposer() {
     // Don't pop the keyboard up on phones when switching conversations.
     if (window.matchMedia('(pointer: coarse)').matches) return;
@@ -339,13 +347,21 @@ export class UI {
 
   // ---------- status, toasts, announcements ----------
 
-  renderStatus({ state, retryAt }) {
+  /** Shows the connection state (a Connection 'status' detail; none: redraw the last one). */
+  renderStatus({ state, retryAt } = { state: this.statusState, retryAt: this.retryAt }) {
+    if (!state) return;
+    const app = this.app;
     const el = $('connection-status');
     el.dataset.state = state;
     const secs = Math.max(0, Math.ceil((retryAt - Date.now()) / 1000));
+    // The socket is open but not signed in: signing in, waiting to sign in again (the server
+    // refused `resume` for a passing reason), or nothing (the login form is up).
+    const authSecs = app.authRetryAt ? Math.max(0, Math.ceil((app.authRetryAt - Date.now()) / 1000)) : null;
+    const openText = authSecs !== null ? `Signing in again in ${authSecs} s`
+      : app.authPending ? 'Signing in…' : 'Not signed in';
     const text = {
       connecting: 'Connecting…',
-      open: 'Signing in…',
+      open: openText,
       ready: 'Connected',
       waiting: `Offline · retrying in ${secs} s`,
       stopped: 'Offline',
@@ -354,10 +370,20 @@ export class UI {
     el.title = state === 'waiting' ? 'Click to reconnect now' : '';
     this.statusState = state;
     this.retryAt = retryAt;
-    $('boot-status').textContent = state === 'waiting' ? `Cannot reach the server · retrying in ${secs} s`
-      : state === 'open' ? 'Signing in…' : 'Connecting…';
+    let boot = 'Connecting…';
+    if (state === 'waiting') boot = `Cannot reach the server · retrying in ${secs} s`;
+    else if (state === 'open' && authSecs !== null) {
+      boot = app.authRetryCode === 'rate_limited'
+        ? `Too many sign-ins from this address · trying again in ${authSecs} s`
+        : `The server could not sign you in just now · trying again in ${authSecs} s`;
+    } else if (state === 'open') boot = 'Signing in…';
+    $('boot-status').textContent = boot;
+    // The login form says "Signing in…" only while a sign-in is really under way.
     if (state === 'ready') this.loginStatus('');
-    else if (!this.app.me) this.loginStatus(state === 'waiting' ? `Cannot reach the server · retrying in ${secs} s` : text);
+    else if (!app.me) {
+      this.loginStatus(state === 'waiting' ? `Cannot reach the server · retrying in ${secs} s`
+        : state === 'open' ? (app.authPending ? 'Signing in…' : '') : text);
+    }
     if (state !== this.prevState) {
       if (state === 'waiting' && this.prevState === 'ready') this.announce('Connection lost. Reconnecting…');
       if (state === 'ready' && this.prevState && this.prevState !== 'ready') this.announce('Connected.');
@@ -548,7 +574,7 @@ export class UI {
     const own = lc(m.from) === lc(me.user);
     const mention = !own && mentions(m.text, [me.user, me.nick]);
     const cacheKey = pending ? `p:${m.ref}` : `m:${m.id}`;
-    const sig = pending ? `${m.state}|${m.error || ''}` : `${m.nick}|${me.nick}`;
+    const sig = pending ? `${m.state}|${m.error || ''}|${this.app.conn.isReady}` : `${m.nick}|${me.nick}`;
     const cached = this.msgCache.get(cacheKey);
     if (cached && cached.sig === sig) return cached.li;
 
@@ -593,7 +619,9 @@ export class UI {
         h('button', { type: 'button', class: 'link-btn', 'data-testid': 'retry', text: 'Retry', onclick: () => this.app.retry(conv.key, p.ref) }),
         h('button', { type: 'button', class: 'link-btn', text: 'Discard', onclick: () => this.app.discard(conv.key, p.ref) }));
     }
-    return h('div', { class: 'msg-state' }, h('span', { text: p.state === 'queued' ? 'Waiting for connection…' : 'Sending…' }));
+    let text = 'Sending…';
+    if (p.state === 'queued') text = p.error ? `${p.error}…` : this.app.conn.isReady ? 'Waiting to send…' : 'Waiting for connection…';
+    return h('div', { class: 'msg-state' }, h('span', { text }));
   }
 
   renderMessages(opts = {}) {
@@ -690,7 +718,7 @@ export class UI {
   }
 
   tick() {
-    if (this.statusState === 'waiting') this.renderStatus({ state: 'waiting', retryAt: this.retryAt });
+    if (this.statusState === 'waiting' || this.app.authRetryAt) this.renderStatus();
     const minute = Math.floor(Date.now() / 60000);
     if (minute !== this.lastMinute) {
       this.lastMinute = minute;
