@@ -101,6 +101,12 @@ struct Fanout {
     password: String,
     room: String,
     fatal: Option<String>,
+    /// Sign-ins the server refused with `rate_limited` because its hashing queue was full;
+    /// each one is resent when another sign-in finishes (a hashing slot is free then).
+    auth_retry: std::collections::VecDeque<(usize, AuthStep)>,
+    /// Retries due now: sent by the join loop between pool turns (a handler can only write to
+    /// the connection it was called for).
+    auth_resend: Vec<(usize, Vec<u8>)>,
     // Publishing.
     publishing: bool,
     unlimited: bool,
@@ -184,6 +190,22 @@ impl Fanout {
     }
 
     fn send_auth(&mut self, idx: usize, step: AuthStep, out: &mut ConnOut<'_>) {
+        let frame = self.auth_frame(idx, step);
+        out.text(&frame);
+        self.phase[idx] = Phase::Auth(step);
+    }
+
+    /// Schedules one sign-in that the server's full hashing queue refused, now that another
+    /// finished (a hashing slot is free).
+    fn retry_one_auth(&mut self) {
+        if let Some((idx, step)) = self.auth_retry.pop_front() {
+            let frame = self.auth_frame(idx, step);
+            self.auth_resend.push((idx, frame));
+            self.phase[idx] = Phase::Auth(step);
+        }
+    }
+
+    fn auth_frame(&self, idx: usize, step: AuthStep) -> Vec<u8> {
         let user = &self.names[idx];
         let frame = match step {
             AuthStep::Resume => json!({"type": "resume", "token": self.tokens[user]}),
@@ -192,8 +214,7 @@ impl Fanout {
             }
             AuthStep::Login => json!({"type": "login", "user": user, "password": self.password}),
         };
-        out.text(frame.to_string().as_bytes());
-        self.phase[idx] = Phase::Auth(step);
+        frame.to_string().into_bytes()
     }
 
     /// Queues the next message of publisher `p`.
@@ -308,6 +329,7 @@ impl Fanout {
             }
             b"ack" => self.acks += 1,
             b"welcome" => {
+                self.retry_one_auth();
                 if let Some(tok) = str_field(data, field!("token")) {
                     let tok = String::from_utf8_lossy(tok).into_owned();
                     self.tokens.insert(self.names[idx].clone(), tok);
@@ -325,7 +347,16 @@ impl Fanout {
                 let code = str_field(data, field!("code"))
                     .map(|c| String::from_utf8_lossy(c).into_owned())
                     .unwrap_or_default();
+                if matches!(self.phase[idx], Phase::Auth(_)) && code != "rate_limited" {
+                    self.retry_one_auth();
+                }
                 match (self.phase[idx], code.as_str()) {
+                    (
+                        Phase::Auth(step @ (AuthStep::Register | AuthStep::Login)),
+                        "rate_limited",
+                    ) => {
+                        self.auth_retry.push_back((idx, step));
+                    }
                     (Phase::Auth(AuthStep::Register), "user_taken") => {
                         self.send_auth(idx, AuthStep::Login, out)
                     }
@@ -458,6 +489,8 @@ pub fn run(a: &FanoutArgs, kind: Kind) -> Result<serde_json::Value, String> {
         password: a.password.clone(),
         room: a.room.clone(),
         fatal: None,
+        auth_retry: Default::default(),
+        auth_resend: Vec::new(),
         publishing: false,
         unlimited: a.rate <= 0.0,
         max_inflight: a.max_inflight.max(1),
@@ -492,6 +525,13 @@ pub fn run(a: &FanoutArgs, kind: Kind) -> Result<serde_json::Value, String> {
             .map_err(|e| e.to_string())?;
         if let Some(e) = h.fatal.take() {
             return Err(e);
+        }
+        for (idx, frame) in h.auth_resend.drain(..) {
+            pool.send_text(idx, &frame);
+        }
+        if h.auth_retry.len() == n - h.ready && !h.auth_retry.is_empty() {
+            // Nothing of ours is being hashed, so no finish will free a slot: retry one now.
+            h.retry_one_auth();
         }
         if h.ready > last.0 {
             last = (h.ready, Instant::now());
