@@ -2237,6 +2237,18 @@ impl Service for ChatService {
             m.store_failures as f64,
         );
         g(
+            "parlor_chat_hash_jobs_waiting",
+            "gauge",
+            "Sign-ins (register/login) waiting for a hashing thread.",
+            self.hash_queue.queued() as f64,
+        );
+        g(
+            "parlor_chat_sessions",
+            "gauge",
+            "Session tokens held (expire after --session-ttl without use).",
+            self.sessions.len() as f64,
+        );
+        g(
             "parlor_chat_store_pending_writes",
             "gauge",
             "Writes sent to the store and not yet committed.",

@@ -204,7 +204,8 @@ impl Client {
         Client { ws }
     }
 
-    /// The next frame, or `None` if nothing arrives within `t` (the socket stays usable).
+    /// The next frame, or `None` if nothing arrives within `t` (the socket stays usable) or the
+    /// server closed the connection.
     pub fn recv_within(&mut self, t: Duration) -> Option<Value> {
         if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
             let _ = s.set_read_timeout(Some(t));
@@ -212,7 +213,7 @@ impl Client {
         let got = loop {
             match self.ws.read() {
                 Ok(Message::Text(t)) => break serde_json::from_str(&t).ok(),
-                Ok(Message::Close(c)) => panic!("closed: {c:?}"),
+                Ok(Message::Close(_)) => break None,
                 Ok(_) => {}
                 Err(_) => break None,
             }
