@@ -340,7 +340,8 @@ fn crash_loses_no_acked_message() {
         .collect();
     assert!(acked.len() > 10, "senders got acks before the crash");
 
-    let srv = Server::spawn(&dir.0, &[]);
+    // The reader pages through tens of thousands of messages: no history rate limit here.
+    let srv = Server::spawn(&dir.0, &["--query-rate", "0"]);
     let (mut r, _) = Client::register(&srv.addr, "reader");
     let mut stored = std::collections::HashSet::new();
     let mut after = 0i64;
