@@ -489,3 +489,48 @@ fn p9_look_alike_names_and_nicks_are_refused() {
     c.expect_error("user_taken");
     srv.stop();
 }
+
+// ----- 10. behind a reverse proxy -----
+
+/// Two failed logins for alice (`--login-throttle 2`) from forwarded address `first`, then one
+/// from `second`: what does the second get?
+fn second_forwarded_address_gets(trusted: bool) -> String {
+    let dir = TempDir::new("proxy");
+    let mut args = vec!["--login-throttle", "2"];
+    if trusted {
+        args.extend_from_slice(&["--trusted-proxy", "127.0.0.1"]);
+    }
+    let srv = Server::spawn(&dir.0, &args);
+    let (c, _) = Client::register(&srv.addr, "alice");
+    drop(c);
+    let login = json!({"type":"login","user":"alice","password":"wrong-guess"});
+    let mut first = Client::connect_from_with(
+        &srv.addr,
+        [127, 0, 0, 1],
+        &[("X-Forwarded-For", "203.0.113.7")],
+    );
+    for _ in 0..2 {
+        first.send(login.clone());
+        first.expect_error("auth_failed");
+    }
+    first.send(login.clone());
+    first.expect_error("rate_limited");
+    let mut second = Client::connect_from_with(
+        &srv.addr,
+        [127, 0, 0, 1],
+        &[("X-Forwarded-For", "198.51.100.9, 203.0.113.8")],
+    );
+    second.send(login);
+    let v = second.recv();
+    srv.stop();
+    v["code"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn p10_forwarded_addresses_are_throttled_separately_only_through_a_trusted_proxy() {
+    // Through a trusted proxy the rightmost untrusted X-Forwarded-For entry is the client:
+    // another client behind the same proxy is not throttled for the first one's failures.
+    assert_eq!(second_forwarded_address_gets(true), "auth_failed");
+    // From an untrusted peer the header is ignored: both are the same (real) address.
+    assert_eq!(second_forwarded_address_gets(false), "rate_limited");
+}
