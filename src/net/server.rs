@@ -104,6 +104,17 @@ impl Server {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let static_files = StaticFiles::load(&config.www, MAX_STATIC_BYTES)?;
+        for ep in &endpoints {
+            if ep.max_message > config.memory_budget {
+                log::warn!(
+                    "--memory-budget {} is below the largest message on {} ({} bytes): such \
+                     messages will be refused with 1013",
+                    config.memory_budget,
+                    ep.path,
+                    ep.max_message
+                );
+            }
+        }
         Ok(Server {
             poll,
             listener: Some(listener),
