@@ -70,7 +70,8 @@ start_server() {
   : >"$SERVER_LOG"
   case $t in
     parlor)
-      local extra=()
+      # /echo is opt-in; every client is 127.0.0.1 (idle-memory opens $IDLE_CONNS).
+      local extra=(--echo --max-connections-per-ip 0)
       [ "$HAS_CHAT" = 1 ] && extra+=(--rate-limit 0)
       taskset -c "$SERVER_CPU" "$BIN/parlor" --listen 127.0.0.1:0 --data "$DATA/parlor" \
         --log-level warn --max-connections $((IDLE_CONNS + 1000)) "${extra[@]}" >"$SERVER_LOG" 2>&1 &

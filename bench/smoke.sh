@@ -17,7 +17,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-extra=()
+# /echo is opt-in, and every mode connects from 127.0.0.1 (the connections mode alone opens 200).
+extra=(--echo --max-connections-per-ip 0)
 has_chat=0
 if "$BIN/parlor" --help | grep -q -- '--rate-limit'; then
   extra+=(--rate-limit 0)

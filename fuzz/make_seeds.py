@@ -111,6 +111,22 @@ rt = (rt_frame(True, 1, b"Hello", KEY) + rt_frame(False, 2, b"\x00\x01", None)
 write("frame_decoder", "round-trip-mix", frame_input(b"", rt=rt))
 write("frame_decoder", "round-trip-64bit", frame_input(b"", rt=rt_frame(True, 2, b"ab", K2, long64=True)))
 
+# --- forwarded -----------------------------------------------------------------------------
+# flags byte, then "\n"-separated: a CIDR list, then header values (bit 3: XFF/Forwarded alternate).
+def fw_input(flags, cidrs, *values):
+    return bytes([flags]) + b"\n".join([cidrs.encode()] + [v.encode() for v in values])
+
+
+write("forwarded", "xff-chain", fw_input(8, "10.0.0.0/8,192.0.2.0/24", "6.6.6.6, 198.51.100.1, 10.0.0.2"))
+write("forwarded", "xff-all-trusted", fw_input(8, "10.0.0.0/8,192.0.2.99", "10.0.0.7, 10.0.0.2"))
+write("forwarded", "xff-v6-port", fw_input(9, "2001:db8::/32", "[2001:db8:cafe::17]:4711, 2001:db8::5"))
+write("forwarded", "rfc7239", fw_input(0, "192.0.2.0/24", 'for=192.0.2.43, for="[2001:db8:cafe::17]:4711";proto=https'))
+write("forwarded", "obfuscated", fw_input(0, "192.0.2.0/24", "for=_hidden, for=unknown"))
+write("forwarded", "untrusted-peer", fw_input(4 | 8, "10.0.0.0/8", "1.1.1.1"))
+write("forwarded", "trust-all-garbage", fw_input(2 | 8, "", "garbage,,[::1", 'for="[::1', "for=1.2.3.4:99999"))
+write("forwarded", "bad-cidrs", fw_input(8, "10.0.0.1/33,::/129,x,10.1.2.3/8,::ffff:10.0.0.1", "10.9.9.9"))
+
+
 # --- handshake -----------------------------------------------------------------------------
 def hs_input(text, cut=0, max_head_sel=255, max_headers=15, origins=False):
     if isinstance(text, str):

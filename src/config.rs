@@ -17,6 +17,27 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// Parses a byte count: a plain number, or one with a binary suffix (`K`/`KiB`, `M`/`MiB`,
+/// `G`/`GiB`, case-insensitive), e.g. `65536`, `64MiB`, `1g`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("not a byte count: {s:?} (e.g. 65536 or 64MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        _ => return Err(format!("unknown unit in {s:?} (use K/KiB, M/MiB or G/GiB)")),
+    };
+    n.checked_mul(mult)
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| format!("too large: {s}"))
+}
+
 /// Parlor: a self-hosted real-time chat server.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "parlor", version, about)]
@@ -37,7 +58,13 @@ pub struct Config {
     #[arg(long, default_value = "info")]
     pub log_level: log::LevelFilter,
 
-    /// Disable the /echo endpoint.
+    /// Serve the /echo endpoint (every message sent back; for Autobahn and benchmarks). Off by
+    /// default: it lets anyone without an account make the server hold large messages.
+    #[arg(long)]
+    pub echo: bool,
+
+    /// Does nothing: /echo is off unless --echo is given (this is the default now). Still
+    /// accepted so existing command lines keep working.
     #[arg(long)]
     pub no_echo: bool,
 
@@ -49,6 +76,16 @@ pub struct Config {
     /// Maximum simultaneous connections; extra ones get 503 and are closed.
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// Maximum simultaneous connections from one client address (0: unlimited); extra ones get
+    /// 429 and are closed. Behind a --trusted-proxy the forwarded address counts.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+
+    /// Proxies whose X-Forwarded-For / Forwarded headers name the client (comma-separated IPs
+    /// or CIDRs, IPv4 or IPv6). From any other peer those headers are ignored. Default: none.
+    #[arg(long, value_delimiter = ',', value_parser = crate::http::Cidr::parse_arg)]
+    pub trusted_proxy: Vec<crate::http::Cidr>,
 
     /// Maximum size of an HTTP request head, in bytes (larger gets 431).
     #[arg(long, default_value_t = 8 * 1024)]
@@ -74,6 +111,17 @@ pub struct Config {
     /// 1008. One frame of the endpoint's largest message always fits on top of it.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_queue: usize,
+
+    /// Bytes all connections together may hold in partly received messages and unshared
+    /// outbound frames (e.g. large echoes); the connection whose growth would pass it is closed
+    /// with 1013. Accepts K/KiB, M/MiB, G/GiB suffixes (binary).
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub memory_budget: usize,
+
+    /// Seconds a connection with queued output may go without any write progress before it is
+    /// dropped (a client that stopped reading small frames). 0 disables.
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    pub write_timeout: Duration,
 
     /// Bytes read from one connection per wakeup before others get their turn.
     #[arg(long, default_value_t = 256 * 1024)]
@@ -110,5 +158,36 @@ impl Config {
     /// Defaults as if no flag had been given (handy in tests).
     pub fn defaults() -> Config {
         Config::parse_from(["parlor"])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("64m"), Ok(64 << 20));
+        assert_eq!(parse_bytes("2KiB"), Ok(2048));
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("1.5M").is_err());
+        assert!(parse_bytes("3TB").is_err());
+        assert!(parse_bytes("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn new_limits_have_their_defaults() {
+        let c = Config::defaults();
+        assert!(!c.echo);
+        assert_eq!(c.memory_budget, 256 << 20);
+        assert_eq!(c.max_connections_per_ip, 256);
+        assert_eq!(c.write_timeout, Duration::from_secs(30));
+        assert!(c.trusted_proxy.is_empty());
     }
 }

@@ -1,8 +1,8 @@
 //! `/echo`: every message goes back to its sender with the same opcode (Autobahn and the
-//! benchmarks use it).
+//! benchmarks use it). Off unless `--echo` is given. Echoes are unshared frames, so what a
+//! client that does not read them makes the server hold counts against `--memory-budget`.
 
 use crate::service::{ConnId, Message, Outbox, Service};
-use crate::ws::frame::{encode_shared, OpCode};
 
 #[derive(Debug, Default)]
 pub struct Echo;
@@ -14,7 +14,7 @@ impl Service for Echo {
                 out.send_text(conn, t);
             }
             Message::Binary(b) => {
-                out.send_frame(conn, &encode_shared(OpCode::Binary, b));
+                out.send_binary(conn, b);
             }
         }
     }

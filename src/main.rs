@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     keep_freed_heap(config.malloc_trim_threshold);
 
     let mut endpoints = Vec::new();
-    if !config.no_echo {
+    if config.echo {
         endpoints.push(Endpoint {
             path: "/echo".into(),
             max_message: config.echo_max_message,

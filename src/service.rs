@@ -34,6 +34,13 @@ pub trait Outbox {
     fn send_frame(&mut self, conn: ConnId, frame: &SharedFrame) -> bool;
     /// Encodes `text` as one text frame and queues it.
     fn send_text(&mut self, conn: ConnId, text: &str) -> bool;
+    /// Encodes `data` as one binary frame for this connection alone and queues it. Like
+    /// [`Outbox::send_text`], the bytes count against the loop's `--memory-budget` (a shared
+    /// frame from [`Outbox::send_frame`] does not). The default wraps it in a shared frame.
+    fn send_binary(&mut self, conn: ConnId, data: &[u8]) -> bool {
+        let frame = crate::ws::frame::encode_shared(crate::ws::frame::OpCode::Binary, data);
+        self.send_frame(conn, &frame)
+    }
     /// Starts the close handshake with `code` and a UTF-8 `reason` (≤ 123 bytes).
     fn close(&mut self, conn: ConnId, code: u16, reason: &str);
     /// The peer address of a live connection.

@@ -20,7 +20,12 @@ fn help_lists_every_flag() {
         "--www",
         "--data",
         "--log-level",
+        "--echo",
         "--no-echo",
+        "--memory-budget",
+        "--max-connections-per-ip",
+        "--write-timeout",
+        "--trusted-proxy",
         "--allowed-origin",
         "--max-connections",
         "--max-request-head",
@@ -51,6 +56,13 @@ fn bad_flag_values_are_refused() {
         &["--max-connections", "many"][..],
         &["--listen", "not-an-address"][..],
         &["--no-such-flag"][..],
+        &["--memory-budget", "lots"][..],
+        &["--memory-budget", "64TB"][..],
+        &["--max-connections-per-ip", "-1"][..],
+        &["--write-timeout", "never"][..],
+        &["--trusted-proxy", "10.0.0.0/33"][..],
+        &["--trusted-proxy", "proxy.example"][..],
+        &["--trusted-proxy", "10.0.0.1,nonsense"][..],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_parlor"))
             .args(args)
@@ -67,7 +79,7 @@ fn bad_flag_values_are_refused() {
 
 #[test]
 fn port_in_use_fails_to_start() {
-    let server = Server::start();
+    let server = Server::echo();
     let data = TempDir::new("data2");
     let mut child = Command::new(env!("CARGO_BIN_EXE_parlor"))
         .arg("--listen")

@@ -68,6 +68,11 @@ fn utf8_corpus() {
 }
 
 #[test]
+fn forwarded_corpus() {
+    replay("forwarded", checks::check_forwarded);
+}
+
+#[test]
 fn chat_command_corpus() {
     replay("chat_command", parlor::chat::protocol::check_client_frame);
 }

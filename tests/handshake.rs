@@ -12,7 +12,7 @@ use parlor::ws::frame::OpCode;
 
 #[test]
 fn request_split_byte_by_byte_still_upgrades() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut s = server.tcp();
     let req = upgrade_request("/echo", RFC_KEY, &["Origin: http://whatever"]);
     for b in req.as_bytes() {
@@ -34,7 +34,7 @@ fn request_split_byte_by_byte_still_upgrades() {
 
 #[test]
 fn frame_in_same_write_as_request_head_is_processed() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut s = server.tcp();
     let mut bytes = upgrade_request("/echo", RFC_KEY, &[]).into_bytes();
     bytes.extend_from_slice(&masked(true, OpCode::Text, b"early bird"));
@@ -53,7 +53,7 @@ fn frame_in_same_write_as_request_head_is_processed() {
 /// handshake response, and only then is the connection in the OPEN state).
 #[test]
 fn ping_in_same_write_as_request_head_is_answered_after_the_101() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut s = server.tcp();
     let mut bytes = upgrade_request("/echo", RFC_KEY, &[]).into_bytes();
     bytes.extend_from_slice(&masked(true, OpCode::Ping, b"early ping"));
@@ -88,7 +88,7 @@ fn ping_in_same_write_as_request_head_is_answered_after_the_101() {
 
 #[test]
 fn accept_key_matches_rfc_vector_and_other_keys() {
-    let server = Server::start();
+    let server = Server::echo();
     // The RFC 6455 §1.3 example (assert_upgraded checks it).
     let ws = server.ws();
     drop(ws);
@@ -107,7 +107,7 @@ fn accept_key_matches_rfc_vector_and_other_keys() {
 
 #[test]
 fn missing_key_is_400() {
-    let server = Server::start();
+    let server = Server::echo();
     let req = "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                Sec-WebSocket-Version: 13\r\n\r\n";
     let resp = refused_upgrade(server.addr, req);
@@ -117,7 +117,7 @@ fn missing_key_is_400() {
 
 #[test]
 fn bad_keys_are_400() {
-    let server = Server::start();
+    let server = Server::echo();
     for key in [
         "not base64!!",
         "dGhlIHNhbXBsZSBub25j",         // decodes to 15 bytes
@@ -131,7 +131,7 @@ fn bad_keys_are_400() {
 
 #[test]
 fn wrong_version_is_426_naming_13() {
-    let server = Server::start();
+    let server = Server::echo();
     for version in ["8", "12", "14", ""] {
         let req = format!(
             "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -145,7 +145,7 @@ fn wrong_version_is_426_naming_13() {
 
 #[test]
 fn post_upgrade_is_405() {
-    let server = Server::start();
+    let server = Server::echo();
     let req = upgrade_request("/echo", RFC_KEY, &[]).replacen("GET", "POST", 1);
     let resp = refused_upgrade(server.addr, &req);
     assert_eq!(resp.status, 405, "{resp:?}");
@@ -154,21 +154,29 @@ fn post_upgrade_is_405() {
 
 #[test]
 fn unknown_websocket_path_is_404() {
-    let server = Server::start();
+    let server = Server::echo();
     let resp = refused_upgrade(server.addr, &upgrade_request("/nope", RFC_KEY, &[]));
     assert_eq!(resp.status, 404, "{resp:?}");
 }
 
 #[test]
-fn no_echo_flag_removes_the_endpoint() {
+fn echo_is_off_by_default_and_on_with_the_flag() {
+    // Default: /echo is an unknown WebSocket path, like any other.
+    let server = Server::start();
+    let resp = refused_upgrade(server.addr, &upgrade_request("/echo", RFC_KEY, &[]));
+    assert_eq!(resp.status, 404, "{resp:?}");
+    // --no-echo is still accepted and changes nothing.
     let server = Server::with_args(&["--no-echo"]);
     let resp = refused_upgrade(server.addr, &upgrade_request("/echo", RFC_KEY, &[]));
     assert_eq!(resp.status, 404, "{resp:?}");
+    // --echo turns it on.
+    let server = Server::with_args(&["--echo"]);
+    server.ws().echo("opted in");
 }
 
 #[test]
 fn oversize_head_is_431() {
-    let server = Server::start();
+    let server = Server::echo();
     let filler = format!("X-Filler: {}", "a".repeat(9 * 1024));
     let resp = refused_upgrade(server.addr, &upgrade_request("/echo", RFC_KEY, &[&filler]));
     assert_eq!(resp.status, 431, "{resp:?}");
@@ -176,7 +184,7 @@ fn oversize_head_is_431() {
 
 #[test]
 fn oversize_head_without_end_is_431_without_waiting_for_the_end() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut s = server.tcp();
     let mut req = upgrade_request("/echo", RFC_KEY, &[]);
     req.truncate(req.len() - 2); // the blank line never comes
@@ -188,7 +196,7 @@ fn oversize_head_without_end_is_431_without_waiting_for_the_end() {
 
 #[test]
 fn max_request_head_flag_is_honoured() {
-    let server = Server::with_args(&["--max-request-head", "300"]);
+    let server = Server::echo_with(&["--max-request-head", "300"]);
     let small = refused_upgrade(
         server.addr,
         &upgrade_request("/echo", RFC_KEY, &[&format!("X-A: {}", "b".repeat(400))]),
@@ -200,7 +208,7 @@ fn max_request_head_flag_is_honoured() {
 
 #[test]
 fn too_many_headers_is_431() {
-    let server = Server::with_args(&["--max-headers", "10"]);
+    let server = Server::echo_with(&["--max-headers", "10"]);
     let extra: Vec<String> = (0..10).map(|i| format!("X-H{i}: v")).collect();
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let resp = refused_upgrade(server.addr, &upgrade_request("/echo", RFC_KEY, &extra));
@@ -215,7 +223,7 @@ fn too_many_headers_is_431() {
 
 #[test]
 fn default_header_limit_is_64() {
-    let server = Server::start();
+    let server = Server::echo();
     let extra: Vec<String> = (0..70).map(|i| format!("X-H{i}: v")).collect();
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let resp = refused_upgrade(server.addr, &upgrade_request("/echo", RFC_KEY, &extra));
@@ -224,7 +232,7 @@ fn default_header_limit_is_64() {
 
 #[test]
 fn allowed_origin_refuses_other_origins() {
-    let server = Server::with_args(&["--allowed-origin", "http://good"]);
+    let server = Server::echo_with(&["--allowed-origin", "http://good"]);
     let evil = refused_upgrade(
         server.addr,
         &upgrade_request("/echo", RFC_KEY, &["Origin: http://evil"]),
@@ -243,7 +251,7 @@ fn allowed_origin_refuses_other_origins() {
 
 #[test]
 fn half_request_is_dropped_after_handshake_timeout() {
-    let server = Server::with_args(&["--handshake-timeout", "0.5"]);
+    let server = Server::echo_with(&["--handshake-timeout", "0.5"]);
     let mut s = server.tcp();
     let req = upgrade_request("/echo", RFC_KEY, &[]);
     s.write_all(&req.as_bytes()[..req.len() / 2]).unwrap();
@@ -269,7 +277,7 @@ fn half_request_is_dropped_after_handshake_timeout() {
 
 #[test]
 fn silent_connection_is_dropped_after_handshake_timeout() {
-    let server = Server::with_args(&["--handshake-timeout", "0.3"]);
+    let server = Server::echo_with(&["--handshake-timeout", "0.3"]);
     let mut s = server.tcp();
     let start = Instant::now();
     let mut buf = [0u8; 16];
@@ -280,7 +288,13 @@ fn silent_connection_is_dropped_after_handshake_timeout() {
 
 #[test]
 fn slowloris_does_not_starve_a_fresh_client() {
-    let server = Server::with_args(&["--handshake-timeout", "1.5"]);
+    // 300 sockets from 127.0.0.1: more than the default --max-connections-per-ip.
+    let server = Server::echo_with(&[
+        "--handshake-timeout",
+        "1.5",
+        "--max-connections-per-ip",
+        "0",
+    ]);
     let req = upgrade_request("/echo", RFC_KEY, &[]);
     let half = &req.as_bytes()[..req.len() / 2];
     let mut loris = Vec::new();
@@ -313,14 +327,14 @@ fn slowloris_does_not_starve_a_fresh_client() {
 
 #[test]
 fn plain_http_request_to_ws_path_is_not_an_upgrade() {
-    let server = Server::start();
+    let server = Server::echo();
     let resp = server.http("GET", "/echo");
     assert_eq!(resp.status, 404);
 }
 
 #[test]
 fn header_token_lists_are_case_insensitive() {
-    let server = Server::start();
+    let server = Server::echo();
     let req = format!(
         "GET /echo HTTP/1.1\r\nhost: x\r\nupgrade: WebSocket\r\nconnection: keep-alive, UPGRADE\r\n\
          sec-websocket-key: {RFC_KEY}\r\nsec-websocket-version: 13\r\n\r\n"
@@ -334,7 +348,7 @@ fn header_token_lists_are_case_insensitive() {
 
 #[test]
 fn other_malformed_upgrades_are_400() {
-    let server = Server::start();
+    let server = Server::echo();
     let std_req = upgrade_request("/echo", RFC_KEY, &[]);
     let cases = [
         ("HTTP/1.0", std_req.replacen("HTTP/1.1", "HTTP/1.0", 1)),
@@ -357,7 +371,7 @@ fn other_malformed_upgrades_are_400() {
 #[test]
 fn trickling_slowloris_is_dropped_at_the_deadline() {
     // The handshake deadline runs from accept: sending a byte now and then does not extend it.
-    let server = Server::with_args(&["--handshake-timeout", "0.5"]);
+    let server = Server::echo_with(&["--handshake-timeout", "0.5"]);
     let mut s = server.tcp();
     let start = Instant::now();
     let req = upgrade_request("/echo", RFC_KEY, &[]);
@@ -388,7 +402,7 @@ fn trickling_slowloris_is_dropped_at_the_deadline() {
 
 #[test]
 fn several_allowed_origins() {
-    let server = Server::with_args(&["--allowed-origin", "http://a.example,https://b.example"]);
+    let server = Server::echo_with(&["--allowed-origin", "http://a.example,https://b.example"]);
     for (origin, status) in [
         ("http://a.example", 101),
         ("https://b.example", 101),

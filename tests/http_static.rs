@@ -114,7 +114,7 @@ fn healthz_is_200() {
 
 #[test]
 fn metrics_is_prometheus_text() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     ws.echo("count me");
     let resp = server.http("GET", "/metrics");

@@ -30,7 +30,7 @@ fn read_data(ws: &mut WebSocket<TcpStream>) -> Message {
 
 #[test]
 fn tungstenite_echoes_text_and_binary() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = connect(&server);
     for (i, n) in [0usize, 1, 125, 126, 65535, 65536, 1 << 20]
         .into_iter()
@@ -50,7 +50,7 @@ fn tungstenite_echoes_text_and_binary() {
 
 #[test]
 fn tungstenite_ping_gets_pong() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = connect(&server);
     ws.send(Message::Ping(b"are you there".to_vec())).unwrap();
     assert_eq!(ws.read().unwrap(), Message::Pong(b"are you there".to_vec()));
@@ -58,7 +58,7 @@ fn tungstenite_ping_gets_pong() {
 
 #[test]
 fn tungstenite_close_handshake_completes_cleanly() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = connect(&server);
     ws.send(Message::Text("bye soon".into())).unwrap();
     assert_eq!(read_data(&mut ws), Message::Text("bye soon".into()));
@@ -82,7 +82,7 @@ fn tungstenite_close_handshake_completes_cleanly() {
 
 #[test]
 fn tungstenite_sees_1009_for_oversize_message() {
-    let server = Server::with_args(&["--echo-max-message", "1000"]);
+    let server = Server::echo_with(&["--echo-max-message", "1000"]);
     let mut ws = connect(&server);
     ws.send(Message::Binary(vec![0u8; 1001])).unwrap();
     match ws.read() {
@@ -98,7 +98,7 @@ fn tungstenite_sees_1009_for_oversize_message() {
 
 #[test]
 fn tungstenite_keepalive_answers_keep_it_connected() {
-    let server = Server::with_args(&["--ping-interval", "0.3", "--pong-timeout", "0.3"]);
+    let server = Server::echo_with(&["--ping-interval", "0.3", "--pong-timeout", "0.3"]);
     let mut ws = connect(&server);
     ws.get_ref()
         .set_read_timeout(Some(Duration::from_millis(50)))
@@ -126,7 +126,7 @@ fn tungstenite_keepalive_answers_keep_it_connected() {
 
 #[test]
 fn tungstenite_sees_going_away_on_sigterm() {
-    let mut server = Server::with_args(&["--shutdown-grace", "3"]);
+    let mut server = Server::echo_with(&["--shutdown-grace", "3"]);
     let mut ws = connect(&server);
     ws.send(Message::Text("hi".into())).unwrap();
     assert_eq!(read_data(&mut ws), Message::Text("hi".into()));

@@ -17,7 +17,7 @@ const KEEPALIVE: [&str; 4] = ["--ping-interval", "0.3", "--pong-timeout", "0.3"]
 
 #[test]
 fn silent_client_is_pinged_and_dropped_if_it_never_answers() {
-    let server = Server::with_args(&KEEPALIVE);
+    let server = Server::echo_with(&KEEPALIVE);
     let mut ws = server.ws();
     let start = Instant::now();
     match ws.recv_event() {
@@ -45,7 +45,7 @@ fn silent_client_is_pinged_and_dropped_if_it_never_answers() {
 
 #[test]
 fn client_answering_pings_stays_connected() {
-    let server = Server::with_args(&KEEPALIVE);
+    let server = Server::echo_with(&KEEPALIVE);
     let mut ws = server.ws();
     ws.set_read_timeout(Duration::from_millis(50));
     let start = Instant::now();
@@ -69,7 +69,7 @@ fn client_answering_pings_stays_connected() {
 
 #[test]
 fn busy_client_is_not_pinged() {
-    let server = Server::with_args(&KEEPALIVE);
+    let server = Server::echo_with(&KEEPALIVE);
     let mut ws = server.ws();
     let start = Instant::now();
     let mut i = 0;
@@ -94,7 +94,7 @@ fn try_upgrade(server: &Server) -> (u16, std::net::TcpStream, Vec<u8>) {
 
 #[test]
 fn max_connections_answers_503_then_recovers() {
-    let server = Server::with_args(&["--max-connections", "5"]);
+    let server = Server::echo_with(&["--max-connections", "5"]);
     let mut clients: Vec<WsClient> = (0..5).map(|_| server.ws()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         c.echo(&format!("client {i}"));
@@ -138,7 +138,7 @@ fn max_connections_answers_503_then_recovers() {
 
 #[test]
 fn flooding_client_does_not_starve_others() {
-    let server = Server::start();
+    let server = Server::echo();
     let flooder = server.ws();
     let mut rd = flooder.stream.try_clone().unwrap();
     let mut wr = flooder.stream.try_clone().unwrap();
@@ -211,7 +211,8 @@ fn flooding_client_does_not_starve_others() {
 
 #[test]
 fn reused_tokens_never_mix_up_connections() {
-    let server = Server::start();
+    // 1000 connections from one address in quick succession: no per-address limit here.
+    let server = Server::echo_with(&["--max-connections-per-ip", "0"]);
     let mut long = server.ws();
     for i in 0..1000 {
         let mut c = server.ws();
@@ -262,7 +263,7 @@ fn reused_tokens_never_mix_up_connections() {
 
 #[test]
 fn sigterm_sends_1001_to_every_client_and_exits_0() {
-    let mut server = Server::with_args(&["--shutdown-grace", "3"]);
+    let mut server = Server::echo_with(&["--shutdown-grace", "3"]);
     let mut clients: Vec<WsClient> = (0..3).map(|_| server.ws()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         c.echo(&format!("client {i}"));
@@ -304,7 +305,7 @@ fn sigterm_sends_1001_to_every_client_and_exits_0() {
 
 #[test]
 fn sigterm_with_unresponsive_clients_exits_after_grace() {
-    let mut server = Server::with_args(&["--shutdown-grace", "0.5"]);
+    let mut server = Server::echo_with(&["--shutdown-grace", "0.5"]);
     let mut clients: Vec<WsClient> = (0..3).map(|_| server.ws()).collect();
     for c in &mut clients {
         c.echo("hi");
@@ -324,7 +325,7 @@ fn sigterm_with_unresponsive_clients_exits_after_grace() {
 
 #[test]
 fn sigint_behaves_like_sigterm() {
-    let mut server = Server::with_args(&["--shutdown-grace", "3"]);
+    let mut server = Server::echo_with(&["--shutdown-grace", "3"]);
     let mut ws = server.ws();
     ws.echo("hi");
     server.signal("INT");
@@ -338,7 +339,7 @@ fn sigint_behaves_like_sigterm() {
 
 #[test]
 fn listener_closes_on_sigterm() {
-    let mut server = Server::with_args(&["--shutdown-grace", "3"]);
+    let mut server = Server::echo_with(&["--shutdown-grace", "3"]);
     let mut ws = server.ws();
     ws.echo("hi");
     server.signal("TERM");
@@ -372,7 +373,7 @@ fn running_out_of_file_descriptors_does_not_spin_and_recovers() {
     if !std::path::Path::new("/proc/self/stat").exists() {
         return; // needs Linux /proc for the CPU-time check
     }
-    let server = Server::with_fd_limit(40, &[]);
+    let server = Server::with_fd_limit(40, &["--echo"]);
     let mut ws = server.ws();
     ws.echo("before");
     // Far more connections than descriptors: the rest wait in the listen backlog while
@@ -420,7 +421,7 @@ fn running_out_of_file_descriptors_does_not_spin_and_recovers() {
 
 #[test]
 fn concurrent_clients_only_get_their_own_echoes() {
-    let server = Server::start();
+    let server = Server::echo();
     let workers: Vec<_> = (0..32)
         .map(|c| {
             let mut ws = server.ws();
@@ -447,7 +448,7 @@ fn concurrent_clients_only_get_their_own_echoes() {
 
 #[test]
 fn second_signal_stops_waiting_for_peers() {
-    let mut server = Server::with_args(&["--shutdown-grace", "60"]);
+    let mut server = Server::echo_with(&["--shutdown-grace", "60"]);
     let mut ws = server.ws();
     ws.echo("hi");
     server.signal("TERM");

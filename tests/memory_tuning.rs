@@ -31,7 +31,7 @@ const ROUNDS: usize = 40;
 /// client writes a burst of messages in one go (so the server queues many large frames in one
 /// turn and frees them after the flush), then reads all the echoes.
 fn faults_per_message(args: &[&str]) -> f64 {
-    let server = Server::with_args(args);
+    let server = Server::echo_with(args);
     let payload = pattern(MESSAGE, 3);
     let burst: Vec<u8> = (0..BURST)
         .flat_map(|_| masked(true, OpCode::Binary, &payload))

@@ -15,7 +15,7 @@ use parlor::ws::reader::OwnedEvent;
 
 #[test]
 fn message_at_limit_passes_and_over_limit_is_1009() {
-    let server = Server::with_args(&["--echo-max-message", "1000"]);
+    let server = Server::echo_with(&["--echo-max-message", "1000"]);
     let mut ws = server.ws();
     let ok = pattern(1000, 3);
     ws.send_binary(&ok);
@@ -30,7 +30,7 @@ fn message_at_limit_passes_and_over_limit_is_1009() {
 
 #[test]
 fn oversize_length_is_refused_from_the_header_alone() {
-    let server = Server::with_args(&["--echo-max-message", "1000"]);
+    let server = Server::echo_with(&["--echo-max-message", "1000"]);
     let mut ws = server.ws();
     // Header of a 1 GiB masked binary frame; the payload never comes.
     let mut h = vec![0x82, 0xff];
@@ -42,7 +42,7 @@ fn oversize_length_is_refused_from_the_header_alone() {
 
 #[test]
 fn fragments_adding_up_over_limit_are_1009() {
-    let server = Server::with_args(&["--echo-max-message", "1000"]);
+    let server = Server::echo_with(&["--echo-max-message", "1000"]);
     // Exactly at the limit in three fragments: fine.
     let mut ws = server.ws();
     let mut bytes = masked(false, OpCode::Text, text_of(400, 0).as_bytes());
@@ -71,7 +71,7 @@ fn fragments_adding_up_over_limit_are_1009() {
 
 #[test]
 fn max_fragments_exceeded_is_1009() {
-    let server = Server::with_args(&["--max-fragments", "3"]);
+    let server = Server::echo_with(&["--max-fragments", "3"]);
     let mut ws = server.ws();
     // Three fragments (one empty) are allowed.
     let mut ok = masked(false, OpCode::Text, b"a");
@@ -91,7 +91,7 @@ fn max_fragments_exceeded_is_1009() {
 
 #[test]
 fn fragment_count_resets_between_messages() {
-    let server = Server::with_args(&["--max-fragments", "2"]);
+    let server = Server::echo_with(&["--max-fragments", "2"]);
     let mut ws = server.ws();
     for i in 0..5 {
         let mut bytes = masked(false, OpCode::Binary, &[i]);
@@ -106,7 +106,7 @@ fn fragment_count_resets_between_messages() {
 
 #[test]
 fn ping_flood_answers_at_most_once_per_ping_and_keeps_the_connection_usable() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     const PINGS: usize = 10_000;
     // 125-byte payloads: 1.27 MB of pongs if every ping were answered, more than the socket
@@ -150,7 +150,7 @@ fn ping_flood_answers_at_most_once_per_ping_and_keeps_the_connection_usable() {
 
 #[test]
 fn client_that_never_reads_is_closed_while_others_are_served() {
-    let server = Server::with_args(&[
+    let server = Server::echo_with(&[
         "--max-queue",
         "1000000",
         "--echo-max-message",
@@ -247,7 +247,7 @@ fn client_that_never_reads_is_closed_while_others_are_served() {
 
 #[test]
 fn ping_flood_larger_than_socket_buffers_is_coalesced() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     // 100,000 pings with 125-byte payloads: 12.7 MB of pongs if each were answered, far more
     // than loopback socket buffers hold while we do not read, so the server must coalesce
@@ -297,7 +297,7 @@ fn ping_flood_larger_than_socket_buffers_is_coalesced() {
 fn pong_for_a_backlogged_ping_is_not_overtaken_by_later_frames() {
     // A 12 MiB echo outgrows the loopback socket buffers; the queue limit is raised so the
     // frames behind it are accepted.
-    let server = Server::with_args(&["--max-queue", "64000000"]);
+    let server = Server::echo_with(&["--max-queue", "64000000"]);
     let mut ws = server.ws();
     let big = pattern(12 << 20, 9);
     ws.stream
@@ -334,7 +334,7 @@ fn pong_for_a_backlogged_ping_is_not_overtaken_by_later_frames() {
 
 #[test]
 fn slow_consumer_that_resumes_reading_gets_close_1008() {
-    let server = Server::with_args(&[
+    let server = Server::echo_with(&[
         "--max-queue",
         "1000000",
         "--echo-max-message",
@@ -380,7 +380,7 @@ fn slow_consumer_that_resumes_reading_gets_close_1008() {
 #[test]
 fn one_message_of_the_maximum_size_is_echoed_despite_the_queue_limit() {
     // Default --echo-max-message is 16 MiB and --max-queue 4 MiB: one maximal echo must fit.
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     ws.stream
         .set_write_timeout(Some(Duration::from_secs(20)))
@@ -401,7 +401,7 @@ fn queue_limit_bounds_memory_for_tiny_frames_too() {
         return; // needs Linux /proc
     }
     let max_queue = 1_000_000u64;
-    let server = Server::with_args(&[
+    let server = Server::echo_with(&[
         "--max-queue",
         "1000000",
         "--echo-max-message",

@@ -15,7 +15,7 @@ const SIZES: [usize; 6] = [0, 125, 126, 65535, 65536, 1 << 20];
 
 #[test]
 fn echo_text_at_length_boundaries() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     for (i, &n) in SIZES.iter().enumerate() {
         let text = text_of(n, i as u8);
@@ -26,7 +26,7 @@ fn echo_text_at_length_boundaries() {
 
 #[test]
 fn echo_multibyte_text() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     let text = "κόσμε 🌍 parlor ".repeat(5000);
     ws.echo(&text);
@@ -34,7 +34,7 @@ fn echo_multibyte_text() {
 
 #[test]
 fn echo_binary_at_length_boundaries() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     for (i, &n) in SIZES.iter().enumerate() {
         let data = pattern(n, i as u8 + 1);
@@ -45,7 +45,7 @@ fn echo_binary_at_length_boundaries() {
 
 #[test]
 fn echo_many_messages_in_one_write() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     let mut burst = Vec::new();
     for i in 0..500 {
@@ -59,7 +59,7 @@ fn echo_many_messages_in_one_write() {
 
 #[test]
 fn server_frames_are_unmasked_and_use_minimal_lengths() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     ws.send_binary(&[7u8; 126]);
     // Read the raw bytes ourselves: FIN+binary, no mask bit, 16-bit length 126.
@@ -71,7 +71,7 @@ fn server_frames_are_unmasked_and_use_minimal_lengths() {
 
 #[test]
 fn fragmented_message_with_interleaved_ping() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     let mut bytes = masked(false, OpCode::Text, b"Hel");
     bytes.extend_from_slice(&masked(true, OpCode::Ping, b"in between"));
@@ -91,7 +91,7 @@ fn fragmented_message_with_interleaved_ping() {
 
 #[test]
 fn fragmented_binary_sent_in_separate_writes() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     let data = pattern(200_000, 9);
     let parts: Vec<&[u8]> = data.chunks(30_000).collect();
@@ -113,7 +113,7 @@ fn fragmented_binary_sent_in_separate_writes() {
 
 #[test]
 fn ping_is_answered_with_same_payload() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     for payload in [&b""[..], b"x", &[0xffu8; 125][..]] {
         ws.send_ping(payload);
@@ -130,13 +130,13 @@ fn violation(server: &Server, bytes: &[u8], code: u16) -> String {
 
 #[test]
 fn unmasked_client_frame_is_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     violation(&server, &unmasked(true, OpCode::Text, b"hi"), 1002);
 }
 
 #[test]
 fn rsv_bits_are_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     for rsv in [0x40u8, 0x20, 0x10] {
         let mut f = masked(true, OpCode::Text, b"hi");
         f[0] |= rsv;
@@ -146,7 +146,7 @@ fn rsv_bits_are_1002() {
 
 #[test]
 fn reserved_opcodes_are_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     for op in [3u8, 7, 0xb, 0xf] {
         let mut f = masked(true, OpCode::Binary, b"hi");
         f[0] = (f[0] & 0xf0) | op;
@@ -156,19 +156,19 @@ fn reserved_opcodes_are_1002() {
 
 #[test]
 fn ping_with_126_byte_payload_is_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     violation(&server, &masked(true, OpCode::Ping, &[1u8; 126]), 1002);
 }
 
 #[test]
 fn fragmented_ping_is_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     violation(&server, &masked(false, OpCode::Ping, b"frag"), 1002);
 }
 
 #[test]
 fn continuation_without_start_is_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     violation(
         &server,
         &masked(true, OpCode::Continuation, b"orphan"),
@@ -178,7 +178,7 @@ fn continuation_without_start_is_1002() {
 
 #[test]
 fn new_message_inside_fragmented_message_is_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut bytes = masked(false, OpCode::Text, b"one");
     bytes.extend_from_slice(&masked(true, OpCode::Text, b"two"));
     violation(&server, &bytes, 1002);
@@ -186,7 +186,7 @@ fn new_message_inside_fragmented_message_is_1002() {
 
 #[test]
 fn invalid_utf8_is_1007() {
-    let server = Server::start();
+    let server = Server::echo();
     violation(&server, &masked(true, OpCode::Text, b"ok \xc0\xaf"), 1007);
     // Surrogate half encoded in UTF-8.
     violation(&server, &masked(true, OpCode::Text, b"\xed\xa0\x80"), 1007);
@@ -194,7 +194,7 @@ fn invalid_utf8_is_1007() {
 
 #[test]
 fn invalid_utf8_fails_fast_mid_fragment() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     // The first fragment already holds an impossible byte; the message never finishes.
     ws.send_raw(&masked(false, OpCode::Text, b"fine so far \xff"));
@@ -203,7 +203,7 @@ fn invalid_utf8_fails_fast_mid_fragment() {
 
 #[test]
 fn utf8_sequence_split_across_fragments_is_fine() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     let s = "€"; // e2 82 ac
     let mut bytes = masked(false, OpCode::Text, &s.as_bytes()[..1]);
@@ -215,7 +215,7 @@ fn utf8_sequence_split_across_fragments_is_fine() {
 
 #[test]
 fn truncated_utf8_at_message_end_is_1007() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut bytes = masked(false, OpCode::Text, b"abc");
     bytes.extend_from_slice(&masked(true, OpCode::Continuation, b"\xe2\x82"));
     violation(&server, &bytes, 1007);
@@ -223,19 +223,19 @@ fn truncated_utf8_at_message_end_is_1007() {
 
 #[test]
 fn close_with_1005_is_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     violation(&server, &close_frame(1005, b""), 1002);
 }
 
 #[test]
 fn close_with_999_is_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     violation(&server, &close_frame(999, b""), 1002);
 }
 
 #[test]
 fn close_with_other_reserved_codes_is_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     for code in [1004u16, 1006, 1015, 2000, 5000] {
         violation(&server, &close_frame(code, b""), 1002);
     }
@@ -243,19 +243,19 @@ fn close_with_other_reserved_codes_is_1002() {
 
 #[test]
 fn close_with_one_byte_payload_is_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     violation(&server, &masked(true, OpCode::Close, &[0x03]), 1002);
 }
 
 #[test]
 fn close_with_invalid_utf8_reason_is_1007() {
-    let server = Server::start();
+    let server = Server::echo();
     violation(&server, &close_frame(1000, b"bye \xff"), 1007);
 }
 
 #[test]
 fn valid_close_is_echoed_then_tcp_closes() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     ws.echo("before close");
     ws.send_close(1000, "bye");
@@ -264,7 +264,7 @@ fn valid_close_is_echoed_then_tcp_closes() {
 
 #[test]
 fn close_codes_are_echoed() {
-    let server = Server::start();
+    let server = Server::echo();
     for code in [1001u16, 1003, 3000, 4999] {
         let mut ws = server.ws();
         ws.send_close(code, "");
@@ -274,7 +274,7 @@ fn close_codes_are_echoed() {
 
 #[test]
 fn empty_close_gets_empty_close() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     ws.send_raw(&masked(true, OpCode::Close, b""));
     assert_eq!(ws.recv_event(), OwnedEvent::Close(None, String::new()));
@@ -283,7 +283,7 @@ fn empty_close_gets_empty_close() {
 
 #[test]
 fn nothing_is_processed_after_a_close() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     let mut bytes = close_frame(1000, b"");
     bytes.extend_from_slice(&masked(true, OpCode::Text, b"too late"));
@@ -293,7 +293,7 @@ fn nothing_is_processed_after_a_close() {
 
 #[test]
 fn valid_messages_before_a_violation_are_still_echoed() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     let mut bytes = masked(true, OpCode::Text, b"first");
     bytes.extend_from_slice(&masked(true, OpCode::Binary, b"second"));
@@ -306,7 +306,7 @@ fn valid_messages_before_a_violation_are_still_echoed() {
 
 #[test]
 fn violation_counts_reach_metrics() {
-    let server = Server::start();
+    let server = Server::echo();
     violation(&server, &masked(true, OpCode::Text, b"\xff"), 1007);
     let body = server.http("GET", "/metrics").text();
     assert!(
@@ -318,7 +318,7 @@ fn violation_counts_reach_metrics() {
 
 #[test]
 fn peer_that_drops_mid_frame_does_not_hurt_others() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut other = server.ws();
     {
         let mut ws = server.ws();
@@ -334,7 +334,7 @@ fn peer_that_drops_mid_frame_does_not_hurt_others() {
 /// send anything more anyway, §7.1.2) still reads, and must get that response.
 #[test]
 fn close_followed_by_half_close_still_gets_the_close_reply() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     ws.echo("hello");
     server.send_with_fin(&mut ws.stream, &close_frame(1000, b"bye"));
@@ -346,7 +346,7 @@ fn close_followed_by_half_close_still_gets_the_close_reply() {
 /// must still see it and end the connection, not wait for the idle timeout.
 #[test]
 fn data_and_fin_in_one_read_end_the_connection() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     ws.echo("warm");
     server.send_with_fin(&mut ws.stream, &masked(true, OpCode::Text, b"last words"));
@@ -357,7 +357,7 @@ fn data_and_fin_in_one_read_end_the_connection() {
 /// A FIN that comes after the server drained the socket with a short read raises its own edge.
 #[test]
 fn fin_after_a_drained_read_ends_the_connection() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     ws.echo("one");
     thread::sleep(Duration::from_millis(50));
@@ -367,7 +367,7 @@ fn fin_after_a_drained_read_ends_the_connection() {
 
 #[test]
 fn queued_echo_goes_out_before_the_close_reply() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     let data = pattern(1 << 20, 7);
     let mut bytes = masked(true, OpCode::Binary, &data);
@@ -379,14 +379,14 @@ fn queued_echo_goes_out_before_the_close_reply() {
 
 #[test]
 fn query_string_does_not_change_the_endpoint() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = WsClient::connect(server.addr, "/echo?room=1&x=%20");
     ws.echo("query ok");
 }
 
 #[test]
 fn length_with_most_significant_bit_set_is_1002() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut h = vec![0x82, 0xff];
     h.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
     h.extend_from_slice(&[1, 2, 3, 4]);
@@ -395,7 +395,7 @@ fn length_with_most_significant_bit_set_is_1002() {
 
 #[test]
 fn close_with_longest_reason_is_echoed() {
-    let server = Server::start();
+    let server = Server::echo();
     let mut ws = server.ws();
     ws.send_close(4000, &"r".repeat(123));
     ws.expect_close_then_eof(4000);

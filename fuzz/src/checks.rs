@@ -9,7 +9,8 @@
 // states a property of the code under test.
 
 use parlor::http::{
-    check_upgrade, is_upgrade, parse_request, switching_protocols, HeadLimits, Parsed,
+    check_upgrade, client_addr, is_trusted, is_upgrade, parse_request, switching_protocols, Cidr,
+    HeadLimits, Parsed,
 };
 use parlor::ws::frame::{decode_frame, decode_header, encode, FrameError, OpCode, Role};
 use parlor::ws::reader::{
@@ -409,4 +410,75 @@ pub fn check_utf8(data: &[u8]) {
     assert_eq!(v.finish().is_ok(), expected);
     // finish() resets: the validator is reusable.
     assert!(v.feed(b"ok").is_ok() && v.finish().is_ok());
+}
+
+/// `--trusted-proxy` CIDRs and the client address from forwarding headers.
+///
+/// Input layout: u8 flags (bit 0: the peer is IPv6; bit 1: trust everything instead of the
+/// CIDR list; bit 2: the peer is untrusted), then up to eight `\n`-separated lines: the first
+/// is a comma-separated CIDR list (each entry is also parsed on its own), the rest are header
+/// values, alternately `X-Forwarded-For` and `Forwarded` when bit 3 is set, otherwise all
+/// `Forwarded`.
+pub fn check_forwarded(data: &[u8]) {
+    use std::net::{IpAddr, SocketAddr};
+    let mut p = Params { data };
+    let flags = p.u8();
+    let mut lines = p.rest().split(|&b| b == b'\n').take(8);
+    let cidr_line = String::from_utf8_lossy(lines.next().unwrap_or(b"")).into_owned();
+    let mut trusted: Vec<Cidr> = Vec::new();
+    for entry in cidr_line.split(',') {
+        if let Ok(c) = Cidr::parse(entry) {
+            // A network contains its own (masked) address, and prints as something that
+            // parses back to itself.
+            let shown = c.to_string();
+            let again = Cidr::parse(&shown).expect("a printed CIDR parses");
+            assert_eq!(again, c, "{entry:?} -> {shown:?}");
+            let base: IpAddr = shown.split('/').next().unwrap().parse().unwrap();
+            assert!(c.contains(base), "{shown} does not contain its address");
+            trusted.push(c);
+        }
+    }
+    if flags & 2 != 0 {
+        trusted = vec![
+            Cidr::parse("0.0.0.0/0").unwrap(),
+            Cidr::parse("::/0").unwrap(),
+        ];
+    }
+    let peer: SocketAddr = if flags & 1 != 0 {
+        "[2001:db8::99]:4000".parse().unwrap()
+    } else {
+        "192.0.2.99:4000".parse().unwrap()
+    };
+    if flags & 4 == 0 && !trusted.is_empty() && !is_trusted(&trusted, peer.ip()) {
+        trusted.push(Cidr::parse(&peer.ip().to_string()).unwrap());
+    }
+    let headers: Vec<(String, Vec<u8>)> = lines
+        .enumerate()
+        .map(|(i, v)| {
+            let name = if flags & 8 != 0 && i % 2 == 0 {
+                "x-forwarded-for"
+            } else {
+                "forwarded"
+            };
+            (name.to_string(), v.to_vec())
+        })
+        .collect();
+    let got = client_addr(peer, &trusted, &headers);
+    // Deterministic.
+    assert_eq!(client_addr(peer, &trusted, &headers), got);
+    if !is_trusted(&trusted, peer.ip()) {
+        assert_eq!(got, peer, "headers believed from an untrusted peer");
+    }
+    // The answer is the peer or an address the headers spell out.
+    if got != peer {
+        let ip = got.ip().to_string();
+        let v4_mapped = format!("::ffff:{ip}");
+        let named = headers.iter().any(|(_, v)| {
+            let v = String::from_utf8_lossy(v).to_ascii_lowercase();
+            v.contains(&ip) || v.contains(&v4_mapped) || v.contains(':')
+        });
+        assert!(named, "{got} appears in no header: {headers:?}");
+    }
+    // Without any forwarding header, the peer.
+    assert_eq!(client_addr(peer, &trusted, &[]), peer);
 }

@@ -7,4 +7,4 @@
 
 mod checks;
 
-pub use checks::{check_frame_decoder, check_handshake, check_utf8};
+pub use checks::{check_forwarded, check_frame_decoder, check_handshake, check_utf8};

@@ -11,11 +11,15 @@
 //! 2. If [`is_upgrade`]: [`check_upgrade`], then write [`switching_protocols`] and hand the
 //!    bytes after `head_len` to the WebSocket layer. Otherwise [`StaticFiles::respond`].
 //! 3. Any [`Response`] other than 101 is followed by closing the connection.
+//!
+//! [`client_addr`] says who the client is when the peer is a `--trusted-proxy`.
 
+mod forwarded;
 mod handshake;
 mod response;
 mod static_files;
 
+pub use forwarded::{client_addr, is_trusted, Cidr};
 pub use handshake::{
     accept_key, check_upgrade, is_upgrade, parse_request, switching_protocols, HeadLimits, Parsed,
     Request,

@@ -1,6 +1,6 @@
 //! One TCP connection's state: where it is in its life, its buffers and its deadlines.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use mio::net::TcpStream;
@@ -33,7 +33,25 @@ pub struct Connection {
     pub socket: TcpStream,
     /// The mio token (slab index and generation), also the [`crate::service::ConnId`].
     pub token: usize,
+    /// The client's address: the TCP peer, or for a `--trusted-proxy` peer the address its
+    /// forwarding headers name (set once the request head is parsed). Services and logs see this.
     pub peer: SocketAddr,
+    /// The TCP peer is a trusted proxy whose request head has not been read yet: the client
+    /// address (and its per-address count) is still to be resolved.
+    pub via_proxy: bool,
+    /// The address this connection is counted under for `--max-connections-per-ip`.
+    pub counted_ip: Option<IpAddr>,
+    /// Admitted into the loopback reserve past a connection limit: only `/healthz` and
+    /// `/metrics` are served; anything else gets this status.
+    pub reserve: Option<u16>,
+    /// Bytes of the reader's assembly buffer and of unshared queued frames that this connection
+    /// is charged in the loop's `--memory-budget` count.
+    pub charged_in: usize,
+    pub charged_out: usize,
+    /// Last write that made progress, or when output started waiting (`--write-timeout`).
+    pub write_progress: Instant,
+    /// Listed in the loop's backlog (connections waiting for WRITABLE), checked for stalls.
+    pub in_backlog: bool,
     pub phase: Phase,
     /// Index of the endpoint (service) this WebSocket belongs to.
     pub endpoint: usize,

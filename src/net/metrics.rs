@@ -7,6 +7,9 @@ use std::fmt::Write;
 pub struct Metrics {
     pub accepted: u64,
     pub rejected_max_connections: u64,
+    pub rejected_per_ip: u64,
+    pub memory_budget_closes: u64,
+    pub write_timeouts: u64,
     pub handshakes: u64,
     pub handshake_failures: u64,
     pub handshake_timeouts: u64,
@@ -26,8 +29,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Renders the counters; `open` and `websockets` are gauges the loop knows at render time.
-    pub fn render(&self, open: usize, websockets: usize, out: &mut String) {
+    /// Renders the counters; `open`, `websockets` and `accounted` (bytes charged against
+    /// `--memory-budget`) are gauges the loop knows at render time.
+    pub fn render(&self, open: usize, websockets: usize, accounted: usize, out: &mut String) {
         let mut g = |name: &str, kind: &str, help: &str, v: u64| {
             let _ = writeln!(
                 out,
@@ -52,6 +56,30 @@ impl Metrics {
             "counter",
             "Connections refused with 503 at --max-connections.",
             self.rejected_max_connections,
+        );
+        g(
+            "rejected_per_ip_total",
+            "counter",
+            "Connections refused with 429 at --max-connections-per-ip.",
+            self.rejected_per_ip,
+        );
+        g(
+            "memory_accounted_bytes",
+            "gauge",
+            "Bytes of partly received messages and unshared queued frames (--memory-budget).",
+            accounted as u64,
+        );
+        g(
+            "memory_budget_closes_total",
+            "counter",
+            "Connections closed with 1013 because their growth would pass --memory-budget.",
+            self.memory_budget_closes,
+        );
+        g(
+            "write_timeouts_total",
+            "counter",
+            "Connections dropped for making no write progress for --write-timeout.",
+            self.write_timeouts,
         );
         g(
             "handshakes_total",

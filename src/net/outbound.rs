@@ -33,6 +33,13 @@ impl Deref for Chunk {
     }
 }
 
+fn owned_len(c: &Chunk) -> usize {
+    match c {
+        Chunk::Owned(v) => v.len(),
+        Chunk::Shared(_) => 0,
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct OutQueue {
     chunks: VecDeque<Chunk>,
@@ -45,12 +52,17 @@ pub struct OutQueue {
     cost: usize,
     /// The head chunk is an HTTP response (the 101) that nothing may overtake.
     pinned_head: bool,
+    /// Bytes of the [`Chunk::Owned`] chunks queued (whole chunks: a partly written one is
+    /// still allocated). Shared broadcast frames are not counted: their bytes belong to every
+    /// recipient at once. This is what the loop's `--memory-budget` charges the connection.
+    owned: usize,
 }
 
 impl OutQueue {
     pub fn push(&mut self, chunk: Chunk) {
         self.bytes += chunk.len();
         self.cost += chunk.len() + CHUNK_OVERHEAD;
+        self.owned += owned_len(&chunk);
         self.chunks.push_back(chunk);
     }
 
@@ -67,6 +79,7 @@ impl OutQueue {
         debug_assert!(self.at_frame_boundary());
         self.bytes += chunk.len();
         self.cost += chunk.len() + CHUNK_OVERHEAD;
+        self.owned += owned_len(&chunk);
         self.chunks.push_front(chunk);
     }
 
@@ -90,6 +103,17 @@ impl OutQueue {
         self.cost
     }
 
+    /// Bytes held in unshared ([`Chunk::Owned`]) chunks, written or not.
+    pub fn owned_bytes(&self) -> usize {
+        self.owned
+    }
+
+    /// A data frame is partly written: nothing can be sent on this connection until it is
+    /// finished (a close frame cannot interrupt it).
+    pub fn mid_frame(&self) -> bool {
+        self.head_offset > 0 && !self.pinned_head
+    }
+
     /// Drops everything not yet started, keeping a partially written head so the stream stays
     /// well-framed (used before queueing a close to a client that stopped reading).
     pub fn discard_unstarted(&mut self) {
@@ -98,6 +122,7 @@ impl OutQueue {
             let c = self.chunks.pop_back().expect("non-empty");
             self.bytes -= c.len();
             self.cost -= c.len() + CHUNK_OVERHEAD;
+            self.owned -= owned_len(&c);
         }
     }
 
@@ -128,7 +153,9 @@ impl OutQueue {
             let head_left = self.chunks[0].len() - self.head_offset;
             if written >= head_left {
                 written -= head_left;
-                self.chunks.pop_front();
+                if let Some(c) = self.chunks.pop_front() {
+                    self.owned -= owned_len(&c);
+                }
                 self.cost -= CHUNK_OVERHEAD;
                 self.head_offset = 0;
                 self.pinned_head = false;
@@ -204,6 +231,7 @@ mod tests {
         assert_eq!(w.got, expected);
         assert_eq!(q.bytes(), 0);
         assert_eq!(q.cost(), 0);
+        assert_eq!(q.owned_bytes(), 0);
         assert_eq!(Rc::strong_count(&shared), 1);
     }
 
@@ -242,6 +270,32 @@ mod tests {
         assert!(q.at_frame_boundary());
         assert_eq!(w.got, b"head");
         assert_eq!(q.bytes(), 4);
+    }
+
+    #[test]
+    fn owned_bytes_count_unshared_chunks_until_popped() {
+        let shared: SharedFrame = Rc::from(&[7u8; 100][..]);
+        let mut q = OutQueue::default();
+        q.push(Chunk::Shared(shared.clone()));
+        assert_eq!(q.owned_bytes(), 0);
+        q.push(Chunk::Owned(vec![1; 10]));
+        q.push(Chunk::Owned(vec![2; 20]));
+        q.push_front(Chunk::Owned(vec![3; 5]));
+        assert_eq!(q.owned_bytes(), 35);
+        let mut w = Trickle {
+            got: Vec::new(),
+            limit: 7,
+        };
+        // The 5-byte chunk goes, the shared one is started: still 30 owned.
+        q.write_to(&mut w, MAX_IOVECS).unwrap();
+        assert_eq!(q.owned_bytes(), 30);
+        assert!(q.mid_frame());
+        q.discard_unstarted();
+        assert_eq!(q.owned_bytes(), 0);
+        w.limit = 1000;
+        q.write_to(&mut w, MAX_IOVECS).unwrap();
+        assert!(q.is_empty());
+        assert!(!q.mid_frame());
     }
 
     #[test]

@@ -6,10 +6,10 @@
 //! Services run inside these steps with the loop lent to them as their [`Outbox`]; they never
 //! touch sockets.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, ErrorKind, Read, Write};
 use std::mem;
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,12 @@ const SCRATCH: usize = 64 * 1024;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Largest static site we cache in memory.
 const MAX_STATIC_BYTES: usize = 64 * 1024 * 1024;
+/// Extra connections from loopback admitted past `--max-connections` or
+/// `--max-connections-per-ip`, which may only ask for `/healthz` and `/metrics`, so local
+/// monitoring still gets an answer from a full server.
+pub const LOOPBACK_RESERVE: usize = 16;
+/// Close code for a connection whose growth would pass `--memory-budget`.
+const TRY_AGAIN_LATER: u16 = 1013;
 
 /// A WebSocket path and the service behind it.
 pub struct Endpoint {
@@ -73,6 +79,15 @@ pub struct Server {
     accept_paused_until: Option<Instant>,
     shutdown_deadline: Option<Instant>,
     now: Instant,
+    /// Open connections per client address (`--max-connections-per-ip`); no zero entries.
+    per_ip: HashMap<IpAddr, u32>,
+    /// Connections admitted into the loopback reserve.
+    reserve_open: usize,
+    /// Bytes charged to all connections together (`--memory-budget`).
+    mem_used: usize,
+    /// Connections with output waiting for WRITABLE, (slab index, token): checked for write
+    /// stalls once a second, so the check costs nothing for connections that keep up.
+    backlog: Vec<(usize, usize)>,
 }
 
 fn index_of(token: usize) -> Option<usize> {
@@ -89,6 +104,17 @@ impl Server {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let static_files = StaticFiles::load(&config.www, MAX_STATIC_BYTES)?;
+        for ep in &endpoints {
+            if ep.max_message > config.memory_budget {
+                log::warn!(
+                    "--memory-budget {} is below the largest message on {} ({} bytes): such \
+                     messages will be refused with 1013",
+                    config.memory_budget,
+                    ep.path,
+                    ep.max_message
+                );
+            }
+        }
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -110,6 +136,10 @@ impl Server {
             accept_paused_until: None,
             shutdown_deadline: None,
             now: Instant::now(),
+            per_ip: HashMap::new(),
+            reserve_open: 0,
+            mem_used: 0,
+            backlog: Vec::new(),
         })
     }
 
@@ -192,6 +222,7 @@ impl Server {
             self.fire_timers();
             if self.now >= next_tick {
                 next_tick = self.now + Duration::from_secs(1);
+                self.check_write_stalls();
                 self.tick_services();
             }
             self.end_turn();
@@ -242,16 +273,31 @@ impl Server {
 
     fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr) {
         self.metrics.accepted += 1;
-        if self.conns.len() >= self.config.max_connections {
-            self.metrics.rejected_max_connections += 1;
-            log::info!(
-                "{peer}: refusing connection, at --max-connections {}",
-                self.config.max_connections
-            );
-            // Best effort on a fresh socket: its send buffer is empty, so this does not block.
-            let _ = socket.write(&Response::text(503, "server at connection limit").to_bytes());
-            return;
+        let ip = peer.ip().to_canonical();
+        let peer = SocketAddr::new(ip, peer.port());
+        // A trusted proxy is counted by the client address its request head names, later.
+        let via_proxy = http::is_trusted(&self.config.trusted_proxy, ip);
+        let full = self.conns.len() - self.reserve_open >= self.config.max_connections;
+        let ip_full = !via_proxy && self.per_ip_full(ip);
+        let mut reserve = None;
+        if full || ip_full {
+            let status = if full { 503 } else { 429 };
+            if ip.is_loopback() && self.reserve_open < LOOPBACK_RESERVE {
+                // Local monitoring must still reach /healthz and /metrics; anything else this
+                // connection asks for gets the refusal once its head is read.
+                reserve = Some(status);
+                self.reserve_open += 1;
+            } else {
+                self.refuse_at_accept(&mut socket, peer, status);
+                return;
+            }
         }
+        let counted_ip = if via_proxy || reserve.is_some() {
+            None
+        } else {
+            self.count_ip(ip);
+            Some(ip)
+        };
         let _ = socket.set_nodelay(true);
         self.generation = self.generation.wrapping_add(1);
         let entry = self.conns.vacant_entry();
@@ -263,6 +309,12 @@ impl Server {
             .register(&mut socket, Token(token), Interest::READABLE)
         {
             log::warn!("{peer}: register failed: {e}");
+            if let Some(ip) = counted_ip {
+                self.uncount_ip(ip);
+            }
+            if reserve.is_some() {
+                self.reserve_open -= 1;
+            }
             return;
         }
         let deadline = self.now + self.config.handshake_timeout;
@@ -270,6 +322,13 @@ impl Server {
             socket,
             token,
             peer,
+            via_proxy,
+            counted_ip,
+            reserve,
+            charged_in: 0,
+            charged_out: 0,
+            write_progress: self.now,
+            in_backlog: false,
             phase: Phase::Http,
             endpoint: 0,
             rbuf: Vec::new(),
@@ -289,6 +348,51 @@ impl Server {
         log::debug!("{peer}: connected");
         // Data may already be waiting (edge-triggered: no event would tell us).
         self.read_conn(idx);
+    }
+
+    /// Answers `status` (503 at --max-connections, 429 at --max-connections-per-ip) on a fresh
+    /// socket and drops it.
+    fn refuse_at_accept(&mut self, socket: &mut TcpStream, peer: SocketAddr, status: u16) {
+        let text = self.count_refusal(peer, status);
+        // Best effort on a fresh socket: its send buffer is empty, so this does not block.
+        let _ = socket.write(&Response::text(status, text).to_bytes());
+    }
+
+    /// Counts and logs a refusal for a connection limit; returns the response text.
+    fn count_refusal(&mut self, peer: SocketAddr, status: u16) -> &'static str {
+        if status == 503 {
+            self.metrics.rejected_max_connections += 1;
+            log::info!(
+                "{peer}: refusing connection, at --max-connections {}",
+                self.config.max_connections
+            );
+            "server at connection limit"
+        } else {
+            self.metrics.rejected_per_ip += 1;
+            log::info!(
+                "{peer}: refusing connection, address at --max-connections-per-ip {}",
+                self.config.max_connections_per_ip
+            );
+            "too many connections from your address"
+        }
+    }
+
+    fn per_ip_full(&self, ip: IpAddr) -> bool {
+        let limit = self.config.max_connections_per_ip;
+        limit > 0 && self.per_ip.get(&ip).is_some_and(|&n| n as usize >= limit)
+    }
+
+    fn count_ip(&mut self, ip: IpAddr) {
+        *self.per_ip.entry(ip).or_default() += 1;
+    }
+
+    fn uncount_ip(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
     }
 
     // ----- events -----
@@ -394,10 +498,13 @@ impl Server {
                     &mut held
                 };
                 let used = self.on_frames(idx, data);
-                if let Some(c) = self.conns.get_mut(idx) {
-                    if matches!(c.phase, Phase::Open | Phase::CloseSent) {
-                        c.rbuf.extend_from_slice(&data[used..]);
-                    }
+                let conn = &mut self.conns[idx];
+                if matches!(conn.phase, Phase::Open | Phase::CloseSent) {
+                    conn.rbuf.extend_from_slice(&data[used..]);
+                }
+                conn.reader.release_delivered();
+                if !self.recharge_in(idx) {
+                    self.fail_over_budget(idx);
                 }
             }
             // Nothing more is read from a connection that is finishing.
@@ -423,6 +530,34 @@ impl Server {
             }
             Parsed::Complete { head_len, request } => (head_len, request),
         };
+        if let Some(status) = conn.reserve {
+            let monitoring = matches!(request.method.as_str(), "GET" | "HEAD")
+                && matches!(request.path.as_str(), "/healthz" | "/metrics")
+                && !http::is_upgrade(&request);
+            if !monitoring {
+                let peer = conn.peer;
+                let text = self.count_refusal(peer, status);
+                self.reply_and_finish(idx, Response::text(status, text));
+                return;
+            }
+        } else if conn.via_proxy {
+            // The peer is a trusted proxy: the client is who its headers say, and that address
+            // is what the per-address limit counts, services see and logs show.
+            conn.via_proxy = false;
+            let client = http::client_addr(conn.peer, &self.config.trusted_proxy, &request.headers);
+            if client != conn.peer {
+                log::debug!("{}: forwarded for {client}", conn.peer);
+                conn.peer = client;
+            }
+            let ip = client.ip();
+            if self.per_ip_full(ip) {
+                let text = self.count_refusal(client, 429);
+                self.reply_and_finish(idx, Response::text(429, text));
+                return;
+            }
+            self.count_ip(ip);
+            self.conns[idx].counted_ip = Some(ip);
+        }
         if !http::is_upgrade(&request) {
             self.metrics.http_requests += 1;
             let resp = self.http_response(&request);
@@ -447,7 +582,7 @@ impl Server {
         let accept = match http::check_upgrade(&request, &self.config.allowed_origin) {
             Ok(a) => a,
             Err(resp) => {
-                log::info!("{}: upgrade refused: {}", conn.peer, resp.status);
+                log::info!("{}: upgrade refused: {}", self.conns[idx].peer, resp.status);
                 self.metrics.handshake_failures += 1;
                 self.reply_and_finish(idx, resp);
                 return;
@@ -502,7 +637,8 @@ impl Server {
                     .iter()
                     .filter(|(_, c)| c.phase == Phase::Open)
                     .count();
-                self.metrics.render(self.conns.len(), websockets, &mut body);
+                self.metrics
+                    .render(self.conns.len(), websockets, self.mem_used, &mut body);
                 for ep in &self.endpoints {
                     ep.service.metrics(&mut body);
                 }
@@ -562,9 +698,11 @@ impl Server {
                 }
             }
         }
-        if let Some(c) = self.conns.get_mut(idx) {
+        let c = &mut self.conns[idx];
+        if matches!(c.phase, Phase::Open | Phase::CloseSent) {
             c.reader = reader;
         }
+        // Otherwise no more input is parsed: the reader (and a half-assembled message) goes.
         pos
     }
 
@@ -739,6 +877,107 @@ impl Server {
         self.set_deadline(idx, now + self.config.pong_timeout);
     }
 
+    // ----- memory budget -----
+
+    /// Whether the total may go from charging `old` to `new` bytes for one connection.
+    fn budget_allows(&self, old: usize, new: usize) -> bool {
+        new <= old || self.mem_used - old + new <= self.config.memory_budget
+    }
+
+    /// Charges the connection for its reader's assembly buffer as it is now. Growth that would
+    /// take the loop-wide total over `--memory-budget` is refused (returns false, nothing
+    /// changes): the caller fails the connection.
+    fn recharge_in(&mut self, idx: usize) -> bool {
+        let c = &self.conns[idx];
+        let (old, new) = (c.charged_in, c.reader.buffered());
+        if !self.budget_allows(old, new) {
+            return false;
+        }
+        self.mem_used = self.mem_used - old + new;
+        self.conns[idx].charged_in = new;
+        true
+    }
+
+    /// Charges the connection for its unshared queued frames as they are now; with `check`,
+    /// growth over the budget is refused like in [`Server::recharge_in`]. Without it (bytes
+    /// written, the loop's own small frames) the count simply follows.
+    fn recharge_out(&mut self, idx: usize, check: bool) -> bool {
+        let c = &self.conns[idx];
+        let (old, new) = (c.charged_out, c.out.owned_bytes());
+        if check && !self.budget_allows(old, new) {
+            return false;
+        }
+        self.mem_used = self.mem_used - old + new;
+        self.conns[idx].charged_out = new;
+        true
+    }
+
+    /// The connection asked for memory past `--memory-budget`: drop what it holds and close it
+    /// with 1013 (Try Again Later); if a frame is half-written no close frame can follow it
+    /// soon, so the connection is dropped instead.
+    fn fail_over_budget(&mut self, idx: usize) {
+        self.metrics.memory_budget_closes += 1;
+        let budget = self.config.memory_budget;
+        let conn = &mut self.conns[idx];
+        log::info!(
+            "{}: would pass --memory-budget {budget} ({} bytes held), closing with 1013",
+            conn.peer,
+            self.mem_used
+        );
+        conn.reader = MessageReader::default();
+        conn.rbuf = Vec::new();
+        conn.pending_pong = None;
+        let mid_frame = conn.out.mid_frame();
+        conn.out.discard_unstarted();
+        let phase = conn.phase;
+        self.recharge_in(idx);
+        self.recharge_out(idx, false);
+        if phase == Phase::Open && !mid_frame {
+            let payload = close::close_payload(TRY_AGAIN_LATER, "server memory budget exceeded");
+            self.queue_close(idx, TRY_AGAIN_LATER, &payload, Phase::Finishing);
+        } else {
+            self.kill(idx);
+        }
+    }
+
+    // ----- write stalls -----
+
+    /// Drops backlogged connections that wrote nothing for `--write-timeout`. Runs once a
+    /// second over the backlog only; entries of connections that drained or went are dropped.
+    fn check_write_stalls(&mut self) {
+        let timeout = self.config.write_timeout;
+        let mut i = 0;
+        while i < self.backlog.len() {
+            let (idx, token) = self.backlog[i];
+            let keep = match self.conns.get_mut(idx) {
+                Some(c) if c.token == token => {
+                    if !c.writable_registered || c.phase == Phase::Dead {
+                        c.in_backlog = false;
+                        false
+                    } else if self.now.saturating_duration_since(c.write_progress) >= timeout {
+                        c.in_backlog = false;
+                        self.metrics.write_timeouts += 1;
+                        log::info!(
+                            "{}: no write progress for {timeout:?} with {} bytes queued, dropping",
+                            c.peer,
+                            c.out.bytes()
+                        );
+                        self.kill(idx);
+                        false
+                    } else {
+                        true
+                    }
+                }
+                _ => false,
+            };
+            if keep {
+                i += 1;
+            } else {
+                self.backlog.swap_remove(i);
+            }
+        }
+    }
+
     // ----- shutdown -----
 
     fn on_signal(&mut self) {
@@ -810,7 +1049,10 @@ impl Server {
                     self.kill(idx);
                     return;
                 }
-                Ok(n) => self.metrics.bytes_out += n as u64,
+                Ok(n) => {
+                    self.metrics.bytes_out += n as u64;
+                    conn.write_progress = self.now;
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -837,7 +1079,18 @@ impl Server {
                 return;
             }
             conn.writable_registered = want_writable;
+            if want_writable {
+                // A backlog starts now (if this flush wrote something, that was progress now).
+                conn.write_progress = self.now;
+                if !conn.in_backlog && !self.config.write_timeout.is_zero() {
+                    conn.in_backlog = true;
+                    self.backlog.push((idx, conn.token));
+                }
+            }
         }
+        // Written chunks released their memory.
+        self.recharge_out(idx, false);
+        let conn = &mut self.conns[idx];
         if !want_writable && conn.phase == Phase::Finishing {
             // Everything we had to say is out: half-close so the peer sees EOF after our last
             // bytes, and read until its EOF (or the deadline) so unread input can't turn our
@@ -870,6 +1123,13 @@ impl Server {
             if let Some(mut conn) = self.conns.try_remove(idx) {
                 let _ = self.poll.registry().deregister(&mut conn.socket);
                 log::debug!("{}: connection closed", conn.peer);
+                self.mem_used -= conn.charged_in + conn.charged_out;
+                if let Some(ip) = conn.counted_ip {
+                    self.uncount_ip(ip);
+                }
+                if conn.reserve.is_some() {
+                    self.reserve_open -= 1;
+                }
             }
         }
     }
@@ -960,7 +1220,12 @@ impl Server {
             );
             return false;
         }
+        let owned = matches!(chunk, Chunk::Owned(_));
         conn.out.push(chunk);
+        if owned && !self.recharge_out(idx, true) {
+            self.fail_over_budget(idx);
+            return false;
+        }
         self.metrics.frames_out += 1;
         self.mark_dirty(idx);
         true
@@ -977,6 +1242,10 @@ impl Outbox for Server {
             conn,
             Chunk::Owned(frame::encode_vec(OpCode::Text, text.as_bytes())),
         )
+    }
+
+    fn send_binary(&mut self, conn: ConnId, data: &[u8]) -> bool {
+        self.queue_frame(conn, Chunk::Owned(frame::encode_vec(OpCode::Binary, data)))
     }
 
     fn close(&mut self, conn: ConnId, code: u16, reason: &str) {

@@ -117,6 +117,15 @@ impl MessageReader {
         self.assembled.capacity()
     }
 
+    /// Frees the buffer of a message already handed out, instead of at the next call to
+    /// [`MessageReader::next`] (which may not come for a long time on a quiet connection).
+    pub fn release_delivered(&mut self) {
+        if self.delivered {
+            self.delivered = false;
+            self.assembled = Vec::new();
+        }
+    }
+
     /// Consumes bytes from the front of `buf`. Returns how many were consumed and possibly an
     /// event. `(0, None)` means "need more bytes"; the caller keeps the unconsumed rest and calls
     /// again once more has arrived. Call repeatedly until it returns `(0, None)`.

@@ -13,7 +13,7 @@ fi
 cargo build --release --quiet
 out="$(mktemp -d)"
 data="$(mktemp -d)"
-target/release/parlor --listen 127.0.0.1:0 --data "$data" --www "$root/www" --log-level warn >"$out/server.out" 2>"$out/server.err" &
+target/release/parlor --listen 127.0.0.1:0 --data "$data" --www "$root/www" --log-level warn --echo >"$out/server.out" 2>"$out/server.err" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$data"' EXIT
 for _ in $(seq 100); do

@@ -8,7 +8,7 @@
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -95,6 +95,18 @@ impl Server {
     /// waits for its `parlor listening on ADDR` line.
     pub fn with_args(args: &[&str]) -> Server {
         Server::spawn(None, args)
+    }
+
+    /// Starts the server with the `/echo` endpoint (`--echo`, off by default) and no other flags.
+    pub fn echo() -> Server {
+        Server::with_args(&["--echo"])
+    }
+
+    /// [`Server::with_args`] plus `--echo`: most protocol tests talk to `/echo`.
+    pub fn echo_with(args: &[&str]) -> Server {
+        let mut all = vec!["--echo"];
+        all.extend_from_slice(args);
+        Server::with_args(&all)
     }
 
     /// Like [`Server::with_args`] with `ulimit -n LIMIT` (via `sh`), to run out of descriptors.
@@ -335,6 +347,77 @@ pub fn tcp(addr: SocketAddr) -> TcpStream {
     s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     s.set_nodelay(true).unwrap();
     s
+}
+
+/// A blocking TCP connection to `addr`, optionally from the local address `src` (all of
+/// 127.0.0.0/8 is loopback on Linux, so tests can be clients at several addresses) and with a
+/// small receive buffer set before connecting (`rcvbuf`, so a client that does not read stops
+/// absorbing the server's output early). With the test timeouts.
+pub fn tcp_with(addr: SocketAddr, src: Option<Ipv4Addr>, rcvbuf: Option<usize>) -> TcpStream {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let SocketAddr::V4(dst) = addr else {
+        panic!("tcp_with needs an IPv4 server address, got {addr}")
+    };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a plain socket() call; the descriptor is owned by the TcpStream right away, so it
+    // is closed on every path below.
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    };
+    let fd = stream.as_raw_fd();
+    if let Some(bytes) = rcvbuf {
+        let v = libc::c_int::try_from(bytes).expect("rcvbuf fits a c_int");
+        // SAFETY: setsockopt on a live socket we own, with a pointer to a c_int that outlives
+        // the call and its exact size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", io::Error::last_os_error());
+    }
+    if let Some(ip) = src {
+        let local = sockaddr(ip, 0);
+        // SAFETY: bind on a live socket we own with a valid sockaddr_in and its length.
+        let rc = unsafe { libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) };
+        assert_eq!(rc, 0, "bind {ip}: {}", io::Error::last_os_error());
+    }
+    let remote = sockaddr(*dst.ip(), dst.port());
+    // SAFETY: connect on a live blocking socket we own with a valid sockaddr_in and its length.
+    let rc = unsafe { libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) };
+    assert_eq!(rc, 0, "connect to {addr}: {}", io::Error::last_os_error());
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Sends an upgrade request for `path` with `extra` header lines on `s` and reads the response
+/// head: the status, and for a 101 a client on the socket.
+pub fn upgrade_on(mut s: TcpStream, path: &str, extra: &[&str]) -> (u16, Option<WsClient>) {
+    s.write_all(upgrade_request(path, RFC_KEY, extra).as_bytes())
+        .expect("send upgrade");
+    let (resp, rest) = read_head(&mut s);
+    if resp.status == 101 {
+        assert_upgraded(&resp);
+        (101, Some(WsClient::from_upgraded(s, rest)))
+    } else {
+        (resp.status, None)
+    }
 }
 
 // ----- HTTP -----
