@@ -82,6 +82,12 @@ pub struct Config {
     #[arg(long, default_value_t = 256)]
     pub max_connections_per_ip: usize,
 
+    /// Extra connections from loopback admitted past --max-connections or
+    /// --max-connections-per-ip; they are served only /healthz and /metrics, so local
+    /// monitoring still gets an answer from a full server.
+    #[arg(long, default_value_t = 16)]
+    pub loopback_reserve: usize,
+
     /// Proxies whose X-Forwarded-For / Forwarded headers name the client (comma-separated IPs
     /// or CIDRs, IPv4 or IPv6). From any other peer those headers are ignored. Default: none.
     #[arg(long, value_delimiter = ',', value_parser = crate::http::Cidr::parse_arg)]

@@ -123,6 +123,11 @@ pub struct ChatConfig {
     #[arg(long, default_value_t = 4)]
     pub queries_in_flight: usize,
 
+    /// Requests one connection may send while its join or sign-in waits on a worker thread
+    /// (they run in order afterwards); more close the connection with 1008.
+    #[arg(long, default_value_t = 256)]
+    pub max_pending_requests: usize,
+
     /// Registrations accepted from one client address per --login-window (each costs an
     /// argon2 hash and an account); 0 disables, and so does --rate-limit 0 (benchmarks and
     /// browser tests register many accounts from one address).

@@ -36,9 +36,6 @@ const ID_RESERVE: i64 = 1_000_000;
 const GENERAL: &str = "general";
 const DEFAULT_HISTORY_LIMIT: u32 = 50;
 const MAX_HISTORY_LIMIT: u32 = 200;
-/// Messages a connection may send while one of its requests waits on a worker thread (a few
-/// ms); a client that piles up more is misbehaving.
-const MAX_BACKLOG: usize = 256;
 /// Sessions (tokens) kept per user; a new login beyond this revokes the oldest. Without a
 /// bound, repeated logins would grow memory and the store forever.
 const MAX_SESSIONS: usize = 64;
@@ -1927,7 +1924,7 @@ impl ChatService {
         let (user, closing) = match self.conns.get_mut(&conn) {
             Some(c) => {
                 if let Some(b) = &mut c.backlog {
-                    if b.len() >= MAX_BACKLOG {
+                    if b.len() >= self.cfg.max_pending_requests {
                         c.closing = true;
                         return out.close(conn, 1008, "too many requests in flight");
                     }

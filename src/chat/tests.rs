@@ -1628,3 +1628,22 @@ fn rooms_without_online_members_drop_their_snapshot() {
     assert_eq!(h.metric("parlor_chat_rooms_warm"), 0.0);
     h.shutdown();
 }
+
+/// Requests piled up behind a sign-in that waits for its hash are bounded per connection.
+#[test]
+fn requests_behind_a_pending_sign_in_are_bounded() {
+    let dir = TempDir::new("pending-requests");
+    let mut h = H::new(&dir, &["--max-pending-requests", "3"]);
+    let c = h.connect();
+    h.send(
+        c,
+        json!({"type":"register","user":"alice","password":"password123"}),
+    );
+    for _ in 0..3 {
+        h.send(c, json!({"type":"rooms"}));
+    }
+    assert_eq!(h.out.closed.get(&c), None, "three fit");
+    h.send(c, json!({"type":"rooms"}));
+    assert_eq!(h.out.closed.get(&c).map(|x| x.0), Some(1008));
+    h.shutdown();
+}

@@ -39,10 +39,6 @@ const SCRATCH: usize = 64 * 1024;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Largest static site we cache in memory.
 const MAX_STATIC_BYTES: usize = 64 * 1024 * 1024;
-/// Extra connections from loopback admitted past `--max-connections` or
-/// `--max-connections-per-ip`, which may only ask for `/healthz` and `/metrics`, so local
-/// monitoring still gets an answer from a full server.
-pub const LOOPBACK_RESERVE: usize = 16;
 /// Close code for a connection whose growth would pass `--memory-budget`.
 const TRY_AGAIN_LATER: u16 = 1013;
 
@@ -282,7 +278,7 @@ impl Server {
         let mut reserve = None;
         if full || ip_full {
             let status = if full { 503 } else { 429 };
-            if ip.is_loopback() && self.reserve_open < LOOPBACK_RESERVE {
+            if ip.is_loopback() && self.reserve_open < self.config.loopback_reserve {
                 // Local monitoring must still reach /healthz and /metrics; anything else this
                 // connection asks for gets the refusal once its head is read.
                 reserve = Some(status);
