@@ -12,34 +12,9 @@ use argon2::password_hash::{Output, PasswordHash};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine;
-use sha2::{Digest, Sha256};
 
+use super::core::{AuthJob, AuthResult};
 use super::Wake;
-
-#[derive(Debug)]
-pub enum AuthJob {
-    /// Hash a new password (register).
-    Hash { job: u64, password: String },
-    /// Verify a password against a stored PHC string; `None` = unknown user, verified against
-    /// a dummy hash so that unknown users take as long as wrong passwords.
-    Verify {
-        job: u64,
-        phc: Option<String>,
-        password: String,
-    },
-}
-
-#[derive(Debug)]
-pub enum AuthResult {
-    Hashed {
-        job: u64,
-        phc: Result<String, String>,
-    },
-    Verified {
-        job: u64,
-        ok: bool,
-    },
-}
 
 pub struct AuthPool {
     tx: Option<Sender<AuthJob>>,
@@ -163,6 +138,7 @@ impl AuthPool {
                             Ok(AuthJob::Hash { job, password }) => AuthResult::Hashed {
                                 job,
                                 phc: hasher.hash(&password),
+                                token: new_token().ok(),
                             },
                             Ok(AuthJob::Verify { job, phc, password }) => {
                                 let ok = match phc {
@@ -172,7 +148,8 @@ impl AuthPool {
                                         false
                                     }
                                 };
-                                AuthResult::Verified { job, ok }
+                                let token = if ok { new_token().ok() } else { None };
+                                AuthResult::Verified { job, ok, token }
                             }
                         };
                         if results.send(res).is_err() {
@@ -218,11 +195,7 @@ pub fn new_token() -> Result<String, String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// What the store keeps instead of the token. A fast hash is right here: the token already
-/// has 128 bits of entropy, so there is nothing to brute-force that slowing down would protect.
-pub fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
+pub use super::core::cmd::auth::token_hash;
 
 #[cfg(test)]
 mod tests {

@@ -16,12 +16,12 @@ use std::time::Duration;
 
 pub mod auth;
 pub mod confusable;
+pub mod core;
 pub mod frame;
 pub mod hashq;
 pub mod protocol;
 pub mod ratelimit;
 pub mod service;
-pub mod state;
 pub mod store;
 pub mod validate;
 

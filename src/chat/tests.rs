@@ -129,7 +129,7 @@ impl H {
         loop {
             self.svc.on_turn_end();
             self.svc.on_wake(&mut self.out);
-            if self.svc.is_idle() {
+            if self.svc.hub().is_idle() {
                 return;
             }
             assert!(
@@ -830,14 +830,14 @@ fn retries_are_deduplicated() {
     let ack = fa[1].clone();
     assert_eq!(h.take(b).len(), 1);
     // After the commit: the original ack again, nothing stored or broadcast.
-    let next = h.svc.next_id();
+    let next = h.svc.hub().next_id();
     h.send(
         a,
         json!({"type":"say","room":"general","text":"once","ref":"c1"}),
     );
     assert_eq!(h.take(a), vec![ack.clone()]);
     assert!(h.take(b).is_empty());
-    assert_eq!(h.svc.next_id(), next);
+    assert_eq!(h.svc.hub().next_id(), next);
     // From another connection of the same user (a reconnect) too, and for a dm.
     let a2 = h.resume(&ta);
     h.send(a2, json!({"type":"dm","to":"bob","text":"once","ref":"c1"}));
@@ -1321,14 +1321,14 @@ fn uncommitted_ids_are_never_reused() {
     let dir = TempDir::new("reserve");
     let first = {
         let h = H::new(&dir, &[]);
-        let id = h.svc.next_id();
+        let id = h.svc.hub().next_id();
         // Simulate a crash: the process dies without storing the message it broadcast with
         // `id`; at most the reservation survives.
         std::mem::forget(h);
         id
     };
     let h = H::new(&dir, &[]);
-    assert!(h.svc.next_id() > first);
+    assert!(h.svc.hub().next_id() > first);
     h.shutdown();
 }
 
@@ -1407,7 +1407,7 @@ fn startup_with_a_million_messages() {
     let t = Instant::now();
     let mut h = H::new(&dir, &[]);
     let open = t.elapsed();
-    assert!(h.svc.next_id() > 1_000_000);
+    assert!(h.svc.hub().next_id() > 1_000_000);
     // A first join loads that room's ring through the store (index on (room, id)).
     let (a, _) = h.user("alice");
     let t = Instant::now();
@@ -1577,7 +1577,7 @@ fn one_turn_of_messages_is_one_store_batch() {
 #[test]
 fn rooms_without_online_members_drop_their_snapshot() {
     fn warm(h: &H, room: &str) -> bool {
-        h.svc.ring_is_warm(room)
+        h.svc.hub().ring_is_warm(room)
     }
     let dir = TempDir::new("cool");
     let mut h = H::new(&dir, &["--rate-limit", "0"]);

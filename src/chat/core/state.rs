@@ -2,15 +2,15 @@
 //! limit). Owned by the event loop thread; the database is the durable copy, this is the
 //! working copy every decision is made from without waiting on disk.
 
+use core::net::IpAddr;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::protocol::ChatMessage;
-use super::ratelimit::TokenBucket;
+use crate::chat::protocol::ChatMessage;
+use crate::chat::ratelimit::TokenBucket;
 use crate::service::ConnId;
 
 pub struct User {
@@ -56,7 +56,8 @@ impl User {
 }
 
 pub struct Conn {
-    pub peer: Option<SocketAddr>,
+    /// The client's address (behind a trusted proxy: the forwarded one), for throttles.
+    pub addr: Option<IpAddr>,
     /// Key of the authenticated user.
     pub user: Option<String>,
     /// A register/login is being hashed or committed; more auth frames are refused meanwhile.
@@ -76,9 +77,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(peer: Option<SocketAddr>) -> Conn {
+    pub fn new(addr: Option<IpAddr>) -> Conn {
         Conn {
-            peer,
+            addr,
             user: None,
             auth_pending: false,
             token_hash: None,

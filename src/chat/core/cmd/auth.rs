@@ -1,0 +1,560 @@
+//! Sign-in and sessions: `register`, `login`, `resume`, `logout`, the hashing queue in front
+//! of the workers, login throttles, session expiry and the authentication deadline.
+
+use core::net::IpAddr;
+use std::collections::{HashSet, VecDeque};
+use std::time::Instant;
+
+use crate::chat::confusable::skeleton_keys;
+use crate::chat::core::effects::{AuthJob, AuthResult, Effect};
+use crate::chat::core::state::{Ring, Room, Session, User};
+use crate::chat::core::{
+    AuthWaiter, Hub, Pending, QueuedHash, GENERAL, MAX_SESSIONS, SWEEP_INTERVAL,
+};
+use crate::chat::hashq::Refused;
+use crate::chat::protocol::{Command, ErrorCode, PresenceEvent, ServerFrame};
+use crate::chat::store::Write;
+use crate::chat::validate;
+use crate::service::ConnId;
+use sha2::{Digest, Sha256};
+
+/// What the store keeps instead of a session token. A fast hash is right here: the token
+/// already has 128 bits of entropy, so there is nothing to brute-force that slowing down would
+/// protect.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl Hub {
+    pub(in crate::chat::core) fn handle_auth(
+        &mut self,
+        conn: ConnId,
+        cmd: Command,
+        reference: Option<String>,
+    ) {
+        let r = reference.as_deref();
+        let (authed, pending, ip) = match self.conns.get(&conn) {
+            Some(c) => (c.user.is_some(), c.auth_pending, c.addr),
+            None => return,
+        };
+        if authed {
+            return self.error(conn, ErrorCode::BadRequest, "already authenticated", r);
+        }
+        if pending {
+            return self.error(
+                conn,
+                ErrorCode::BadRequest,
+                "authentication already in progress",
+                r,
+            );
+        }
+        let now = self.now.mono;
+        match cmd {
+            Command::Register { user, password } => {
+                if let Err((code, msg)) =
+                    validate::user_name(&user).and_then(|_| validate::password(&password))
+                {
+                    return self.error(conn, code, &msg, r);
+                }
+                let key = validate::user_key(&user);
+                let skeleton = skeleton_keys(&user);
+                // Nobody may register a name that looks like another account's name or
+                // another user's nick (`aIice` beside `alice`).
+                if self.users.contains_key(&key)
+                    || self.registering.held_by_other(&skeleton, "")
+                    || self.name_skeletons.held_by_other(&skeleton, &key)
+                    || self.nick_skeletons.held_by_other(&skeleton, &key)
+                {
+                    return self.error(conn, ErrorCode::UserTaken, "user name is taken", r);
+                }
+                if ip.is_some_and(|ip| self.register_throttle.is_blocked(&ip, now)) {
+                    return self.error(
+                        conn,
+                        ErrorCode::RateLimited,
+                        "too many registrations from this address; try again later",
+                        r,
+                    );
+                }
+                self.next_job += 1;
+                let job = AuthJob::Hash {
+                    job: self.next_job,
+                    password,
+                };
+                if let Err(why) = self.hash_queue.push(ip, QueuedHash { conn, job }) {
+                    return self.hash_queue_full(conn, why, r);
+                }
+                if let Some(ip) = ip {
+                    self.register_throttle.record_failure(ip, now);
+                }
+                self.registering.insert(&skeleton, &key);
+                self.jobs.insert(
+                    self.next_job,
+                    AuthWaiter::Register {
+                        conn,
+                        key,
+                        skeleton,
+                        name: user,
+                        reference,
+                    },
+                );
+                self.set_auth_pending(conn, true);
+                self.pump_hashes();
+            }
+            Command::Login { user, password } => {
+                if let Err((code, msg)) = validate::user_name(&user) {
+                    return self.error(conn, code, &msg, r);
+                }
+                if password.len() > 1024 {
+                    return self.error(conn, ErrorCode::BadRequest, "password too long", r);
+                }
+                let key = validate::user_key(&user);
+                // Attempts still being hashed count as failures until they are known not to
+                // be, so parallel guesses cannot all slip past the limit.
+                let pair = (key.clone(), ip);
+                if self.pair_throttle.is_blocked(&pair, now)
+                    || ip.is_some_and(|ip| self.ip_throttle.is_blocked(&ip, now))
+                    || self.account_throttle.is_blocked(&key, now)
+                {
+                    return self.error(
+                        conn,
+                        ErrorCode::RateLimited,
+                        "too many failed logins; try again later",
+                        r,
+                    );
+                }
+                // Unknown users are verified against a dummy hash (phc None) so that the
+                // answer takes as long as for a wrong password.
+                let phc = self.users.get(&key).map(|u| u.phc.clone());
+                self.next_job += 1;
+                let job = AuthJob::Verify {
+                    job: self.next_job,
+                    phc,
+                    password,
+                };
+                if let Err(why) = self.hash_queue.push(ip, QueuedHash { conn, job }) {
+                    return self.hash_queue_full(conn, why, r);
+                }
+                self.pair_throttle.begin(pair);
+                if let Some(ip) = ip {
+                    self.ip_throttle.begin(ip);
+                }
+                self.account_throttle.begin(key.clone());
+                self.jobs.insert(
+                    self.next_job,
+                    AuthWaiter::Login {
+                        conn,
+                        key,
+                        ip,
+                        reference,
+                    },
+                );
+                self.set_auth_pending(conn, true);
+                self.pump_hashes();
+            }
+            Command::Resume { token } => {
+                // A valid token is never refused because of anyone's failed logins: it is
+                // 128 random bits, so there is nothing to guess, and refusing it would let a
+                // stranger's typos log people out. Hence no throttle on this path at all.
+                let hash = token_hash(&token);
+                let ttl = self.cfg.session_ttl.as_millis() as i64;
+                let now_ms = self.now.wall_ms;
+                let (key, expired) = match self.sessions.get(&hash) {
+                    Some(s) if self.users.contains_key(&s.user) => {
+                        (Some(s.user.clone()), now_ms - s.last_used > ttl)
+                    }
+                    _ => (None, false),
+                };
+                match key {
+                    Some(key) if !expired => {
+                        self.touch_session(hash, now_ms);
+                        self.authenticate(conn, &key, &token, reference.as_deref());
+                    }
+                    Some(key) => {
+                        self.revoke_session(&key, hash);
+                        self.m.logins_failed += 1;
+                        self.error(conn, ErrorCode::AuthFailed, "session expired", r);
+                    }
+                    None => {
+                        self.m.logins_failed += 1;
+                        self.error(conn, ErrorCode::AuthFailed, "invalid token", r);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(in crate::chat::core) fn hash_queue_full(
+        &mut self,
+        conn: ConnId,
+        why: Refused,
+        r: Option<&str>,
+    ) {
+        let msg = match why {
+            Refused::AddressFull => "too many sign-ins waiting from this address; try again later",
+            Refused::QueueFull => "server busy with sign-ins; try again later",
+        };
+        self.error(conn, ErrorCode::RateLimited, msg, r);
+    }
+
+    /// Hands queued hashing jobs to free workers, fairly across addresses.
+    pub(in crate::chat::core) fn pump_hashes(&mut self) {
+        while let Some(q) = self.hash_queue.next_job() {
+            self.fx.list.push(Effect::Auth(q.job));
+        }
+    }
+
+    /// Undoes the bookkeeping of a hashing job whose result will never be used.
+    pub(in crate::chat::core) fn abandon_job(&mut self, job: u64) {
+        match self.jobs.remove(&job) {
+            Some(AuthWaiter::Register { skeleton, key, .. }) => {
+                self.registering.remove(&skeleton, &key);
+            }
+            Some(AuthWaiter::Login { key, ip, .. }) => self.finish_login_attempt(key, ip),
+            None => {}
+        }
+    }
+
+    pub(in crate::chat::core) fn finish_login_attempt(&mut self, key: String, ip: Option<IpAddr>) {
+        if let Some(ip) = ip {
+            self.ip_throttle.finish(&ip);
+        }
+        self.account_throttle.finish(&key);
+        self.pair_throttle.finish(&(key, ip));
+    }
+
+    /// Marks a session used now (resume, or a connection using it closing).
+    pub(in crate::chat::core) fn touch_session(&mut self, hash: [u8; 32], ts: i64) {
+        if let Some(s) = self.sessions.get_mut(&hash) {
+            s.last_used = ts;
+            self.write(Write::TouchSession { hash, ts });
+        }
+    }
+
+    /// Forgets a session token (memory and store).
+    pub(in crate::chat::core) fn revoke_session(&mut self, key: &str, hash: [u8; 32]) {
+        self.sessions.remove(&hash);
+        if let Some(u) = self.users.get_mut(key) {
+            u.sessions.retain(|h| *h != hash);
+        }
+        self.write(Write::DeleteSession { hash });
+    }
+
+    /// Marks an authentication in progress; the connection's later messages wait for it
+    /// (a client may pipeline `login` and `join` without waiting for `welcome`).
+    pub(in crate::chat::core) fn set_auth_pending(&mut self, conn: ConnId, v: bool) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.auth_pending = v;
+        }
+        if v {
+            self.block(conn);
+        }
+    }
+
+    /// Ends a failed authentication: the error, then whatever the client sent meanwhile.
+    pub(in crate::chat::core) fn auth_failed(
+        &mut self,
+        conn: ConnId,
+        code: ErrorCode,
+        message: &str,
+        reference: Option<&str>,
+    ) {
+        self.set_auth_pending(conn, false);
+        self.error(conn, code, message, reference);
+        self.unblock(conn);
+    }
+
+    pub(in crate::chat::core) fn on_auth_result(&mut self, res: AuthResult) {
+        let now = self.now.mono;
+        // A worker is free: the next address in turn gets it.
+        self.hash_queue.done();
+        self.pump_hashes();
+        match res {
+            AuthResult::Hashed { job, phc, token } => {
+                let Some(AuthWaiter::Register {
+                    conn,
+                    key,
+                    skeleton,
+                    name,
+                    reference,
+                }) = self.jobs.remove(&job)
+                else {
+                    return;
+                };
+                self.registering.remove(&skeleton, &key);
+                if !self.conns.contains_key(&conn) {
+                    // The client is gone before getting a token: creating the account anyway
+                    // would leave a name it cannot use until it remembers the password.
+                    return;
+                }
+                let phc = match phc {
+                    Ok(p) => p,
+                    Err(e) => {
+                        log::error!("chat: hashing failed: {e}");
+                        return self.auth_failed(
+                            conn,
+                            ErrorCode::Internal,
+                            "could not hash password",
+                            reference.as_deref(),
+                        );
+                    }
+                };
+                let created = self.now.wall_ms;
+                self.write(Write::InsertUser {
+                    key: key.clone(),
+                    name: name.clone(),
+                    nick: name.clone(),
+                    phc: phc.clone(),
+                    created,
+                });
+                self.name_skeletons.insert(&skeleton, &key);
+                self.nick_skeletons.insert(&skeleton, &key);
+                self.users
+                    .insert(key.clone(), User::new(key.clone(), name.clone(), name, phc));
+                if !self.rooms.contains_key(GENERAL) {
+                    self.rooms
+                        .insert(GENERAL.to_string(), Room::new(Ring::Warm(VecDeque::new())));
+                    self.write(Write::InsertRoom {
+                        name: GENERAL.into(),
+                        created,
+                    });
+                }
+                // Members of general see the newcomer arrive like any other join.
+                self.add_member(conn, &key, GENERAL);
+                self.issue_token(conn, key, token, reference);
+            }
+            AuthResult::Verified { job, ok, token } => {
+                let Some(AuthWaiter::Login {
+                    conn,
+                    key,
+                    ip,
+                    reference,
+                }) = self.jobs.remove(&job)
+                else {
+                    return;
+                };
+                self.finish_login_attempt(key.clone(), ip);
+                if ok && self.users.contains_key(&key) {
+                    if self.conns.contains_key(&conn) {
+                        self.m.logins_ok += 1;
+                        self.issue_token(conn, key, token, reference);
+                    }
+                } else {
+                    self.m.logins_failed += 1;
+                    self.account_throttle.record_failure(key.clone(), now);
+                    self.pair_throttle.record_failure((key, ip), now);
+                    if let Some(ip) = ip {
+                        self.ip_throttle.record_failure(ip, now);
+                    }
+                    if self.conns.contains_key(&conn) {
+                        self.auth_failed(
+                            conn,
+                            ErrorCode::AuthFailed,
+                            "wrong user or password",
+                            reference.as_deref(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Creates a session and sends `welcome` once it (and the account, for register) commits:
+    /// a token the client holds must survive a crash.
+    pub(in crate::chat::core) fn issue_token(
+        &mut self,
+        conn: ConnId,
+        key: String,
+        token: Option<String>,
+        reference: Option<String>,
+    ) {
+        let Some(token) = token else {
+            log::error!("chat: the hashing worker had no randomness for a token");
+            return self.auth_failed(
+                conn,
+                ErrorCode::Internal,
+                "could not create a session",
+                reference.as_deref(),
+            );
+        };
+        let hash = token_hash(&token);
+        let created = self.now.wall_ms;
+        self.sessions.insert(
+            hash,
+            Session {
+                user: key.clone(),
+                last_used: created,
+            },
+        );
+        let mut evicted = Vec::new();
+        if let Some(u) = self.users.get_mut(&key) {
+            u.sessions.push_back(hash);
+            while u.sessions.len() > MAX_SESSIONS {
+                evicted.extend(u.sessions.pop_front());
+            }
+        }
+        for old in evicted {
+            self.sessions.remove(&old);
+            self.write(Write::DeleteSession { hash: old });
+        }
+        self.write(Write::InsertSession {
+            hash,
+            user_key: key.clone(),
+            created,
+        });
+        self.after_commit(Pending::Welcome {
+            conn,
+            user: key,
+            token,
+            reference,
+        });
+    }
+
+    /// Marks `conn` as `key`'s, announces the user online if this is its first connection,
+    /// and sends `welcome`.
+    pub(in crate::chat::core) fn authenticate(
+        &mut self,
+        conn: ConnId,
+        key: &str,
+        token: &str,
+        reference: Option<&str>,
+    ) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.user = Some(key.to_string());
+        c.auth_pending = false;
+        c.token_hash = Some(token_hash(token));
+        let Some(u) = self.users.get_mut(key) else {
+            return;
+        };
+        let first = u.conns.is_empty();
+        u.conns.push(conn);
+        self.membership_epoch += 1;
+        if first {
+            self.online.insert(key.to_string());
+            self.collect_sharer_conns(key, conn);
+            let u = &self.users[key];
+            let json = ServerFrame::Presence {
+                room: None,
+                user: &u.name,
+                nick: &u.nick,
+                event: PresenceEvent::Online,
+                last_seen: None,
+            }
+            .to_json();
+            self.broadcast(&json, false);
+        }
+        let u = &self.users[key];
+        let json = ServerFrame::Welcome {
+            user: &u.name,
+            nick: &u.nick,
+            token,
+            rooms: u.rooms.iter().map(|s| s.as_str()).collect(),
+            reference,
+        }
+        .to_json();
+        self.send_json(conn, json);
+        self.unblock(conn);
+    }
+
+    /// Revokes the connection's token (or, with `all`, every token of the user) and closes
+    /// every connection that used a revoked token. They stop being served at once; the close
+    /// (1000) goes out once the revocation is durable, so a client may forget the token knowing
+    /// it is dead even if we crash right after.
+    pub(in crate::chat::core) fn logout(&mut self, conn: ConnId, key: &str, all: bool) {
+        let hash = self.conns.get(&conn).and_then(|c| c.token_hash);
+        let revoked: Vec<[u8; 32]> = if all {
+            self.users
+                .get(key)
+                .map(|u| u.sessions.iter().copied().collect())
+                .unwrap_or_default()
+        } else {
+            hash.into_iter().collect()
+        };
+        for h in &revoked {
+            self.sessions.remove(h);
+        }
+        if let Some(u) = self.users.get_mut(key) {
+            u.sessions.retain(|h| !revoked.contains(h));
+        }
+        if all {
+            self.write(Write::DeleteUserSessions {
+                user_key: key.to_string(),
+            });
+        } else if let Some(h) = hash {
+            self.write(Write::DeleteSession { hash: h });
+        }
+        let user_conns = self
+            .users
+            .get(key)
+            .map(|u| u.conns.clone())
+            .unwrap_or_default();
+        let mut closing = vec![conn];
+        for c in user_conns {
+            if c == conn {
+                continue;
+            }
+            let uses_revoked = self
+                .conns
+                .get(&c)
+                .and_then(|x| x.token_hash)
+                .is_some_and(|h| revoked.contains(&h));
+            if all || uses_revoked {
+                closing.push(c);
+            }
+        }
+        for c in &closing {
+            if let Some(x) = self.conns.get_mut(c) {
+                x.closing = true;
+            }
+        }
+        self.after_commit(Pending::Close { conns: closing });
+    }
+
+    /// Closes connections that did not authenticate within `--auth-timeout`. Deadlines are
+    /// queued in connection order, so only due ones are looked at.
+    pub(in crate::chat::core) fn expire_unauthenticated(&mut self, now: Instant) {
+        while let Some(&(at, conn)) = self.auth_deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.auth_deadlines.pop_front();
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            // A sign-in waiting for its hash is the server's delay, not the client's.
+            if c.user.is_some() || c.auth_pending || c.closing {
+                continue;
+            }
+            c.closing = true;
+            self.close(conn, 1008, "authentication timeout");
+        }
+    }
+
+    /// Once a minute: forget sessions unused for `--session-ttl` (except those in use by an
+    /// open connection, which count as used) and dedup refs older than `--dedup-window`.
+    pub(in crate::chat::core) fn sweep(&mut self, now: Instant) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_INTERVAL)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        let now_ms = self.now.wall_ms;
+        let ttl = self.cfg.session_ttl.as_millis() as i64;
+        let in_use: HashSet<[u8; 32]> = self.conns.values().filter_map(|c| c.token_hash).collect();
+        let expired: Vec<([u8; 32], String)> = self
+            .sessions
+            .iter()
+            .filter(|(h, s)| now_ms - s.last_used > ttl && !in_use.contains(*h))
+            .map(|(h, s)| (*h, s.user.clone()))
+            .collect();
+        for (hash, key) in expired {
+            self.revoke_session(&key, hash);
+        }
+        let before_ts = now_ms - self.cfg.dedup_window.as_millis() as i64;
+        self.write(Write::PruneDedup { before_ts });
+    }
+}

@@ -1,0 +1,107 @@
+//! `history`: paging queries, their limits, and their replies.
+
+use crate::chat::core::{Hub, QueryWaiter, DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
+use crate::chat::protocol::ErrorCode;
+use crate::chat::ratelimit::TokenBucket;
+use crate::chat::store::{self, Query, Target};
+use crate::chat::validate;
+use crate::service::ConnId;
+
+impl Hub {
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::chat::core) fn history(
+        &mut self,
+        conn: ConnId,
+        key: &str,
+        room: Option<String>,
+        with: Option<String>,
+        before: Option<i64>,
+        after: Option<i64>,
+        limit: Option<u32>,
+        r: Option<&str>,
+    ) {
+        let limit = limit.unwrap_or(DEFAULT_HISTORY_LIMIT);
+        if limit == 0 || limit > MAX_HISTORY_LIMIT {
+            return self.error(conn, ErrorCode::BadRequest, "limit must be 1-200", r);
+        }
+        // Queries cost the store real work: a few in flight per connection, and a rate per
+        // user, so one client pipelining thousands cannot queue seconds of work ahead of
+        // everyone's messages.
+        let in_flight = self.conns.get(&conn).map_or(0, |c| c.queries);
+        if in_flight >= self.cfg.queries_in_flight {
+            return self.error(
+                conn,
+                ErrorCode::RateLimited,
+                "too many history requests in flight; wait for the replies",
+                r,
+            );
+        }
+        let (rate, burst) = (self.cfg.query_rate, self.cfg.query_burst);
+        let now = self.now.mono;
+        let allowed = self.users.get_mut(key).is_some_and(|u| {
+            u.query_bucket
+                .get_or_insert_with(|| TokenBucket::new(burst, now))
+                .try_take(rate, burst, now)
+        });
+        if !allowed {
+            return self.error(conn, ErrorCode::RateLimited, "history requests too fast", r);
+        }
+        let (target, room, with) = match (room, with) {
+            (Some(room), None) => {
+                if let Err((c, m)) = validate::room_name(&room) {
+                    return self.error(conn, c, &m, r);
+                }
+                if !self
+                    .rooms
+                    .get(&room)
+                    .is_some_and(|rm| rm.members.contains(key))
+                {
+                    return self.error(conn, ErrorCode::NotMember, "not a member", r);
+                }
+                (Target::Room(room.clone()), Some(room), None)
+            }
+            (None, Some(with)) => {
+                if let Err((c, m)) = validate::user_name(&with) {
+                    return self.error(conn, c, &m, r);
+                }
+                let wk = validate::user_key(&with);
+                let Some(w) = self.users.get(&wk) else {
+                    return self.error(conn, ErrorCode::NoSuchUser, "no such user", r);
+                };
+                (
+                    Target::Dm(store::dm_key(key, &wk)),
+                    None,
+                    Some(w.name.clone()),
+                )
+            }
+            _ => {
+                return self.error(
+                    conn,
+                    ErrorCode::BadRequest,
+                    "exactly one of room and with is required",
+                    r,
+                )
+            }
+        };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.queries += 1;
+        let cancelled = c.gone.get_or_insert_with(Default::default).clone();
+        self.query(
+            Query::History {
+                target,
+                before,
+                after,
+                limit: limit as usize,
+                cancelled: Some(cancelled),
+            },
+            QueryWaiter::History {
+                conn,
+                reference: r.map(str::to_string),
+                room,
+                with,
+            },
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! One file per command family. Each is an `impl Hub` block: the commands of that family and
+//! the results that complete them.
+
+pub mod auth;
+pub mod history;
+pub mod messages;
+pub mod profile;
+pub mod rooms;
+pub mod typing;

@@ -1,0 +1,159 @@
+//! Replies that wait for the store: commit reports release acks, welcomes, logout closes and
+//! id reservations in write order; query results complete joins and history requests.
+
+use crate::chat::core::{Hub, Pending, QueryWaiter};
+use crate::chat::protocol::{ChatMessage, ErrorCode, ServerFrame};
+
+impl Hub {
+    /// Runs what waited for writes up to `upto`. A reply whose own write failed (in `failed`,
+    /// or the whole batch when `!batch_ok`) reports `internal` instead of promising durability.
+    pub(in crate::chat::core) fn on_committed(
+        &mut self,
+        upto: u64,
+        batch_ok: bool,
+        failed: &[u64],
+    ) {
+        let now = self.now.mono;
+        while self.pending.front().is_some_and(|(s, _)| *s <= upto) {
+            let Some((seq, p)) = self.pending.pop_front() else {
+                break;
+            };
+            let ok = batch_ok && !failed.contains(&seq);
+            match p {
+                Pending::Ack {
+                    conn,
+                    user,
+                    reference,
+                    id,
+                    ts,
+                    accepted,
+                } => {
+                    let mut waiters = Vec::new();
+                    if let Some(reference) = &reference {
+                        if let Some(u) = self.users.get_mut(&user) {
+                            if let Some(e) = u.dedup.entries.get_mut(reference) {
+                                if e.id == id {
+                                    waiters = std::mem::take(&mut e.waiters);
+                                    e.committed = ok;
+                                    if !ok {
+                                        // Not stored: a retry must be able to store it.
+                                        u.dedup.entries.remove(reference);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    waiters.insert(0, conn);
+                    if ok {
+                        self.m
+                            .ack_seconds
+                            .add(now.saturating_duration_since(accepted).as_secs_f64());
+                        let json = ServerFrame::Ack {
+                            reference: reference.as_deref(),
+                            id,
+                            ts,
+                        }
+                        .to_json();
+                        // Usually one waiter: the last one takes the string itself.
+                        if let Some((last, others)) = waiters.split_last() {
+                            for c in others {
+                                self.send_json(*c, json.clone());
+                            }
+                            self.send_json(*last, json);
+                        }
+                    } else {
+                        for c in waiters {
+                            self.error(
+                                c,
+                                ErrorCode::Internal,
+                                "message could not be stored",
+                                reference.as_deref(),
+                            );
+                        }
+                    }
+                }
+                Pending::Welcome {
+                    conn,
+                    user,
+                    token,
+                    reference,
+                } => {
+                    if ok {
+                        self.authenticate(conn, &user, &token, reference.as_deref());
+                    } else {
+                        let hash = crate::chat::core::cmd::auth::token_hash(&token);
+                        self.sessions.remove(&hash);
+                        if let Some(u) = self.users.get_mut(&user) {
+                            u.sessions.retain(|h| *h != hash);
+                        }
+                        self.auth_failed(
+                            conn,
+                            ErrorCode::Internal,
+                            "could not store the session",
+                            reference.as_deref(),
+                        );
+                    }
+                }
+                Pending::Close { conns } => {
+                    for c in conns {
+                        self.close(c, 1000, "logged out");
+                    }
+                }
+                Pending::Reserved { upto } => {
+                    if ok {
+                        self.id_durable = self.id_durable.max(upto);
+                    } else {
+                        // Ask again at the next message.
+                        self.id_requested = self.id_durable;
+                    }
+                }
+            }
+        }
+    }
+
+    pub(in crate::chat::core) fn on_query(
+        &mut self,
+        qid: u64,
+        messages: Vec<ChatMessage>,
+        more: bool,
+    ) {
+        match self.queries.remove(&qid) {
+            Some(QueryWaiter::Ring { room }) => {
+                let cap = self.cfg.history_on_join;
+                let Some(rm) = self.rooms.get_mut(&room) else {
+                    return;
+                };
+                rm.warm(messages, cap);
+                let joins = std::mem::take(&mut rm.pending_joins);
+                self.membership_epoch += 1;
+                for (conn, reference) in joins {
+                    self.send_joined(conn, &room, reference.as_deref());
+                    self.unblock(conn);
+                }
+                // The joiners may have gone offline while it loaded.
+                self.maybe_unwatched.insert(room);
+            }
+            Some(QueryWaiter::History {
+                conn,
+                reference,
+                room,
+                with,
+            }) => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return; // closed meanwhile (the store skipped it if it could)
+                };
+                c.queries = c.queries.saturating_sub(1);
+                let json = ServerFrame::History {
+                    room: room.as_deref(),
+                    with: with.as_deref(),
+                    messages: messages.iter().collect(),
+                    more,
+                    reference: reference.as_deref(),
+                }
+                .to_json();
+                self.send_json(conn, json);
+            }
+            None => {}
+        }
+    }
+}

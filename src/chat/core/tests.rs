@@ -1,0 +1,1 @@
+//! Hub tests: no threads, no sockets, a fixed clock.
