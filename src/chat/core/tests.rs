@@ -1,1 +1,440 @@
-//! Hub tests: no threads, no sockets, a fixed clock.
+//! Hub tests: no threads, no sockets, a fixed clock. The test plays the store and the hashing
+//! workers by hand, so it decides exactly when a commit report or a query result arrives
+//! relative to everything else.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{json, Value};
+
+use super::cmd::auth::token_hash;
+use super::{AuthJob, AuthResult, Effect, Hub, Now};
+use crate::chat::frame::decode_text_frame;
+use crate::chat::protocol::ChatMessage;
+use crate::chat::store::{Loaded, LoadedUser, Query, StoreEvent, StoreReq, Write};
+use crate::service::ConnId;
+
+struct T {
+    hub: Hub,
+    now: Now,
+    frames: HashMap<ConnId, Vec<Value>>,
+    closed: HashMap<ConnId, u16>,
+    /// Store requests not yet answered, in order.
+    store: Vec<StoreReq>,
+    /// Write sequence numbers handed out so far (the store numbers writes 1, 2, …).
+    seq: u64,
+    jobs: Vec<AuthJob>,
+    tokens: u32,
+}
+
+/// The fake hashing worker's "hash": deterministic and checkable.
+fn fake_phc(password: &str) -> String {
+    format!("fake${password}")
+}
+
+fn user(key: &str) -> LoadedUser {
+    LoadedUser {
+        key: key.into(),
+        name: key.into(),
+        nick: key.into(),
+        phc: fake_phc("password123"),
+        last_seen: None,
+    }
+}
+
+impl T {
+    fn new(loaded: Loaded, flags: &[&str]) -> T {
+        let mut args = vec!["parlor"];
+        args.extend_from_slice(flags);
+        let cfg = crate::config::Config::parse_from(args).chat;
+        let now = Now {
+            mono: Instant::now(),
+            wall_ms: 1_800_000_000_000,
+        };
+        T {
+            hub: Hub::new(cfg, loaded, 1_000_000, now),
+            now,
+            frames: HashMap::new(),
+            closed: HashMap::new(),
+            store: Vec::new(),
+            seq: 0,
+            jobs: Vec::new(),
+            tokens: 0,
+        }
+    }
+
+    /// Alice and bob, members of `general` and of the existing (cold) room `rust`, each with
+    /// a session token `tok-alice` / `tok-bob`.
+    fn with_alice_and_bob(flags: &[&str]) -> T {
+        let loaded = Loaded {
+            users: vec![user("alice"), user("bob")],
+            sessions: vec![
+                (token_hash("tok-alice"), "alice".into(), 1_800_000_000_000),
+                (token_hash("tok-bob"), "bob".into(), 1_800_000_000_000),
+            ],
+            rooms: vec!["general".into(), "rust".into()],
+            members: [
+                ("general", "alice"),
+                ("general", "bob"),
+                ("rust", "alice"),
+                ("rust", "bob"),
+            ]
+            .iter()
+            .map(|(r, u)| (r.to_string(), u.to_string()))
+            .collect(),
+            next_id: 100,
+            ..Loaded::default()
+        };
+        T::new(loaded, flags)
+    }
+
+    /// Carries out the hub's effects into this test's records.
+    fn drain(&mut self) {
+        let fx = self.hub.effects();
+        for e in fx.list.drain(..) {
+            match e {
+                Effect::Send { conn, json } => {
+                    let v: Value = serde_json::from_str(&json).expect("json");
+                    self.frames.entry(conn).or_default().push(v);
+                }
+                Effect::Broadcast {
+                    frame, from, to, ..
+                } => {
+                    let text = decode_text_frame(&frame).expect("text frame");
+                    let v: Value = serde_json::from_slice(text).expect("json");
+                    for c in &fx.recipients[from..to] {
+                        self.frames.entry(*c).or_default().push(v.clone());
+                    }
+                }
+                Effect::Close { conn, code, .. } => {
+                    self.closed.insert(conn, code);
+                }
+                Effect::Auth(job) => self.jobs.push(job),
+            }
+        }
+        fx.recipients.clear();
+        self.store.append(&mut fx.store);
+    }
+
+    /// Connection `n` from 10.0.0.n.
+    fn open(&mut self, n: u64) -> ConnId {
+        self.open_from(n, [10, 0, 0, n as u8])
+    }
+
+    fn open_from(&mut self, n: u64, ip: [u8; 4]) -> ConnId {
+        let c = ConnId(n);
+        self.hub.handle_open(c, Some(ip.into()), self.now);
+        self.drain();
+        c
+    }
+
+    fn send(&mut self, c: ConnId, v: Value) {
+        self.hub.handle_text(c, &v.to_string(), self.now);
+        self.drain();
+    }
+
+    fn close(&mut self, c: ConnId) {
+        self.hub.handle_close(c, self.now);
+        self.drain();
+    }
+
+    fn take(&mut self, c: ConnId) -> Vec<Value> {
+        self.frames.remove(&c).unwrap_or_default()
+    }
+
+    fn types(&mut self, c: ConnId) -> Vec<String> {
+        self.take(c)
+            .iter()
+            .map(|v| v["type"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// Runs the oldest hashing job the way a worker would.
+    fn finish_one_job(&mut self) {
+        let job = self.jobs.remove(0);
+        self.tokens += 1;
+        let token = Some(format!("token-{}", self.tokens));
+        let res = match job {
+            AuthJob::Hash { job, password } => AuthResult::Hashed {
+                job,
+                phc: Ok(fake_phc(&password)),
+                token,
+            },
+            AuthJob::Verify { job, phc, password } => {
+                let ok = phc.as_deref() == Some(fake_phc(&password).as_str());
+                AuthResult::Verified {
+                    job,
+                    ok,
+                    token: token.filter(|_| ok),
+                }
+            }
+        };
+        self.hub.handle_auth_result(res, self.now);
+        self.drain();
+    }
+
+    /// Plays the store for every request so far: writes get sequence numbers, queries are
+    /// answered by `answer`, and one commit report covers them all. `fail` lists writes (by
+    /// their position among this batch's writes, from 0) whose statement fails.
+    fn run_store(&mut self, fail: &[usize], answer: impl Fn(&Query) -> Vec<ChatMessage>) {
+        let reqs = std::mem::take(&mut self.store);
+        let mut failed = Vec::new();
+        let mut writes = 0;
+        let mut results = Vec::new();
+        for r in reqs {
+            match r {
+                StoreReq::Write(_) => {
+                    self.seq += 1;
+                    if fail.contains(&writes) {
+                        failed.push(self.seq);
+                    }
+                    writes += 1;
+                }
+                StoreReq::Query { qid, query } => results.push(StoreEvent::QueryDone {
+                    qid,
+                    messages: answer(&query),
+                    more: false,
+                }),
+                StoreReq::Shutdown => {}
+            }
+        }
+        for ev in results {
+            self.hub.handle_store_event(ev, self.now);
+            self.drain();
+        }
+        self.commit(self.seq, failed);
+    }
+
+    fn commit(&mut self, upto: u64, failed: Vec<u64>) {
+        self.hub.handle_store_event(
+            StoreEvent::Committed {
+                upto,
+                ok: true,
+                failed,
+                batch: 0,
+                latency: Duration::ZERO,
+            },
+            self.now,
+        );
+        self.drain();
+    }
+
+    fn resume(&mut self, n: u64, token: &str) -> ConnId {
+        let c = self.open(n);
+        self.send(c, json!({"type":"resume","token":token}));
+        self.run_store(&[], |_| Vec::new());
+        let f = self.take(c);
+        assert_eq!(f.last().map(|v| v["type"].clone()), Some(json!("welcome")));
+        c
+    }
+}
+
+fn no_answer(_: &Query) -> Vec<ChatMessage> {
+    Vec::new()
+}
+
+/// A client may pipeline register, join and say without waiting: they take effect in order
+/// once the hash and the commits are done, and nothing is answered early.
+#[test]
+fn pipelined_register_join_say_run_in_order() {
+    let mut t = T::new(Loaded::default(), &[]);
+    let c = t.open(1);
+    t.send(
+        c,
+        json!({"type":"register","user":"carol","password":"password123","ref":"a"}),
+    );
+    t.send(c, json!({"type":"join","room":"lounge","ref":"j"}));
+    t.send(
+        c,
+        json!({"type":"say","room":"lounge","text":"hi","ref":"s"}),
+    );
+    assert!(t.take(c).is_empty(), "nothing before the hash is done");
+    assert_eq!(t.jobs.len(), 1);
+    t.finish_one_job();
+    assert!(t.take(c).is_empty(), "no welcome before the commit");
+    t.run_store(&[], no_answer);
+    assert_eq!(t.types(c), ["welcome", "joined", "message"]);
+    t.run_store(&[], no_answer);
+    let acks = t.take(c);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0]["type"], "ack");
+    assert_eq!(acks[0]["ref"], "s");
+}
+
+/// A join of a cold room waits for its ring to load; messages accepted meanwhile reach the
+/// joiner through the snapshot, not live, and the first live one is the next message.
+#[test]
+fn join_while_the_ring_loads_meets_the_live_stream_exactly() {
+    let mut t = T::with_alice_and_bob(&[]);
+    let a = t.resume(1, "tok-alice");
+    let b = t.resume(2, "tok-bob");
+    t.take(a);
+    t.take(b);
+    t.send(a, json!({"type":"join","room":"rust","ref":"j"}));
+    let load = t.store.iter().any(|r| {
+        matches!(
+            r,
+            StoreReq::Query {
+                query: Query::LoadRing { .. },
+                ..
+            }
+        )
+    });
+    assert!(load, "a cold room's ring is loaded from the store");
+    // bob says something while the load is queued.
+    t.send(
+        b,
+        json!({"type":"say","room":"rust","text":"during","ref":"b1"}),
+    );
+    assert!(
+        t.take(a).is_empty(),
+        "the joiner is not a live recipient before its snapshot"
+    );
+    let old = ChatMessage {
+        id: 50,
+        room: Some("rust".into()),
+        from: "bob".into(),
+        to: None,
+        nick: "bob".into(),
+        text: "before".into(),
+        ts: 1,
+    };
+    t.run_store(&[], move |q| match q {
+        Query::LoadRing { .. } => vec![old.clone()],
+        _ => Vec::new(),
+    });
+    let joined = t.take(a);
+    assert_eq!(joined[0]["type"], "joined", "{joined:?}");
+    let texts: Vec<&str> = joined[0]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["before", "during"]);
+    t.send(
+        b,
+        json!({"type":"say","room":"rust","text":"after","ref":"b2"}),
+    );
+    let live = t.take(a);
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0]["text"], "after");
+}
+
+/// Acks wait for the commit that covers their write, in write order; a write whose statement
+/// failed turns its ack into `internal`, and the ref may then be stored on retry.
+#[test]
+fn commit_reports_release_acks_in_order_and_a_store_failure_is_internal() {
+    let mut t = T::with_alice_and_bob(&[]);
+    let a = t.resume(1, "tok-alice");
+    let b = t.resume(2, "tok-bob");
+    t.take(a);
+    t.take(b);
+    t.send(
+        a,
+        json!({"type":"say","room":"general","text":"one","ref":"a1"}),
+    );
+    let first_write = t.seq + t.store.len() as u64;
+    t.send(
+        b,
+        json!({"type":"say","room":"general","text":"two","ref":"b1"}),
+    );
+    assert_eq!(t.types(a), ["message", "message"]);
+    assert_eq!(t.types(b), ["message", "message"]);
+    // The store numbers the writes but reports only the first one committed so far.
+    let reqs = std::mem::take(&mut t.store);
+    let writes = reqs
+        .iter()
+        .filter(|r| matches!(r, StoreReq::Write(_)))
+        .count() as u64;
+    t.commit(first_write, Vec::new());
+    assert_eq!(t.types(a), ["ack"]);
+    assert!(t.take(b).is_empty(), "b's write is not committed yet");
+    t.seq += writes;
+    t.commit(t.seq, Vec::new());
+    assert_eq!(t.types(b), ["ack"]);
+
+    // A failed statement: the reply says so.
+    t.send(
+        a,
+        json!({"type":"say","room":"general","text":"lost","ref":"a2"}),
+    );
+    t.take(a);
+    let pos = t
+        .store
+        .iter()
+        .filter(|r| matches!(r, StoreReq::Write(_)))
+        .position(|r| matches!(r, StoreReq::Write(Write::InsertMessage { .. })))
+        .unwrap();
+    t.run_store(&[pos], no_answer);
+    let f = t.take(a);
+    assert_eq!(f[0]["code"], "internal", "{f:?}");
+    assert_eq!(f[0]["ref"], "a2");
+    // The retry is stored (not deduplicated against the failed one).
+    t.send(
+        a,
+        json!({"type":"say","room":"general","text":"lost","ref":"a2"}),
+    );
+    assert_eq!(t.types(a), ["message"]);
+    t.run_store(&[], no_answer);
+    assert_eq!(t.types(a), ["ack"]);
+}
+
+/// A connection that closes while its sign-in waits for a worker: a queued job is dropped
+/// without hashing, a running one's result is ignored, and neither leaves anything behind.
+#[test]
+fn a_connection_closing_while_its_auth_is_pending() {
+    let mut t = T::with_alice_and_bob(&["--login-throttle", "2"]);
+    let c1 = t.open_from(1, [10, 0, 0, 1]);
+    let c2 = t.open_from(2, [10, 0, 0, 1]);
+    t.send(
+        c1,
+        json!({"type":"login","user":"alice","password":"password123"}),
+    );
+    t.send(
+        c2,
+        json!({"type":"login","user":"alice","password":"password123"}),
+    );
+    assert_eq!(t.jobs.len(), 1, "one worker: one job in flight");
+    assert_eq!(t.hub.hash_jobs_waiting(), 1);
+    t.close(c2);
+    assert_eq!(
+        t.hub.hash_jobs_waiting(),
+        0,
+        "the queued job left with its connection"
+    );
+    t.close(c1);
+    t.finish_one_job();
+    t.run_store(&[], no_answer);
+    assert!(t.take(c1).is_empty() && t.take(c2).is_empty());
+    assert_eq!(
+        t.hub.session_count(),
+        2,
+        "no session for a connection that is gone"
+    );
+    // Both attempts were released from the throttle: two more logins are allowed.
+    let c3 = t.open_from(3, [10, 0, 0, 1]);
+    t.send(
+        c3,
+        json!({"type":"login","user":"alice","password":"password123"}),
+    );
+    t.finish_one_job();
+    t.run_store(&[], no_answer);
+    assert_eq!(t.types(c3), ["welcome"]);
+}
+
+/// The authentication deadline and the tick use the time passed in, nothing else.
+#[test]
+fn auth_deadline_follows_the_given_clock() {
+    let mut t = T::new(Loaded::default(), &["--auth-timeout", "5"]);
+    let c = t.open(1);
+    t.now.mono += Duration::from_secs(4);
+    t.hub.handle_tick(t.now);
+    t.drain();
+    assert!(t.closed.is_empty());
+    t.now.mono += Duration::from_secs(2);
+    t.hub.handle_tick(t.now);
+    t.drain();
+    assert_eq!(t.closed.get(&c), Some(&1008));
+}
