@@ -9,9 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::auth::{self, AuthJob, AuthPool, AuthResult};
@@ -193,11 +192,9 @@ pub struct ChatService {
     /// a room's cached fan-out list is valid only for the epoch it was built in.
     membership_epoch: u64,
     wake: Wake,
-    store_tx: Sender<Vec<StoreReq>>,
+    store: Box<dyn store::Store>,
     /// Store requests of the current loop turn, handed over together in `on_turn_end`.
     store_batch: Vec<StoreReq>,
-    store_rx: Receiver<StoreEvent>,
-    store_thread: Option<JoinHandle<()>>,
     auth: AuthPool,
     auth_rx: Receiver<AuthResult>,
     /// Sequence number of the last write sent to the store.
@@ -264,9 +261,16 @@ impl ChatService {
             DurabilityArg::Normal => Durability::Normal,
             DurabilityArg::Full => Durability::Full,
         };
-        let conn = store::open_db(&config.data, durability)?;
+        let wake = Wake::default();
         let dedup_since = now_ms() - cfg.dedup_window.as_millis() as i64;
-        let (loaded, reserved) = store::load(&conn, ID_RESERVE, dedup_since)?;
+        let (store, loaded, reserved) = store::open_sqlite(
+            &config.data,
+            durability,
+            ID_RESERVE,
+            dedup_since,
+            wake.clone(),
+        )
+        .map_err(|e| e.to_string())?;
 
         let mut users = HashMap::with_capacity(loaded.users.len());
         let mut name_skeletons = SkeletonIndex::default();
@@ -330,14 +334,6 @@ impl ChatService {
             }
         }
 
-        let wake = Wake::default();
-        let (store_tx, store_req_rx) = channel();
-        let (store_ev_tx, store_rx) = channel();
-        let w = wake.clone();
-        let store_thread = std::thread::Builder::new()
-            .name("chat-store".into())
-            .spawn(move || store::run(conn, store_req_rx, store_ev_tx, w))
-            .map_err(|e| format!("spawn store thread: {e}"))?;
         let (auth_tx, auth_rx) = channel();
         let auth = AuthPool::start(
             cfg.hash_threads,
@@ -383,10 +379,8 @@ impl ChatService {
             ),
             cfg,
             wake,
-            store_tx,
+            store,
             store_batch: Vec::new(),
-            store_rx,
-            store_thread: Some(store_thread),
             auth,
             auth_rx,
             write_seq: 0,
@@ -445,9 +439,7 @@ impl ChatService {
             return;
         }
         let reqs = std::mem::take(&mut self.store_batch);
-        if self.store_tx.send(reqs).is_err() {
-            log::error!("chat: store thread is gone; writes dropped");
-        }
+        self.store.submit(reqs);
     }
 
     fn send(&mut self, out: &mut dyn Outbox, conn: ConnId, frame: &ServerFrame<'_>) {
@@ -2120,7 +2112,7 @@ impl Service for ChatService {
         while let Ok(res) = self.auth_rx.try_recv() {
             self.on_auth_result(out, res);
         }
-        while let Ok(ev) = self.store_rx.try_recv() {
+        while let Some(ev) = self.store.try_event() {
             match ev {
                 StoreEvent::Committed {
                     upto,
@@ -2291,13 +2283,8 @@ impl Service for ChatService {
         }
         self.stopped = true;
         // Everything queued before Shutdown is committed before the thread exits.
-        self.store_batch.push(StoreReq::Shutdown);
         self.hand_to_store();
-        if let Some(h) = self.store_thread.take() {
-            if h.join().is_err() {
-                log::error!("chat: store thread panicked");
-            }
-        }
+        self.store.shutdown();
         self.auth.stop();
     }
 }
