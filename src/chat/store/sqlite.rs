@@ -142,7 +142,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(sql("read user_version"))?;
     let found = schema_version(conn, path)?;
-    if found > SCHEMA_VERSION || found < 0 {
+    if !(0..=SCHEMA_VERSION).contains(&found) {
         return Err(StoreError::Schema {
             path: path.to_path_buf(),
             found_version: found,
