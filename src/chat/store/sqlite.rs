@@ -12,7 +12,7 @@
 //! [`MIGRATIONS`]): opening a database migrates it forward, one transaction per version.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
@@ -337,11 +337,6 @@ impl SqliteStore {
             thread: Some(thread),
         };
         Ok((store, loaded, reserved))
-    }
-
-    /// `dir/chat.db`, the file [`SqliteStore::open`] uses.
-    pub fn db_path(dir: &Path) -> PathBuf {
-        dir.join("chat.db")
     }
 }
 
