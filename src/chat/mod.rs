@@ -5,7 +5,8 @@
 //! - [`protocol`]: wire types and the pure client-frame parser.
 //! - [`validate`]: field formats and limits.
 //! - [`frame`]: encoding a server text frame once for fan-out.
-//! - [`store`]: SQLite on its own thread, group commit.
+//! - [`store`]: the `Store` trait and its vocabulary; [`store::sqlite`]: SQLite on its own
+//!   thread, group commit, schema migrations.
 //! - [`auth`]: argon2id on worker threads, tokens.
 //! - [`ratelimit`]: token bucket and login failure throttle.
 //! - [`state`]: users, rooms, connections in memory.

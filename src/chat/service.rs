@@ -6,15 +6,14 @@
 //! hashing jobs to the workers, store requests to the store once per loop turn.
 
 use std::net::SocketAddr;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::auth::AuthPool;
 use super::core::{AuthResult, Effect, Hub, Now, Stat, ID_RESERVE};
 use super::protocol::ErrorCode;
-use super::store::{self, Durability, StoreEvent, StoreReq};
+use super::store::{self, Durability, Store};
 use super::{ChatConfig, DurabilityArg, Wake};
 use crate::service::{ConnId, Message, Outbox, Service};
 
@@ -22,9 +21,7 @@ use crate::service::{ConnId, Message, Outbox, Service};
 pub struct ChatService {
     hub: Hub,
     wake: Wake,
-    store_tx: Sender<Vec<StoreReq>>,
-    store_rx: Receiver<StoreEvent>,
-    store_thread: Option<JoinHandle<()>>,
+    store: Box<dyn Store>,
     auth: AuthPool,
     auth_rx: Receiver<AuthResult>,
     /// Frames the outbox accepted, and of those the chat-message deliveries.
@@ -77,9 +74,16 @@ impl ChatService {
             mono: std::time::Instant::now(),
             wall_ms: wall_ms(),
         };
-        let conn = store::open_db(&config.data, durability)?;
+        let wake = Wake::default();
         let dedup_since = start.wall_ms - cfg.dedup_window.as_millis() as i64;
-        let (loaded, reserved) = store::load(&conn, ID_RESERVE, dedup_since)?;
+        let (store, loaded, reserved) = store::open_sqlite(
+            &config.data,
+            durability,
+            ID_RESERVE,
+            dedup_since,
+            wake.clone(),
+        )
+        .map_err(|e| e.to_string())?;
         log::info!(
             "chat: {} users, {} rooms, {} sessions, next id {}",
             loaded.users.len(),
@@ -88,14 +92,6 @@ impl ChatService {
             loaded.next_id
         );
 
-        let wake = Wake::default();
-        let (store_tx, store_req_rx) = channel();
-        let (store_ev_tx, store_rx) = channel();
-        let w = wake.clone();
-        let store_thread = std::thread::Builder::new()
-            .name("chat-store".into())
-            .spawn(move || store::run(conn, store_req_rx, store_ev_tx, w))
-            .map_err(|e| format!("spawn store thread: {e}"))?;
         let (auth_tx, auth_rx) = channel();
         let auth = AuthPool::start(
             cfg.hash_threads,
@@ -107,9 +103,7 @@ impl ChatService {
         Ok(ChatService {
             hub: Hub::new(cfg, loaded, reserved, start),
             wake,
-            store_tx,
-            store_rx,
-            store_thread: Some(store_thread),
+            store,
             auth,
             auth_rx,
             frames_out: 0,
@@ -153,15 +147,11 @@ impl ChatService {
         fx.recipients.clear();
     }
 
-    /// Sends the turn's store requests to the store thread in one message.
+    /// Hands the turn's store requests to the store in one go.
     fn hand_to_store(&mut self) {
         let fx = self.hub.effects();
-        if fx.store.is_empty() {
-            return;
-        }
-        let reqs = std::mem::take(&mut fx.store);
-        if self.store_tx.send(reqs).is_err() {
-            log::error!("chat: store thread is gone; writes dropped");
+        if !fx.store.is_empty() {
+            self.store.submit(std::mem::take(&mut fx.store));
         }
     }
 
@@ -203,7 +193,7 @@ impl Service for ChatService {
             self.hub.handle_auth_result(res, now(out));
             self.drain(out);
         }
-        while let Ok(ev) = self.store_rx.try_recv() {
+        while let Some(ev) = self.store.try_event() {
             self.hub.handle_store_event(ev, now(out));
             self.drain(out);
         }
@@ -337,14 +327,9 @@ impl Service for ChatService {
             return;
         }
         self.stopped = true;
-        // Everything queued before Shutdown is committed before the thread exits.
-        self.hub.effects().store.push(StoreReq::Shutdown);
+        // Everything handed over before is committed before the store stops.
         self.hand_to_store();
-        if let Some(h) = self.store_thread.take() {
-            if h.join().is_err() {
-                log::error!("chat: store thread panicked");
-            }
-        }
+        self.store.shutdown();
         self.auth.stop();
     }
 }

@@ -1,0 +1,293 @@
+//! Chat storage: the vocabulary the chat speaks to its store, and the [`Store`] trait an
+//! implementation provides. Nothing here knows SQL or threads; [`sqlite`] is the one
+//! implementation today (SQLite on a dedicated thread, group commit).
+//!
+//! The contract, whatever the backend: the loop hands over one turn's requests at a time
+//! ([`Store::submit`]); writes are numbered 1, 2, … in the order they are submitted, across
+//! calls; a query sees every write submitted before it; the store reports progress as
+//! [`StoreEvent`]s, query results of a batch before the [`StoreEvent::Committed`] that ends
+//! it, and wakes the loop (through [`Wake`]) after sending them.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::protocol::ChatMessage;
+use super::Wake;
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// WAL + synchronous=NORMAL: a commit is in the OS before we ack, so it survives the
+    /// process being killed; a power loss may lose the last batches.
+    Normal,
+    /// WAL + synchronous=FULL: every commit is fsynced before we ack.
+    Full,
+}
+
+/// A state change. Each one sent gets the next write sequence number (1, 2, ...), which is
+/// what [`StoreEvent::Committed`] refers to.
+#[derive(Debug, Clone)]
+pub enum Write {
+    InsertUser {
+        key: String,
+        name: String,
+        nick: String,
+        phc: String,
+        created: i64,
+    },
+    InsertSession {
+        hash: [u8; 32],
+        user_key: String,
+        created: i64,
+    },
+    DeleteSession {
+        hash: [u8; 32],
+    },
+    /// Every session of a user ("log out everywhere").
+    DeleteUserSessions {
+        user_key: String,
+    },
+    /// A session was used (resume, or a connection using it closed): `--session-ttl` counts
+    /// from here.
+    TouchSession {
+        hash: [u8; 32],
+        ts: i64,
+    },
+    InsertRoom {
+        name: String,
+        created: i64,
+    },
+    AddMember {
+        room: String,
+        user_key: String,
+    },
+    RemoveMember {
+        room: String,
+        user_key: String,
+    },
+    /// `dm` is the pair key of a direct message (see [`dm_key`]). `dedup` is the sender's key
+    /// and the message's `ref`: stored in the same transaction as the message, so a retry after
+    /// any restart finds the original exactly when the message itself survived.
+    InsertMessage {
+        msg: ChatMessage,
+        dm: Option<String>,
+        dedup: Option<(String, String)>,
+    },
+    /// Forgets refs of messages older than `ts` (outside `--dedup-window`).
+    PruneDedup {
+        before_ts: i64,
+    },
+    SetNick {
+        key: String,
+        nick: String,
+    },
+    SetLastSeen {
+        key: String,
+        ts: i64,
+    },
+    AddDmPair {
+        a: String,
+        b: String,
+    },
+    /// Ids below `upto` may be handed out; persisted so a restart never reuses an id that was
+    /// broadcast but not yet committed when the process died.
+    ReserveIds {
+        upto: i64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    Room(String),
+    Dm(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum Query {
+    /// The newest `limit` messages of a room, for the join snapshot ring.
+    LoadRing { room: String, limit: usize },
+    /// History paging; see `docs/PROTOCOL.md`.
+    History {
+        target: Target,
+        before: Option<i64>,
+        after: Option<i64>,
+        limit: usize,
+        /// Set when the asking connection closed: the store skips the query if it has not run
+        /// yet, so a flood of queries does not outlive its sender.
+        cancelled: Option<Arc<AtomicBool>>,
+    },
+}
+
+#[derive(Debug)]
+pub enum StoreReq {
+    Write(Write),
+    Query { qid: u64, query: Query },
+    Shutdown,
+}
+
+#[derive(Debug)]
+pub enum StoreEvent {
+    /// All writes with sequence ≤ `upto` are committed (or, if `ok` is false, the batch failed
+    /// and writes up to `upto` are lost).
+    Committed {
+        upto: u64,
+        ok: bool,
+        /// Writes of this batch whose statement failed (the rest committed).
+        failed: Vec<u64>,
+        batch: usize,
+        latency: Duration,
+    },
+    /// Messages oldest first; `more` tells whether the range continues past them.
+    QueryDone {
+        qid: u64,
+        messages: Vec<ChatMessage>,
+        more: bool,
+    },
+}
+
+/// The key of a DM conversation: both user keys, sorted, so either side finds it.
+pub fn dm_key(a: &str, b: &str) -> String {
+    if a <= b {
+        format!("{a}\n{b}")
+    } else {
+        format!("{b}\n{a}")
+    }
+}
+
+/// What startup needs in memory. Messages are deliberately absent: they are loaded lazily
+/// per room, so startup stays fast however long the history is.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub users: Vec<LoadedUser>,
+    /// Token hash, user key, last use (ms), oldest first.
+    pub sessions: Vec<([u8; 32], String, i64)>,
+    /// Refs of messages stored since `dedup_since` (see [`open_sqlite`]): user key, ref, id,
+    /// ts.
+    pub dedup: Vec<(String, String, i64, i64)>,
+    pub rooms: Vec<String>,
+    pub members: Vec<(String, String)>,
+    pub dm_pairs: Vec<(String, String)>,
+    /// First id free for use: above every stored id and every reservation ever made.
+    pub next_id: i64,
+}
+
+#[derive(Debug)]
+pub struct LoadedUser {
+    pub key: String,
+    pub name: String,
+    pub nick: String,
+    pub phc: String,
+    pub last_seen: Option<i64>,
+}
+
+/// A backend error, boxed so this module names no backend's types.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a store could not be opened (or a startup step failed).
+#[derive(Debug)]
+pub enum StoreError {
+    /// Creating or reading the data directory.
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The database could not be opened at all.
+    Open { path: PathBuf, source: BoxError },
+    /// A statement failed; `context` says which step.
+    Sql {
+        context: &'static str,
+        source: BoxError,
+    },
+    /// Migrating the schema to `to_version` failed; that migration was rolled back.
+    Migration { to_version: i64, source: BoxError },
+    /// The database was written by a newer version of parlor (schema `found_version`, this
+    /// build knows up to `known_version`); it is left untouched.
+    Schema {
+        path: PathBuf,
+        found_version: i64,
+        known_version: i64,
+    },
+    /// The file holds tables but not a parlor chat database's (`user_version` 0, no `users`).
+    NotChatDb { path: PathBuf },
+    /// The store's worker thread could not be started.
+    Thread(std::io::Error),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            StoreError::Open { path, source } => write!(f, "open {}: {source}", path.display()),
+            StoreError::Sql { context, source } => write!(f, "store: {context}: {source}"),
+            StoreError::Migration { to_version, source } => {
+                write!(
+                    f,
+                    "store: migrating to schema version {to_version}: {source}"
+                )
+            }
+            StoreError::Schema {
+                path,
+                found_version,
+                known_version,
+            } => write!(
+                f,
+                "{}: schema version {found_version} is newer than this parlor knows \
+                 ({known_version}); use a newer parlor or restore a backup",
+                path.display()
+            ),
+            StoreError::NotChatDb { path } => write!(
+                f,
+                "{}: not a parlor chat database (it has tables, but no `users`)",
+                path.display()
+            ),
+            StoreError::Thread(e) => write!(f, "spawn store thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Io { source, .. } | StoreError::Thread(source) => Some(source),
+            StoreError::Open { source, .. }
+            | StoreError::Sql { source, .. }
+            | StoreError::Migration { source, .. } => Some(source.as_ref()),
+            StoreError::Schema { .. } | StoreError::NotChatDb { .. } => None,
+        }
+    }
+}
+
+/// A chat store: takes writes and queries, reports commits and query results. Opened by a
+/// backend's constructor (e.g. [`open_sqlite`]), which also returns the startup [`Loaded`]
+/// state and the first id reservation.
+pub trait Store: Send {
+    /// Hands one loop turn's requests over, in order (writes get sequence numbers 1, 2, … in
+    /// send order, counted across calls).
+    fn submit(&mut self, reqs: Vec<StoreReq>);
+    /// The next event (query result or commit report) if one is ready; never blocks.
+    fn try_event(&mut self) -> Option<StoreEvent>;
+    /// Commits everything submitted so far and stops the worker (joins it). Idempotent; no
+    /// request may be submitted afterwards.
+    fn shutdown(&mut self);
+}
+
+/// Opens (creating or migrating) `dir/chat.db`, loads startup state, persists a reservation
+/// of `reserve` ids (returned: ids below it may be handed out) and starts the store thread,
+/// which calls `wake.wake()` after sending events. Refs of messages with `ts >= dedup_since`
+/// are loaded for retry deduplication; older ones are deleted.
+pub fn open_sqlite(
+    dir: &Path,
+    durability: Durability,
+    reserve: i64,
+    dedup_since: i64,
+    wake: Wake,
+) -> Result<(Box<dyn Store>, Loaded, i64), StoreError> {
+    let (store, loaded, reserved) = SqliteStore::open(dir, durability, reserve, dedup_since, wake)?;
+    Ok((Box::new(store), loaded, reserved))
+}

@@ -1,0 +1,1031 @@
+//! The SQLite [`Store`]: `dir/chat.db` on a dedicated thread.
+//!
+//! The event loop never touches the database after startup. It sends [`StoreReq`]s over a
+//! channel, a loop turn's worth per message: one wake-up of this thread per turn rather than
+//! one per chat message (on a shared core every wake-up preempted the loop and committed a
+//! one-row transaction). The store thread takes everything queued, applies it in one transaction (group
+//! commit), commits, and reports the results of any queries in that batch followed by the
+//! highest committed write sequence number. Queries run inside the batch after the writes
+//! queued before them, so a query sees everything the loop accepted before sending it.
+//!
+//! The schema is versioned with `PRAGMA user_version` (see [`SCHEMA_VERSION`] and
+//! [`MIGRATIONS`]): opening a database migrates it forward, one transaction per version.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{
+    Durability, Loaded, LoadedUser, Query, Store, StoreError, StoreEvent, StoreReq, Target, Write,
+};
+use crate::chat::protocol::ChatMessage;
+use crate::chat::Wake;
+
+/// Most requests folded into one transaction; bounds the latency of a batch under flood.
+const MAX_BATCH: usize = 4096;
+
+/// Version 1: the schema as first shipped (commit e05a242), before versioning: such a
+/// database has `user_version` 0.
+const SCHEMA_V1: &str = "
+CREATE TABLE users (
+    key TEXT PRIMARY KEY, name TEXT NOT NULL, nick TEXT NOT NULL, phc TEXT NOT NULL,
+    created INTEGER NOT NULL, last_seen INTEGER);
+CREATE TABLE sessions (
+    hash BLOB PRIMARY KEY, user_key TEXT NOT NULL, created INTEGER NOT NULL);
+CREATE TABLE rooms (name TEXT PRIMARY KEY, created INTEGER NOT NULL);
+CREATE TABLE members (
+    room TEXT NOT NULL, user_key TEXT NOT NULL, PRIMARY KEY (room, user_key)) WITHOUT ROWID;
+CREATE TABLE dm_pairs (
+    a TEXT NOT NULL, b TEXT NOT NULL, PRIMARY KEY (a, b)) WITHOUT ROWID;
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY, room TEXT, dm TEXT, from_name TEXT NOT NULL, to_name TEXT,
+    nick TEXT NOT NULL, text TEXT NOT NULL, ts INTEGER NOT NULL);
+CREATE INDEX messages_room ON messages (room, id);
+CREATE INDEX messages_dm ON messages (dm, id);
+CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+";
+
+/// Version 2: refs of recent messages for retry deduplication across restarts, and the last
+/// use of a session (`--session-ttl`). `IF NOT EXISTS` (and the column check in
+/// [`to_v2`]) because a database written between the two changes and versioning may hold
+/// part of it already.
+const SCHEMA_V2: &str = "
+CREATE TABLE IF NOT EXISTS dedup (
+    user_key TEXT NOT NULL, ref TEXT NOT NULL, id INTEGER NOT NULL, ts INTEGER NOT NULL,
+    PRIMARY KEY (user_key, ref)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_ts ON dedup (ts);
+";
+
+fn to_v1(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA_V1)
+}
+
+fn to_v2(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA_V2)?;
+    if !has_column(conn, "sessions", "last_used")? {
+        conn.execute_batch("ALTER TABLE sessions ADD COLUMN last_used INTEGER")?;
+    }
+    Ok(())
+}
+
+/// Forward migrations: `MIGRATIONS[i]` takes a database from version `i` to `i + 1`. Append
+/// only; a shipped step never changes.
+pub const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[to_v1, to_v2];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, column],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
+fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |e| StoreError::Sql {
+        context,
+        source: Box::new(e),
+    }
+}
+
+/// The schema version of an open database: `user_version`, or for one written before
+/// versioning (`user_version` 0) what its tables say: none at all is a new database (0).
+fn schema_version(conn: &Connection, path: &Path) -> Result<i64, StoreError> {
+    let v: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql("read user_version"))?;
+    if v != 0 {
+        return Ok(v);
+    }
+    let table = |name: &str| -> Result<bool, StoreError> {
+        conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            params![name],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .map_err(sql("read schema"))
+    };
+    let tables: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql("read schema"))?;
+    if tables == 0 {
+        return Ok(0);
+    }
+    if !table("users")? {
+        return Err(StoreError::NotChatDb {
+            path: path.to_path_buf(),
+        });
+    }
+    let v2 =
+        table("dedup")? && has_column(conn, "sessions", "last_used").map_err(sql("read schema"))?;
+    Ok(if v2 { 2 } else { 1 })
+}
+
+/// Brings the database to [`SCHEMA_VERSION`]: a new one in a single transaction, an older one
+/// one version per transaction (a failure leaves it at the last version reached). A newer one
+/// is refused untouched.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let stamped: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql("read user_version"))?;
+    let found = schema_version(conn, path)?;
+    if !(0..=SCHEMA_VERSION).contains(&found) {
+        return Err(StoreError::Schema {
+            path: path.to_path_buf(),
+            found_version: found,
+            known_version: SCHEMA_VERSION,
+        });
+    }
+    let step = |conn: &mut Connection, steps: &[fn(&Connection) -> rusqlite::Result<()>], to| {
+        let fail = |e: rusqlite::Error| StoreError::Migration {
+            to_version: to,
+            source: Box::new(e),
+        };
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        for s in steps {
+            s(&tx).map_err(fail)?;
+        }
+        tx.pragma_update(None, "user_version", to).map_err(fail)?;
+        tx.commit().map_err(fail)
+    };
+    if found == 0 {
+        step(conn, MIGRATIONS, SCHEMA_VERSION)?;
+        return Ok(());
+    }
+    for v in found..SCHEMA_VERSION {
+        log::info!(
+            "store: migrating {} to schema version {}",
+            path.display(),
+            v + 1
+        );
+        step(conn, &MIGRATIONS[v as usize..v as usize + 1], v + 1)?;
+    }
+    if stamped != SCHEMA_VERSION && found == SCHEMA_VERSION {
+        // A database from before versioning that already has the latest tables: record it.
+        step(conn, &[], SCHEMA_VERSION)?;
+    }
+    Ok(())
+}
+
+/// Opens (creating if needed) `dir/chat.db`, sets the pragmas and migrates the schema.
+fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let path = dir.join("chat.db");
+    let mut conn = Connection::open(&path).map_err(|e| StoreError::Open {
+        path: path.clone(),
+        source: Box::new(e),
+    })?;
+    // Refuse a newer schema before changing anything about the file (journal mode included).
+    let found = schema_version(&conn, &path)?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::Schema {
+            path,
+            found_version: found,
+            known_version: SCHEMA_VERSION,
+        });
+    }
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(sql("journal_mode"))?;
+    let sync = match durability {
+        Durability::Normal => "NORMAL",
+        Durability::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", sync)
+        .map_err(sql("synchronous"))?;
+    conn.pragma_update(None, "foreign_keys", "OFF")
+        .map_err(sql("foreign_keys"))?;
+    migrate(&mut conn, &path)?;
+    Ok(conn)
+}
+
+/// Loads startup state and persists a fresh id reservation of `reserve` ids before returning,
+/// so ids handed out before the store thread's first commit are already covered. Refs of
+/// messages with `ts >= dedup_since` are loaded for retry deduplication; older ones are
+/// deleted.
+fn load(conn: &Connection, reserve: i64, dedup_since: i64) -> Result<(Loaded, i64), StoreError> {
+    let mut l = Loaded::default();
+    let mut st = conn
+        .prepare("SELECT key, name, nick, phc, last_seen FROM users")
+        .map_err(sql("load users"))?;
+    let rows = st.query_map([], |r| {
+        Ok(LoadedUser {
+            key: r.get(0)?,
+            name: r.get(1)?,
+            nick: r.get(2)?,
+            phc: r.get(3)?,
+            last_seen: r.get(4)?,
+        })
+    });
+    l.users = rows
+        .and_then(|rows| rows.collect::<Result<_, _>>())
+        .map_err(sql("load users"))?;
+    let mut st = conn
+        .prepare(
+            "SELECT hash, user_key, COALESCE(last_used, created) FROM sessions
+             ORDER BY created, rowid",
+        )
+        .map_err(sql("load sessions"))?;
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(sql("load sessions"))?;
+    for (h, u, used) in rows {
+        if let Ok(h) = <[u8; 32]>::try_from(h.as_slice()) {
+            l.sessions.push((h, u, used));
+        }
+    }
+    conn.execute("DELETE FROM dedup WHERE ts < ?1", params![dedup_since])
+        .map_err(sql("prune dedup"))?;
+    l.dedup = conn
+        .prepare("SELECT user_key, ref, id, ts FROM dedup ORDER BY ts, id")
+        .and_then(|mut st| {
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect()
+        })
+        .map_err(sql("load dedup"))?;
+    l.rooms = conn
+        .prepare("SELECT name FROM rooms")
+        .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+        .map_err(sql("load rooms"))?;
+    l.members = conn
+        .prepare("SELECT room, user_key FROM members")
+        .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(sql("load members"))?;
+    l.dm_pairs = conn
+        .prepare("SELECT a, b FROM dm_pairs")
+        .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(sql("load dm pairs"))?;
+    // MAX on the rowid is answered from the b-tree's right edge: O(log n), not a scan.
+    let max_id: Option<i64> = conn
+        .query_row("SELECT MAX(id) FROM messages", [], |r| r.get(0))
+        .map_err(sql("max message id"))?;
+    let reserved: Option<i64> = conn
+        .query_row("SELECT v FROM meta WHERE k = 'id_reserved'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(sql("read id reservation"))?;
+    l.next_id = (max_id.unwrap_or(0) + 1).max(reserved.unwrap_or(1));
+    let upto = l.next_id + reserve;
+    write_reservation(conn, upto).map_err(sql("write id reservation"))?;
+    Ok((l, upto))
+}
+
+fn write_reservation(conn: &Connection, upto: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO meta (k, v) VALUES ('id_reserved', ?1)
+         ON CONFLICT (k) DO UPDATE SET v = MAX(v, excluded.v)",
+        params![upto],
+    )
+    .map(|_| ())
+}
+
+/// The SQLite store: owns the request channel, the event channel and the store thread.
+pub struct SqliteStore {
+    /// `None` after [`Store::shutdown`].
+    tx: Option<Sender<Vec<StoreReq>>>,
+    rx: Receiver<StoreEvent>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SqliteStore {
+    /// See [`super::open_sqlite`]: opens (creating or migrating) `dir/chat.db`, loads startup
+    /// state, persists a reservation of `reserve` ids (the returned `i64`: ids below it may
+    /// be handed out) and starts the `chat-store` thread.
+    pub fn open(
+        dir: &Path,
+        durability: Durability,
+        reserve: i64,
+        dedup_since: i64,
+        wake: Wake,
+    ) -> Result<(SqliteStore, Loaded, i64), StoreError> {
+        let conn = open_db(dir, durability)?;
+        let (loaded, reserved) = load(&conn, reserve, dedup_since)?;
+        let (tx, req_rx) = channel();
+        let (ev_tx, rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name("chat-store".into())
+            .spawn(move || run(conn, req_rx, ev_tx, wake))
+            .map_err(StoreError::Thread)?;
+        let store = SqliteStore {
+            tx: Some(tx),
+            rx,
+            thread: Some(thread),
+        };
+        Ok((store, loaded, reserved))
+    }
+}
+
+impl Store for SqliteStore {
+    fn submit(&mut self, reqs: Vec<StoreReq>) {
+        if reqs.is_empty() {
+            return;
+        }
+        let sent = match &self.tx {
+            Some(tx) => tx.send(reqs).is_ok(),
+            None => false,
+        };
+        if !sent {
+            log::error!("chat: store thread is gone; writes dropped");
+        }
+    }
+
+    fn try_event(&mut self) -> Option<StoreEvent> {
+        self.rx.try_recv().ok()
+    }
+
+    fn shutdown(&mut self) {
+        // Everything sent before Shutdown is committed before the thread exits.
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(vec![StoreReq::Shutdown]);
+        }
+        if let Some(h) = self.thread.take() {
+            if h.join().is_err() {
+                log::error!("chat: store thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
+    match w {
+        Write::InsertUser {
+            key,
+            name,
+            nick,
+            phc,
+            created,
+        } => conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO users (key, name, nick, phc, created) VALUES (?1,?2,?3,?4,?5)",
+            )?
+            .execute(params![key, name, nick, phc, created])
+            .map(|_| ()),
+        Write::InsertSession {
+            hash,
+            user_key,
+            created,
+        } => conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO sessions (hash, user_key, created) VALUES (?1,?2,?3)",
+            )?
+            .execute(params![&hash[..], user_key, created])
+            .map(|_| ()),
+        Write::DeleteSession { hash } => conn
+            .prepare_cached("DELETE FROM sessions WHERE hash = ?1")?
+            .execute(params![&hash[..]])
+            .map(|_| ()),
+        Write::DeleteUserSessions { user_key } => conn
+            .prepare_cached("DELETE FROM sessions WHERE user_key = ?1")?
+            .execute(params![user_key])
+            .map(|_| ()),
+        Write::TouchSession { hash, ts } => conn
+            .prepare_cached("UPDATE sessions SET last_used = ?2 WHERE hash = ?1")?
+            .execute(params![&hash[..], ts])
+            .map(|_| ()),
+        Write::InsertRoom { name, created } => conn
+            .prepare_cached("INSERT OR IGNORE INTO rooms (name, created) VALUES (?1, ?2)")?
+            .execute(params![name, created])
+            .map(|_| ()),
+        Write::AddMember { room, user_key } => conn
+            .prepare_cached("INSERT OR IGNORE INTO members (room, user_key) VALUES (?1, ?2)")?
+            .execute(params![room, user_key])
+            .map(|_| ()),
+        Write::RemoveMember { room, user_key } => conn
+            .prepare_cached("DELETE FROM members WHERE room = ?1 AND user_key = ?2")?
+            .execute(params![room, user_key])
+            .map(|_| ()),
+        Write::InsertMessage { msg, dm, dedup } => {
+            conn.prepare_cached(
+                "INSERT INTO messages (id, room, dm, from_name, to_name, nick, text, ts)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+            )?
+            .execute(params![
+                msg.id, msg.room, dm, msg.from, msg.to, msg.nick, msg.text, msg.ts
+            ])?;
+            if let Some((user_key, reference)) = dedup {
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO dedup (user_key, ref, id, ts) VALUES (?1,?2,?3,?4)",
+                )?
+                .execute(params![user_key, reference, msg.id, msg.ts])?;
+            }
+            Ok(())
+        }
+        Write::PruneDedup { before_ts } => conn
+            .prepare_cached("DELETE FROM dedup WHERE ts < ?1")?
+            .execute(params![before_ts])
+            .map(|_| ()),
+        Write::SetNick { key, nick } => conn
+            .prepare_cached("UPDATE users SET nick = ?2 WHERE key = ?1")?
+            .execute(params![key, nick])
+            .map(|_| ()),
+        Write::SetLastSeen { key, ts } => conn
+            .prepare_cached("UPDATE users SET last_seen = ?2 WHERE key = ?1")?
+            .execute(params![key, ts])
+            .map(|_| ()),
+        Write::AddDmPair { a, b } => conn
+            .prepare_cached("INSERT OR IGNORE INTO dm_pairs (a, b) VALUES (?1, ?2)")?
+            .execute(params![a, b])
+            .map(|_| ()),
+        Write::ReserveIds { upto } => write_reservation(conn, *upto),
+    }
+}
+
+fn row_to_msg(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
+    Ok(ChatMessage {
+        id: r.get(0)?,
+        room: r.get(1)?,
+        from: r.get(2)?,
+        to: r.get(3)?,
+        nick: r.get(4)?,
+        text: r.get(5)?,
+        ts: r.get(6)?,
+    })
+}
+
+const COLS: &str = "id, room, from_name, to_name, nick, text, ts";
+
+/// Runs a query; returns messages oldest first and whether more exist in the paging
+/// direction. Fetches `limit + 1` rows so `more` costs no second query.
+fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>, bool)> {
+    let (col, key, before, after, limit) = match q {
+        Query::LoadRing { room, limit } => ("room", room.as_str(), None, None, *limit),
+        Query::History {
+            target,
+            before,
+            after,
+            limit,
+            ..
+        } => {
+            let (col, key) = match target {
+                Target::Room(r) => ("room", r.as_str()),
+                Target::Dm(k) => ("dm", k.as_str()),
+            };
+            (col, key, *before, *after, *limit)
+        }
+    };
+    let before = before.unwrap_or(i64::MAX);
+    let fetch = limit as i64 + 1;
+    let mut out = Vec::with_capacity(limit + 1);
+    if let Some(after) = after {
+        // Forward paging: the oldest `limit` after `after` (catching up after a reconnect).
+        let sql = format!(
+            "SELECT {COLS} FROM messages WHERE {col} = ?1 AND id > ?2 AND id < ?3 ORDER BY id ASC LIMIT ?4"
+        );
+        let mut st = conn.prepare_cached(&sql)?;
+        for m in st.query_map(params![key, after, before, fetch], row_to_msg)? {
+            out.push(m?);
+        }
+        let more = out.len() > limit;
+        out.truncate(limit);
+        Ok((out, more))
+    } else {
+        // Backward paging: the newest `limit` before `before` (scrolling up).
+        let sql = format!(
+            "SELECT {COLS} FROM messages WHERE {col} = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"
+        );
+        let mut st = conn.prepare_cached(&sql)?;
+        for m in st.query_map(params![key, before, fetch], row_to_msg)? {
+            out.push(m?);
+        }
+        let more = out.len() > limit;
+        out.truncate(limit);
+        out.reverse();
+        Ok((out, more))
+    }
+}
+
+fn is_cancelled(q: &Query) -> bool {
+    match q {
+        Query::History {
+            cancelled: Some(c), ..
+        } => c.load(Ordering::Relaxed),
+        _ => false,
+    }
+}
+
+/// The store thread's body. Returns when it gets [`StoreReq::Shutdown`] (after committing
+/// everything before it) or when the loop side hangs up.
+fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEvent>, wake: Wake) {
+    let mut seq: u64 = 0;
+    // Requests arrive a loop turn's worth at a time; a transaction takes at most MAX_BATCH.
+    let mut queued: VecDeque<StoreReq> = VecDeque::new();
+    loop {
+        if queued.is_empty() {
+            match rx.recv() {
+                Ok(reqs) => queued.extend(reqs),
+                Err(_) => return,
+            }
+        }
+        while queued.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(reqs) => queued.extend(reqs),
+                Err(_) => break,
+            }
+        }
+        let take = queued.len().min(MAX_BATCH);
+        let batch: Vec<StoreReq> = queued.drain(..take).collect();
+        let start = Instant::now();
+        let mut results = Vec::new();
+        let mut failed = Vec::new();
+        let mut writes = 0usize;
+        let mut stop = false;
+        let ok = match conn.transaction() {
+            Ok(tx) => {
+                for req in batch {
+                    match req {
+                        StoreReq::Write(w) => {
+                            seq += 1;
+                            writes += 1;
+                            if let Err(e) = apply(&tx, &w) {
+                                // One bad row must not sink the batch (and every ack in it),
+                                // but its own reply must not claim it is stored.
+                                log::error!("store: {w:?}: {e}");
+                                failed.push(seq);
+                            }
+                        }
+                        StoreReq::Query { qid, query } => {
+                            let (messages, more) = if is_cancelled(&query) {
+                                (Vec::new(), false)
+                            } else {
+                                run_query(&tx, &query).unwrap_or_else(|e| {
+                                    log::error!("store query {query:?}: {e}");
+                                    (Vec::new(), false)
+                                })
+                            };
+                            results.push(StoreEvent::QueryDone {
+                                qid,
+                                messages,
+                                more,
+                            });
+                        }
+                        StoreReq::Shutdown => stop = true,
+                    }
+                }
+                match tx.commit() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::error!("store commit failed: {e}");
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                log::error!("store begin failed: {e}");
+                for req in batch {
+                    match req {
+                        StoreReq::Write(_) => {
+                            seq += 1;
+                            writes += 1;
+                        }
+                        StoreReq::Query { qid, .. } => results.push(StoreEvent::QueryDone {
+                            qid,
+                            messages: Vec::new(),
+                            more: false,
+                        }),
+                        StoreReq::Shutdown => stop = true,
+                    }
+                }
+                false
+            }
+        };
+        // Query results first: a join waiting on a ring load then completes before the acks
+        // of messages accepted during the load, whatever the batching was, so the order a
+        // client sees does not depend on how the store happened to group its work.
+        for r in results {
+            let _ = events.send(r);
+        }
+        let _ = events.send(StoreEvent::Committed {
+            upto: seq,
+            ok,
+            failed,
+            batch: writes,
+            latency: start.elapsed(),
+        });
+        wake.wake();
+        if stop {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::testutil::TempDir;
+
+    fn msg(id: i64, room: &str) -> ChatMessage {
+        ChatMessage {
+            id,
+            room: Some(room.into()),
+            from: "a".into(),
+            to: None,
+            nick: "a".into(),
+            text: format!("m{id}"),
+            ts: id,
+        }
+    }
+
+    #[test]
+    fn paging_both_ways() {
+        let dir = TempDir::new("store-paging");
+        let conn = open_db(dir.path(), Durability::Normal).unwrap();
+        for id in 1..=10 {
+            apply(
+                &conn,
+                &Write::InsertMessage {
+                    msg: msg(id, if id % 2 == 0 { "even" } else { "odd" }),
+                    dm: None,
+                    dedup: None,
+                },
+            )
+            .unwrap();
+        }
+        let h = |before, after, limit| {
+            let (m, more) = run_query(
+                &conn,
+                &Query::History {
+                    target: Target::Room("even".into()),
+                    before,
+                    after,
+                    limit,
+                    cancelled: None,
+                },
+            )
+            .unwrap();
+            (m.iter().map(|m| m.id).collect::<Vec<_>>(), more)
+        };
+        assert_eq!(h(None, None, 2), (vec![8, 10], true));
+        assert_eq!(h(Some(8), None, 2), (vec![4, 6], true));
+        assert_eq!(h(Some(4), None, 2), (vec![2], false));
+        assert_eq!(h(None, Some(0), 3), (vec![2, 4, 6], true));
+        assert_eq!(h(None, Some(6), 3), (vec![8, 10], false));
+        assert_eq!(h(Some(8), Some(2), 10), (vec![4, 6], false));
+        let (l, _) = load(&conn, 100, 0).unwrap();
+        assert_eq!(l.next_id, 11);
+        let (l, _) = load(&conn, 100, 0).unwrap();
+        assert_eq!(l.next_id, 111, "reservation survives and is honoured");
+    }
+
+    fn user_version(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    }
+
+    fn table_exists(conn: &Connection, name: &str) -> bool {
+        conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = ?1",
+            params![name],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            > 0
+    }
+
+    /// A database as an older build left it: `setup` runs on a fresh file, no pragmas.
+    fn legacy_db(tag: &str, setup: &str) -> TempDir {
+        let dir = TempDir::new(tag);
+        let conn = Connection::open(dir.path().join("chat.db")).unwrap();
+        conn.execute_batch(setup).unwrap();
+        dir
+    }
+
+    fn assert_latest(conn: &Connection) {
+        assert_eq!(user_version(conn), SCHEMA_VERSION);
+        assert!(table_exists(conn, "dedup"));
+        assert!(table_exists(conn, "dedup_ts"));
+        assert!(has_column(conn, "sessions", "last_used").unwrap());
+    }
+
+    const SESSION: &str = "INSERT INTO sessions (hash, user_key, created)
+        VALUES (x'0000000000000000000000000000000000000000000000000000000000000001', 'alice', 5);
+        INSERT INTO users (key, name, nick, phc, created) VALUES ('alice', 'alice', 'A', 'p', 1);";
+
+    #[test]
+    fn new_database_is_created_at_the_latest_version() {
+        let dir = TempDir::new("store-new");
+        let conn = open_db(dir.path(), Durability::Normal).unwrap();
+        assert_latest(&conn);
+        drop(conn);
+        // Reopening changes nothing.
+        let conn = open_db(dir.path(), Durability::Full).unwrap();
+        assert_latest(&conn);
+    }
+
+    #[test]
+    fn unversioned_v1_database_is_migrated() {
+        let dir = legacy_db("store-v1", &format!("{SCHEMA_V1}{SESSION}"));
+        let conn = open_db(dir.path(), Durability::Normal).unwrap();
+        assert_latest(&conn);
+        let (l, _) = load(&conn, 10, 0).unwrap();
+        assert_eq!(l.users.len(), 1);
+        assert_eq!(l.sessions.len(), 1);
+        assert_eq!(l.sessions[0].2, 5, "last use defaults to creation");
+    }
+
+    #[test]
+    fn versioned_v1_database_is_migrated() {
+        let dir = legacy_db(
+            "store-v1-stamped",
+            &format!("{SCHEMA_V1}{SESSION} PRAGMA user_version = 1;"),
+        );
+        let conn = open_db(dir.path(), Durability::Normal).unwrap();
+        assert_latest(&conn);
+        assert_eq!(load(&conn, 10, 0).unwrap().0.sessions.len(), 1);
+    }
+
+    #[test]
+    fn unversioned_v2_database_is_recognised() {
+        // What the main branch wrote before versioning: every table, `last_used` added by
+        // ALTER TABLE, `user_version` 0.
+        let dir = legacy_db(
+            "store-v2",
+            &format!(
+                "{SCHEMA_V1}{SCHEMA_V2}
+                 ALTER TABLE sessions ADD COLUMN last_used INTEGER;
+                 {SESSION}
+                 UPDATE sessions SET last_used = 9;
+                 INSERT INTO dedup (user_key, ref, id, ts) VALUES ('alice', 'r1', 1, 100);"
+            ),
+        );
+        let conn = open_db(dir.path(), Durability::Normal).unwrap();
+        assert_latest(&conn);
+        let (l, _) = load(&conn, 10, 0).unwrap();
+        assert_eq!(l.sessions[0].2, 9);
+        assert_eq!(l.dedup, vec![("alice".into(), "r1".into(), 1, 100)]);
+
+        // Half of version 2 (the dedup table without the column) counts as version 1, and
+        // the migration completes it.
+        let dir = legacy_db("store-v1-half", &format!("{SCHEMA_V1}{SCHEMA_V2}{SESSION}"));
+        let conn = open_db(dir.path(), Durability::Normal).unwrap();
+        assert_latest(&conn);
+    }
+
+    #[test]
+    fn newer_database_is_refused_untouched() {
+        let dir = legacy_db(
+            "store-newer",
+            "CREATE TABLE users (key TEXT PRIMARY KEY); PRAGMA user_version = 99;",
+        );
+        let e = open_db(dir.path(), Durability::Normal).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::Schema {
+                    found_version: 99,
+                    known_version: SCHEMA_VERSION,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("schema version 99 is newer"), "{e}");
+        let conn = Connection::open(dir.path().join("chat.db")).unwrap();
+        assert_eq!(user_version(&conn), 99);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "delete", "not even the journal mode changed");
+    }
+
+    #[test]
+    fn foreign_database_is_refused() {
+        let dir = legacy_db("store-foreign", "CREATE TABLE photos (id INTEGER);");
+        let e = open_db(dir.path(), Durability::Normal).unwrap_err();
+        assert!(matches!(e, StoreError::NotChatDb { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn failed_migration_is_rolled_back() {
+        // Stamped version 1 but without its tables: the step to 2 fails at ALTER TABLE.
+        let dir = legacy_db("store-broken", "PRAGMA user_version = 1;");
+        let e = open_db(dir.path(), Durability::Normal).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Migration { to_version: 2, .. }),
+            "{e:?}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        let conn = Connection::open(dir.path().join("chat.db")).unwrap();
+        assert_eq!(user_version(&conn), 1);
+        assert!(
+            !table_exists(&conn, "dedup"),
+            "the step's CREATE TABLE rolled back"
+        );
+    }
+
+    /// Waits for the store thread's answer to query `qid` (nobody wakes a test).
+    fn query(store: &mut dyn Store, qid: u64, target: Target) -> Vec<ChatMessage> {
+        store.submit(vec![StoreReq::Query {
+            qid,
+            query: Query::History {
+                target,
+                before: None,
+                after: None,
+                limit: 100,
+                cancelled: None,
+            },
+        }]);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match store.try_event() {
+                Some(StoreEvent::QueryDone {
+                    qid: q, messages, ..
+                }) if q == qid => return messages,
+                Some(_) => {}
+                None => {
+                    assert!(Instant::now() < deadline, "no answer to query {qid}");
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            }
+        }
+    }
+
+    /// `tests/fixtures/chat-v1.db` was written by parlor at commit e05a242 (schema version 1,
+    /// before versioning); `chat-v1.json` lists what it holds. Opened through the store API
+    /// (which migrates it), everything is still there, and the migrated tables work.
+    #[test]
+    fn fixture_v1_database_keeps_everything() {
+        use serde_json::Value;
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let want: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures.join("chat-v1.json")).unwrap())
+                .unwrap();
+        let dir = TempDir::new("store-fixture-v1");
+        std::fs::copy(fixtures.join("chat-v1.db"), dir.path().join("chat.db")).unwrap();
+        let (mut store, l, reserved) =
+            super::super::open_sqlite(dir.path(), Durability::Normal, 1000, 0, Wake::default())
+                .unwrap();
+
+        let s = |v: &Value| v.as_str().unwrap().to_string();
+        let mut users: Vec<_> = l
+            .users
+            .iter()
+            .map(|u| (u.key.clone(), u.name.clone(), u.nick.clone()))
+            .collect();
+        users.sort();
+        let want_users: Vec<_> = want["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| (s(&u["key"]), s(&u["name"]), s(&u["nick"])))
+            .collect();
+        assert_eq!(users, want_users);
+        // The PHC strings still verify (argon2 takes its parameters from the string).
+        let password = s(&want["password"]);
+        for u in &l.users {
+            use argon2::password_hash::{PasswordHash, PasswordVerifier};
+            let phc = PasswordHash::new(&u.phc).unwrap();
+            assert!(argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &phc)
+                .is_ok());
+        }
+        let mut sessions: Vec<_> = l.sessions.iter().map(|(h, u, _)| (*h, u.clone())).collect();
+        sessions.sort();
+        let mut want_sessions: Vec<_> = want["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    crate::chat::auth::token_hash(&s(&t["token"])),
+                    s(&t["user"]),
+                )
+            })
+            .collect();
+        want_sessions.sort();
+        assert_eq!(sessions, want_sessions);
+        let mut rooms = l.rooms.clone();
+        rooms.sort();
+        let want_rooms: Vec<String> = want["rooms"].as_array().unwrap().iter().map(s).collect();
+        assert_eq!(rooms, want_rooms);
+        let pairs = |v: &Value| -> Vec<(String, String)> {
+            let mut p: Vec<_> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (s(&p[0]), s(&p[1])))
+                .collect();
+            p.sort();
+            p
+        };
+        let mut members = l.members.clone();
+        members.sort();
+        assert_eq!(members, pairs(&want["members"]));
+        let mut dm_pairs = l.dm_pairs.clone();
+        dm_pairs.sort();
+        assert_eq!(dm_pairs, pairs(&want["dm_pairs"]));
+        assert!(l.dedup.is_empty());
+        let want_msgs: Vec<ChatMessage> = want["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| ChatMessage {
+                id: m["id"].as_i64().unwrap(),
+                room: m["room"].as_str().map(String::from),
+                from: s(&m["from"]),
+                to: m["to"].as_str().map(String::from),
+                nick: s(&m["nick"]),
+                text: s(&m["text"]),
+                ts: m["ts"].as_i64().unwrap(),
+            })
+            .collect();
+        assert_eq!(want_msgs.len(), 7);
+        let max_id = want_msgs.iter().map(|m| m.id).max().unwrap();
+        assert!(l.next_id > max_id && reserved == l.next_id + 1000);
+
+        // Every message, through History queries per room and per DM pair.
+        let mut got = Vec::new();
+        let mut qid = 0;
+        for room in &want_rooms {
+            qid += 1;
+            got.extend(query(store.as_mut(), qid, Target::Room(room.clone())));
+        }
+        for (a, b) in &dm_pairs {
+            qid += 1;
+            got.extend(query(
+                store.as_mut(),
+                qid,
+                Target::Dm(super::super::dm_key(a, b)),
+            ));
+        }
+        got.sort_by_key(|m| m.id);
+        assert_eq!(got, want_msgs);
+
+        // The version-2 parts work on the migrated file: a message with a dedup ref, a
+        // session's last use; both are there after a reopen.
+        let (alice_token, _) = &want_sessions[0];
+        let msg = ChatMessage {
+            id: l.next_id,
+            room: Some("rust".into()),
+            from: "alice".into(),
+            to: None,
+            nick: "Ally".into(),
+            text: "after migration".into(),
+            ts: 2_000_000_000_000,
+        };
+        store.submit(vec![
+            StoreReq::Write(Write::InsertMessage {
+                msg: msg.clone(),
+                dm: None,
+                dedup: Some(("alice".into(), "m1".into())),
+            }),
+            StoreReq::Write(Write::TouchSession {
+                hash: *alice_token,
+                ts: 2_000_000_000_001,
+            }),
+        ]);
+        store.shutdown();
+        let mut committed = false;
+        while let Some(ev) = store.try_event() {
+            if let StoreEvent::Committed {
+                upto, ok, failed, ..
+            } = ev
+            {
+                committed |= upto == 2 && ok && failed.is_empty();
+            }
+        }
+        assert!(committed);
+        drop(store);
+        let (mut store, l, _) =
+            super::super::open_sqlite(dir.path(), Durability::Normal, 1000, 0, Wake::default())
+                .unwrap();
+        assert_eq!(l.dedup, vec![("alice".into(), "m1".into(), msg.id, msg.ts)]);
+        assert!(l
+            .sessions
+            .iter()
+            .any(|(h, _, used)| h == alice_token && *used == 2_000_000_000_001));
+        let rust = query(store.as_mut(), 1, Target::Room("rust".into()));
+        assert_eq!(rust.last(), Some(&msg));
+        store.shutdown();
+    }
+}
