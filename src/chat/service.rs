@@ -27,7 +27,7 @@ use super::state::{Conn, DedupEntry, Ring, Room, Session, User};
 use super::store::{self, Durability, Query, StoreEvent, StoreReq, Target, Write};
 use super::validate;
 use super::{ChatConfig, DurabilityArg, Wake};
-use crate::service::{ConnId, Message, Outbox, Service};
+use crate::service::{CloseCode, ConnId, Message, Outbox, Service};
 
 /// Ids reserved ahead in the store. Refreshed at half use, so the loop never waits for it in
 /// practice; if it ever ran out (store stalled for 500,000 messages) messages are refused.
@@ -1860,7 +1860,7 @@ impl ChatService {
                 }
                 Pending::Close { conns } => {
                     for c in conns {
-                        out.close(c, 1000, "logged out");
+                        out.close(c, CloseCode::Normal, "logged out");
                     }
                 }
                 Pending::Reserved { upto } => {
@@ -1926,7 +1926,11 @@ impl ChatService {
                 if let Some(b) = &mut c.backlog {
                     if b.len() >= self.cfg.max_pending_requests {
                         c.closing = true;
-                        return out.close(conn, 1008, "too many requests in flight");
+                        return out.close(
+                            conn,
+                            CloseCode::PolicyViolation,
+                            "too many requests in flight",
+                        );
                     }
                     b.push_back(text.to_string());
                     return;
@@ -2009,7 +2013,7 @@ impl ChatService {
                 continue;
             }
             c.closing = true;
-            out.close(conn, 1008, "authentication timeout");
+            out.close(conn, CloseCode::PolicyViolation, "authentication timeout");
         }
     }
 
@@ -2056,7 +2060,9 @@ impl Service for ChatService {
 
     fn on_message(&mut self, out: &mut dyn Outbox, conn: ConnId, msg: Message<'_>) {
         let text = match msg {
-            Message::Binary(_) => return out.close(conn, 1003, "binary not supported"),
+            Message::Binary(_) => {
+                return out.close(conn, CloseCode::UnsupportedData, "binary not supported")
+            }
             Message::Text(t) => t,
         };
         // Defensive: the loop always calls on_open first, but a test double may not.
