@@ -161,14 +161,13 @@ impl Stat {
         }
     }
 
-    fn write(&self, out: &mut String, name: &str, help: &str) {
-        use std::fmt::Write as _;
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} summary");
-        let _ = writeln!(out, "{name}_count {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "# TYPE {name}_max gauge");
-        let _ = writeln!(out, "{name}_max {}", self.max);
+    fn write(&self, w: &mut crate::prom::Writer<'_>, name: &str, help: &str) {
+        let s = crate::prom::Summary {
+            count: self.count,
+            sum: self.sum,
+            max: self.max,
+        };
+        w.summary(name, help, &s);
     }
 }
 
@@ -2177,114 +2176,91 @@ impl Service for ChatService {
     }
 
     fn metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let authed = self.conns.values().filter(|c| c.user.is_some()).count();
         let m = &self.m;
-        let mut g = |name: &str, kind: &str, help: &str, v: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {v}");
-        };
-        g(
+        let mut w = crate::prom::Writer::new(out);
+        w.gauge(
             "parlor_chat_connections",
-            "gauge",
             "Authenticated chat connections.",
-            authed as f64,
+            authed,
         );
-        g(
+        w.gauge(
             "parlor_chat_users_online",
-            "gauge",
             "Users with at least one authenticated connection.",
-            self.online.len() as f64,
+            self.online.len(),
         );
-        g(
+        w.gauge(
             "parlor_chat_rooms_warm",
-            "gauge",
             "Rooms whose recent messages are held in memory (rooms with a member online).",
-            self.rooms.values().filter(|r| r.is_warm()).count() as f64,
+            self.rooms.values().filter(|r| r.is_warm()).count(),
         );
-        g(
+        w.counter(
             "parlor_chat_messages_in_total",
-            "counter",
             "Chat messages (say/dm) accepted.",
-            m.messages_in as f64,
+            m.messages_in,
         );
-        g(
+        w.counter(
             "parlor_chat_messages_out_total",
-            "counter",
             "Chat message deliveries queued to connections.",
-            m.deliveries as f64,
+            m.deliveries,
         );
-        g(
+        w.counter(
             "parlor_chat_frames_out_total",
-            "counter",
             "All chat frames queued to connections.",
-            m.frames_out as f64,
+            m.frames_out,
         );
-        g(
+        w.counter(
             "parlor_chat_logins_total",
-            "counter",
             "Successful password logins.",
-            m.logins_ok as f64,
+            m.logins_ok,
         );
-        g(
+        w.counter(
             "parlor_chat_login_failures_total",
-            "counter",
             "Failed logins and resumes.",
-            m.logins_failed as f64,
+            m.logins_failed,
         );
-        g(
+        w.counter(
             "parlor_chat_store_failures_total",
-            "counter",
             "Store batches that failed to commit.",
-            m.store_failures as f64,
+            m.store_failures,
         );
-        g(
+        w.gauge(
             "parlor_chat_hash_jobs_waiting",
-            "gauge",
             "Sign-ins (register/login) waiting for a hashing thread.",
-            self.hash_queue.queued() as f64,
+            self.hash_queue.queued(),
         );
-        g(
+        w.gauge(
             "parlor_chat_sessions",
-            "gauge",
             "Session tokens held (expire after --session-ttl without use).",
-            self.sessions.len() as f64,
+            self.sessions.len(),
         );
-        g(
+        w.gauge(
             "parlor_chat_store_pending_writes",
-            "gauge",
             "Writes sent to the store and not yet committed.",
-            self.pending.len() as f64,
+            self.pending.len(),
         );
         m.store_batch_seconds.write(
-            out,
+            &mut w,
             "parlor_chat_store_batch_seconds",
             "Time to apply and commit one store batch.",
         );
         m.store_batch_writes.write(
-            out,
+            &mut w,
             "parlor_chat_store_batch_writes",
             "Writes per store batch (group commit).",
         );
         m.ack_seconds.write(
-            out,
+            &mut w,
             "parlor_chat_ack_seconds",
             "From accepting a message to sending its ack (durable commit).",
         );
-        let _ = writeln!(
-            out,
-            "# HELP parlor_chat_errors_total Error frames sent, by code."
+        w.labelled(
+            "parlor_chat_errors_total",
+            crate::prom::Kind::Counter,
+            "Error frames sent, by code.",
+            "code",
+            ErrorCode::ALL.map(|c| (c.as_str(), m.errors[c.index()])),
         );
-        let _ = writeln!(out, "# TYPE parlor_chat_errors_total counter");
-        for code in ErrorCode::ALL {
-            let _ = writeln!(
-                out,
-                "parlor_chat_errors_total{{code=\"{}\"}} {}",
-                code.as_str(),
-                m.errors[code.index()]
-            );
-        }
     }
 
     fn on_turn_end(&mut self) {
