@@ -19,4 +19,5 @@ pub mod http;
 pub mod net;
 pub mod prom;
 pub mod service;
+pub mod units;
 pub mod ws;
