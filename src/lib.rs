@@ -1,6 +1,9 @@
 //! Parlor: a self-hosted chat server on a hand-rolled RFC 6455 stack.
 //!
-//! Layering (a module may only depend on the ones above it in this list):
+//! Layering (a module may only depend on the ones above it in this list; `tests/layering.rs`
+//! checks the first two):
+//! - [`units`], [`prom`]: value parsers for flags and the Prometheus text writer; leaves that
+//!   depend on nothing in the crate.
 //! - [`ws`]: the WebSocket protocol, sans-IO (byte slices in, frames and events out).
 //! - [`http`]: the HTTP/1.1 upgrade handshake and static file responses, sans-IO.
 //! - [`service`]: the interface between the event loop and what runs on it (echo, chat).
@@ -14,5 +17,7 @@ pub mod config;
 pub mod echo;
 pub mod http;
 pub mod net;
+pub mod prom;
 pub mod service;
+pub mod units;
 pub mod ws;

@@ -5,14 +5,12 @@
 //! fake outbox and lets the loop own every buffer and deadline.
 
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// An encoded frame that many connections can queue without copying: a broadcast is serialized
-/// and framed once, then each recipient's queue holds another reference to the same bytes.
-/// `Rc`, not `Arc`: the loop is single-threaded and fan-out touches this count per recipient.
-pub type SharedFrame = Rc<[u8]>;
+pub use crate::ws::close::CloseCode;
+/// Defined in `ws::frame` (which must not depend on this module) and re-exported here.
+pub use crate::ws::frame::SharedFrame;
 
 /// Names one connection for its whole life. The loop builds it from a slab index plus a
 /// generation counter, so an id is never reused even when the slab slot is.
@@ -30,7 +28,7 @@ pub enum Message<'a> {
 pub trait Outbox {
     /// Queues an already-encoded frame (see [`crate::ws::frame::encode_shared`]).
     /// Returns `false` if the connection is gone or closing; if the queue limit is exceeded the
-    /// loop closes that connection with 1008 and also returns `false`.
+    /// loop closes that connection with [`CloseCode::PolicyViolation`] and also returns `false`.
     fn send_frame(&mut self, conn: ConnId, frame: &SharedFrame) -> bool;
     /// Encodes `text` as one text frame and queues it.
     fn send_text(&mut self, conn: ConnId, text: &str) -> bool;
@@ -42,7 +40,7 @@ pub trait Outbox {
         self.send_frame(conn, &frame)
     }
     /// Starts the close handshake with `code` and a UTF-8 `reason` (≤ 123 bytes).
-    fn close(&mut self, conn: ConnId, code: u16, reason: &str);
+    fn close(&mut self, conn: ConnId, code: CloseCode, reason: &str);
     /// The peer address of a live connection.
     fn peer_addr(&self, conn: ConnId) -> Option<SocketAddr>;
     /// The loop's notion of now (taken once per loop turn).

@@ -12,6 +12,7 @@ use parlor::http::{
     check_upgrade, client_addr, is_trusted, is_upgrade, parse_request, switching_protocols, Cidr,
     HeadLimits, Parsed,
 };
+use parlor::ws::close::CloseCode;
 use parlor::ws::frame::{decode_frame, decode_header, encode, FrameError, OpCode, Role};
 use parlor::ws::reader::{
     read_all, read_all_observing, MessageReader, OwnedEvent, ReadError, ReadLimits,
@@ -188,7 +189,10 @@ fn check_decode_frame(stream: &[u8], role: Role, max_payload: u64, cut: Option<u
         }
         Err(e) => {
             assert_eq!(header, Err(e));
-            assert!(matches!(e.close_code(), 1002 | 1009));
+            assert!(matches!(
+                e.close_code(),
+                CloseCode::ProtocolError | CloseCode::MessageTooBig
+            ));
             assert!(!e.reason().is_empty());
         }
     }

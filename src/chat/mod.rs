@@ -103,11 +103,11 @@ pub struct ChatConfig {
 
     /// Seconds a session token stays valid without being used (resume, or a connection using
     /// it closing); an expired token gets `auth_failed`. Default 30 days.
-    #[arg(long, default_value = "2592000", value_parser = crate::config::parse_secs)]
+    #[arg(long, default_value = "2592000", value_parser = crate::units::parse_secs)]
     pub session_ttl: Duration,
 
     /// Seconds a /ws connection may stay unauthenticated; then it is closed with 1008.
-    #[arg(long, default_value = "30", value_parser = crate::config::parse_secs)]
+    #[arg(long, default_value = "30", value_parser = crate::units::parse_secs)]
     pub auth_timeout: Duration,
 
     /// `history` requests per second per user (token bucket); more get `rate_limited`.
@@ -136,11 +136,11 @@ pub struct ChatConfig {
     pub register_throttle: usize,
 
     /// Window for --login-throttle and --register-throttle, in seconds.
-    #[arg(long, default_value = "60", value_parser = crate::config::parse_secs)]
+    #[arg(long, default_value = "60", value_parser = crate::units::parse_secs)]
     pub login_window: Duration,
 
     /// Seconds a `ref` is remembered for retry deduplication of say/dm.
-    #[arg(long, default_value = "600", value_parser = crate::config::parse_secs)]
+    #[arg(long, default_value = "600", value_parser = crate::units::parse_secs)]
     pub dedup_window: Duration,
 
     /// Refs remembered per user for deduplication (oldest forgotten first).
@@ -148,7 +148,7 @@ pub struct ChatConfig {
     pub dedup_max_refs: usize,
 
     /// Seconds between two `typing` frames forwarded for the same user and target.
-    #[arg(long, default_value = "2", value_parser = crate::config::parse_secs)]
+    #[arg(long, default_value = "2", value_parser = crate::units::parse_secs)]
     pub typing_interval: Duration,
 
     /// Password hashing threads.

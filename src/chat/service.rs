@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::auth::AuthPool;
-use super::core::{AuthResult, Effect, Hub, Now, Stat, ID_RESERVE};
+use super::core::{AuthResult, Effect, Hub, Now, ID_RESERVE};
 use super::protocol::ErrorCode;
 use super::store::{self, Durability, Store};
 use super::{ChatConfig, DurabilityArg, Wake};
@@ -42,16 +42,6 @@ fn now(out: &dyn Outbox) -> Now {
         mono: out.now(),
         wall_ms: wall_ms(),
     }
-}
-
-fn write_stat(out: &mut String, stat: &Stat, name: &str, help: &str) {
-    use std::fmt::Write as _;
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} summary");
-    let _ = writeln!(out, "{name}_count {}", stat.count);
-    let _ = writeln!(out, "{name}_sum {}", stat.sum);
-    let _ = writeln!(out, "# TYPE {name}_max gauge");
-    let _ = writeln!(out, "{name}_max {}", stat.max);
 }
 
 impl ChatService {
@@ -205,117 +195,91 @@ impl Service for ChatService {
     }
 
     fn metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let authed = self.hub.authenticated();
-        let m = self.hub.counters();
-        let mut g = |name: &str, kind: &str, help: &str, v: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {v}");
-        };
-        g(
+        let hub = &self.hub;
+        let m = hub.counters();
+        let mut w = crate::prom::Writer::new(out);
+        w.gauge(
             "parlor_chat_connections",
-            "gauge",
             "Authenticated chat connections.",
-            authed as f64,
+            hub.authenticated(),
         );
-        g(
+        w.gauge(
             "parlor_chat_users_online",
-            "gauge",
             "Users with at least one authenticated connection.",
-            self.hub.users_online() as f64,
+            hub.users_online(),
         );
-        g(
+        w.gauge(
             "parlor_chat_rooms_warm",
-            "gauge",
             "Rooms whose recent messages are held in memory (rooms with a member online).",
-            self.hub.rooms_warm() as f64,
+            hub.rooms_warm(),
         );
-        g(
+        w.counter(
             "parlor_chat_messages_in_total",
-            "counter",
             "Chat messages (say/dm) accepted.",
-            m.messages_in as f64,
+            m.messages_in,
         );
-        g(
+        w.counter(
             "parlor_chat_messages_out_total",
-            "counter",
             "Chat message deliveries queued to connections.",
-            self.deliveries as f64,
+            self.deliveries,
         );
-        g(
+        w.counter(
             "parlor_chat_frames_out_total",
-            "counter",
             "All chat frames queued to connections.",
-            self.frames_out as f64,
+            self.frames_out,
         );
-        g(
+        w.counter(
             "parlor_chat_logins_total",
-            "counter",
             "Successful password logins.",
-            m.logins_ok as f64,
+            m.logins_ok,
         );
-        g(
+        w.counter(
             "parlor_chat_login_failures_total",
-            "counter",
             "Failed logins and resumes.",
-            m.logins_failed as f64,
+            m.logins_failed,
         );
-        g(
+        w.counter(
             "parlor_chat_store_failures_total",
-            "counter",
             "Store batches that failed to commit.",
-            m.store_failures as f64,
+            m.store_failures,
         );
-        g(
+        w.gauge(
             "parlor_chat_hash_jobs_waiting",
-            "gauge",
             "Sign-ins (register/login) waiting for a hashing thread.",
-            self.hub.hash_jobs_waiting() as f64,
+            hub.hash_jobs_waiting(),
         );
-        g(
+        w.gauge(
             "parlor_chat_sessions",
-            "gauge",
             "Session tokens held (expire after --session-ttl without use).",
-            self.hub.session_count() as f64,
+            hub.session_count(),
         );
-        g(
+        w.gauge(
             "parlor_chat_store_pending_writes",
-            "gauge",
-            "Writes sent to the store and not yet committed.",
-            self.hub.replies_waiting_for_commit() as f64,
+            "Replies (acks, welcomes, logout closes, id reservations) waiting for the store to commit their writes.",
+            hub.replies_waiting_for_commit(),
         );
-        write_stat(
-            out,
-            &m.store_batch_seconds,
+        w.summary(
             "parlor_chat_store_batch_seconds",
             "Time to apply and commit one store batch.",
+            &m.store_batch_seconds,
         );
-        write_stat(
-            out,
-            &m.store_batch_writes,
+        w.summary(
             "parlor_chat_store_batch_writes",
             "Writes per store batch (group commit).",
+            &m.store_batch_writes,
         );
-        write_stat(
-            out,
-            &m.ack_seconds,
+        w.summary(
             "parlor_chat_ack_seconds",
             "From accepting a message to sending its ack (durable commit).",
+            &m.ack_seconds,
         );
-        let _ = writeln!(
-            out,
-            "# HELP parlor_chat_errors_total Error frames sent, by code."
+        w.labelled(
+            "parlor_chat_errors_total",
+            crate::prom::Kind::Counter,
+            "Error frames sent, by code.",
+            "code",
+            ErrorCode::ALL.map(|c| (c.as_str(), m.errors[c.index()])),
         );
-        let _ = writeln!(out, "# TYPE parlor_chat_errors_total counter");
-        for code in ErrorCode::ALL {
-            let _ = writeln!(
-                out,
-                "parlor_chat_errors_total{{code=\"{}\"}} {}",
-                code.as_str(),
-                m.errors[code.index()]
-            );
-        }
     }
 
     fn on_turn_end(&mut self) {

@@ -13,7 +13,7 @@ use super::frame::decode_text_frame;
 use super::testutil::TempDir;
 use super::ChatService;
 use crate::config::Config;
-use crate::service::{ConnId, Message, Outbox, Service, SharedFrame};
+use crate::service::{CloseCode, ConnId, Message, Outbox, Service, SharedFrame};
 
 #[derive(Default)]
 struct FakeOut {
@@ -49,8 +49,9 @@ impl Outbox for FakeOut {
     fn send_text(&mut self, conn: ConnId, text: &str) -> bool {
         self.push(conn, text)
     }
-    fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
-        self.closed.insert(conn, (code, reason.to_string()));
+    fn close(&mut self, conn: ConnId, code: CloseCode, reason: &str) {
+        self.closed
+            .insert(conn, (code.as_u16(), reason.to_string()));
     }
     fn peer_addr(&self, conn: ConnId) -> Option<SocketAddr> {
         self.peers.get(&conn).copied()

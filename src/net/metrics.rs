@@ -1,7 +1,8 @@
 //! Counters kept by the event loop, rendered as Prometheus text at `/metrics`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
+
+use crate::prom::{Kind, Writer};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -32,146 +33,122 @@ impl Metrics {
     /// Renders the counters; `open`, `websockets` and `accounted` (bytes charged against
     /// `--memory-budget`) are gauges the loop knows at render time.
     pub fn render(&self, open: usize, websockets: usize, accounted: usize, out: &mut String) {
-        let mut g = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP parlor_{name} {help}\n# TYPE parlor_{name} {kind}\nparlor_{name} {v}"
-            );
-        };
-        g("connections", "gauge", "Open TCP connections.", open as u64);
-        g(
-            "websocket_connections",
-            "gauge",
+        let mut w = Writer::new(out);
+        w.gauge("parlor_connections", "Open TCP connections.", open);
+        w.gauge(
+            "parlor_websocket_connections",
             "Open WebSocket connections.",
-            websockets as u64,
+            websockets,
         );
-        g(
-            "accepted_total",
-            "counter",
+        w.counter(
+            "parlor_accepted_total",
             "Accepted TCP connections.",
             self.accepted,
         );
-        g(
-            "rejected_max_connections_total",
-            "counter",
+        w.counter(
+            "parlor_rejected_max_connections_total",
             "Connections refused with 503 at --max-connections.",
             self.rejected_max_connections,
         );
-        g(
-            "rejected_per_ip_total",
-            "counter",
+        w.counter(
+            "parlor_rejected_per_ip_total",
             "Connections refused with 429 at --max-connections-per-ip.",
             self.rejected_per_ip,
         );
-        g(
-            "memory_accounted_bytes",
-            "gauge",
+        w.gauge(
+            "parlor_memory_accounted_bytes",
             "Bytes of partly received messages and unshared queued frames (--memory-budget).",
-            accounted as u64,
+            accounted,
         );
-        g(
-            "memory_budget_closes_total",
-            "counter",
+        w.counter(
+            "parlor_memory_budget_closes_total",
             "Connections closed with 1013 because their growth would pass --memory-budget.",
             self.memory_budget_closes,
         );
-        g(
-            "write_timeouts_total",
-            "counter",
+        w.counter(
+            "parlor_write_timeouts_total",
             "Connections dropped for making no write progress for --write-timeout.",
             self.write_timeouts,
         );
-        g(
-            "handshakes_total",
-            "counter",
+        w.counter(
+            "parlor_handshakes_total",
             "Completed WebSocket handshakes.",
             self.handshakes,
         );
-        g(
-            "handshake_failures_total",
-            "counter",
+        w.counter(
+            "parlor_handshake_failures_total",
             "Refused WebSocket upgrades.",
             self.handshake_failures,
         );
-        g(
-            "handshake_timeouts_total",
-            "counter",
+        w.counter(
+            "parlor_handshake_timeouts_total",
             "Connections dropped for not finishing the handshake in time.",
             self.handshake_timeouts,
         );
-        g(
-            "http_requests_total",
-            "counter",
+        w.counter(
+            "parlor_http_requests_total",
             "Plain HTTP requests served.",
             self.http_requests,
         );
-        g(
-            "messages_in_total",
-            "counter",
+        w.counter(
+            "parlor_messages_in_total",
             "WebSocket data messages received.",
             self.messages_in,
         );
-        g(
-            "frames_out_total",
-            "counter",
+        w.counter(
+            "parlor_frames_out_total",
             "WebSocket frames queued for sending.",
             self.frames_out,
         );
-        g(
-            "bytes_in_total",
-            "counter",
+        w.counter(
+            "parlor_bytes_in_total",
             "Bytes read from sockets.",
             self.bytes_in,
         );
-        g(
-            "bytes_out_total",
-            "counter",
+        w.counter(
+            "parlor_bytes_out_total",
             "Bytes written to sockets.",
             self.bytes_out,
         );
-        g(
-            "pings_sent_total",
-            "counter",
+        w.counter(
+            "parlor_pings_sent_total",
             "Keepalive pings sent to idle connections.",
             self.pings_sent,
         );
-        g(
-            "ping_timeouts_total",
-            "counter",
+        w.counter(
+            "parlor_ping_timeouts_total",
             "Connections dropped for not answering a ping.",
             self.ping_timeouts,
         );
-        g(
-            "slow_consumer_drops_total",
-            "counter",
+        w.counter(
+            "parlor_slow_consumer_drops_total",
             "Connections closed with 1008 because their outbound queue was full.",
             self.slow_consumer_drops,
         );
-        g(
-            "accept_errors_total",
-            "counter",
+        w.counter(
+            "parlor_accept_errors_total",
             "accept() failures (e.g. out of file descriptors).",
             self.accept_errors,
         );
         for (name, map, help) in [
             (
-                "closes_sent_total",
+                "parlor_closes_sent_total",
                 &self.closes_sent,
                 "Close frames sent, by code.",
             ),
             (
-                "closes_received_total",
+                "parlor_closes_received_total",
                 &self.closes_received,
                 "Close frames received, by code.",
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP parlor_{name} {help}\n# TYPE parlor_{name} counter"
+            w.labelled(
+                name,
+                Kind::Counter,
+                help,
+                "code",
+                map.iter().map(|(c, n)| (c, *n)),
             );
-            for (code, n) in map {
-                let _ = writeln!(out, "parlor_{name}{{code=\"{code}\"}} {n}");
-            }
         }
     }
 }

@@ -24,7 +24,7 @@ use super::timers::Timers;
 use crate::config::Config;
 use crate::http::{self, HeadLimits, Parsed, Response, StaticFiles};
 use crate::service::{ConnId, Message, Outbox, Service, SharedFrame};
-use crate::ws::close;
+use crate::ws::close::{self, CloseCode};
 use crate::ws::frame::{self, OpCode, Role};
 use crate::ws::reader::{Event, MessageReader, ReadLimits};
 
@@ -39,8 +39,6 @@ const SCRATCH: usize = 64 * 1024;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Largest static site we cache in memory.
 const MAX_STATIC_BYTES: usize = 64 * 1024 * 1024;
-/// Close code for a connection whose growth would pass `--memory-budget`.
-const TRY_AGAIN_LATER: u16 = 1013;
 
 /// A WebSocket path and the service behind it.
 pub struct Endpoint {
@@ -710,8 +708,12 @@ impl Server {
             Event::Ping(payload) => self.on_ping(idx, payload),
             Event::Pong(_) => {} // any input already counts as liveness
             Event::Close(cf) => {
-                let code = cf.code.unwrap_or(1005);
-                *self.metrics.closes_received.entry(code).or_default() += 1;
+                let code = cf.code.map_or(CloseCode::NoStatusReceived, CloseCode::from);
+                *self
+                    .metrics
+                    .closes_received
+                    .entry(code.as_u16())
+                    .or_default() += 1;
                 let conn = &mut self.conns[idx];
                 if phase == Phase::CloseSent {
                     // The peer answered our close: the handshake is complete.
@@ -722,7 +724,7 @@ impl Server {
                 log::debug!("{}: close {:?} {:?}", conn.peer, cf.code, cf.reason);
                 // Echo the status code (none if the peer sent none), then close TCP.
                 let payload = match cf.code {
-                    Some(c) => close::close_payload(c, ""),
+                    Some(_) => close::close_payload(code, ""),
                     None => Vec::new(),
                 };
                 self.queue_close(idx, code, &payload, Phase::Finishing);
@@ -752,7 +754,7 @@ impl Server {
     }
 
     /// Fails the connection after a protocol violation: close frame with `code`, no more input.
-    fn fail(&mut self, idx: usize, code: u16, reason: &str) {
+    fn fail(&mut self, idx: usize, code: CloseCode, reason: &str) {
         // Replies already queued (e.g. the echo of a valid message that arrived in the same
         // read) still go out before the close.
         self.queue_close(
@@ -764,7 +766,7 @@ impl Server {
     }
 
     /// Starts a close handshake we initiate: close frame, then wait for the peer's close.
-    fn initiate_close(&mut self, idx: usize, code: u16, reason: &str) {
+    fn initiate_close(&mut self, idx: usize, code: CloseCode, reason: &str) {
         if self.conns[idx].phase != Phase::Open {
             return;
         }
@@ -776,13 +778,13 @@ impl Server {
         );
     }
 
-    /// Queues a close frame with `payload` (counted under `code`, 1005 for an empty one) after
-    /// whatever is already queued, and moves the connection to `next`.
-    fn queue_close(&mut self, idx: usize, code: u16, payload: &[u8], next: Phase) {
+    /// Queues a close frame with `payload` (counted under `code`, `NoStatusReceived` for an
+    /// empty one) after whatever is already queued, and moves the connection to `next`.
+    fn queue_close(&mut self, idx: usize, code: CloseCode, payload: &[u8], next: Phase) {
         self.conns[idx]
             .out
             .push(Chunk::Owned(frame::encode_vec(OpCode::Close, payload)));
-        *self.metrics.closes_sent.entry(code).or_default() += 1;
+        *self.metrics.closes_sent.entry(code.as_u16()).or_default() += 1;
         self.leave_open(idx, next);
     }
 
@@ -929,8 +931,9 @@ impl Server {
         self.recharge_in(idx);
         self.recharge_out(idx, false);
         if phase == Phase::Open && !mid_frame {
-            let payload = close::close_payload(TRY_AGAIN_LATER, "server memory budget exceeded");
-            self.queue_close(idx, TRY_AGAIN_LATER, &payload, Phase::Finishing);
+            let code = CloseCode::TryAgainLater;
+            let payload = close::close_payload(code, "server memory budget exceeded");
+            self.queue_close(idx, code, &payload, Phase::Finishing);
         } else {
             self.kill(idx);
         }
@@ -999,7 +1002,9 @@ impl Server {
         let all: Vec<(usize, Phase)> = self.conns.iter().map(|(i, c)| (i, c.phase)).collect();
         for (idx, phase) in all {
             match phase {
-                Phase::Open => self.initiate_close(idx, close::GOING_AWAY, "server shutting down"),
+                Phase::Open => {
+                    self.initiate_close(idx, CloseCode::GoingAway, "server shutting down")
+                }
                 Phase::Http => self.kill(idx),
                 _ => {}
             }
@@ -1211,7 +1216,7 @@ impl Server {
             conn.pending_pong = None;
             self.initiate_close(
                 idx,
-                close::POLICY_VIOLATION,
+                CloseCode::PolicyViolation,
                 "too slow: outbound queue full",
             );
             return false;
@@ -1244,7 +1249,7 @@ impl Outbox for Server {
         self.queue_frame(conn, Chunk::Owned(frame::encode_vec(OpCode::Binary, data)))
     }
 
-    fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
+    fn close(&mut self, conn: ConnId, code: CloseCode, reason: &str) {
         if let Some(idx) = self.lookup(conn) {
             self.initiate_close(idx, code, reason);
         }

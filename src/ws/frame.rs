@@ -6,9 +6,14 @@
 
 use std::rc::Rc;
 
-use super::close;
+use super::close::CloseCode;
 use super::mask::apply_mask;
-use crate::service::SharedFrame;
+
+/// An encoded frame that many connections can queue without copying: a broadcast is serialized
+/// and framed once, then each recipient's queue holds another reference to the same bytes.
+/// `Rc`, not `Arc`: the loop is single-threaded and fan-out touches this count per recipient.
+/// (Re-exported as `crate::service::SharedFrame`.)
+pub type SharedFrame = Rc<[u8]>;
 
 /// Frame opcodes we understand; everything else is a protocol error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,10 +75,10 @@ pub enum FrameError {
 }
 
 impl FrameError {
-    pub fn close_code(self) -> u16 {
+    pub fn close_code(self) -> CloseCode {
         match self {
-            FrameError::Protocol(_) => close::PROTOCOL_ERROR,
-            FrameError::TooBig => close::MESSAGE_TOO_BIG,
+            FrameError::Protocol(_) => CloseCode::ProtocolError,
+            FrameError::TooBig => CloseCode::MessageTooBig,
         }
     }
 
@@ -381,7 +386,10 @@ mod tests {
                 "{why}"
             );
         }
-        assert_eq!(FrameError::Protocol("x").close_code(), 1002);
+        assert_eq!(
+            FrameError::Protocol("x").close_code(),
+            CloseCode::ProtocolError
+        );
     }
 
     #[test]
@@ -392,7 +400,7 @@ mod tests {
             decode_frame(&mut h, Role::Server, 1 << 20),
             Err(FrameError::TooBig)
         );
-        assert_eq!(FrameError::TooBig.close_code(), 1009);
+        assert_eq!(FrameError::TooBig.close_code(), CloseCode::MessageTooBig);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!
 //! Control frames may arrive between the fragments of a message and are reported at once.
 
-use super::close::{self, CloseFrame};
+use super::close::{self, CloseCode, CloseFrame};
 use super::frame::{decode_header, FrameError, OpCode, Role};
 use super::mask::apply_mask;
 use super::utf8::Utf8Validator;
@@ -37,7 +37,7 @@ pub enum Event<'a> {
 /// The peer broke the protocol: fail the connection with this close code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadError {
-    pub code: u16,
+    pub code: CloseCode,
     pub reason: &'static str,
 }
 
@@ -52,13 +52,13 @@ impl From<FrameError> for ReadError {
 
 fn protocol(reason: &'static str) -> ReadError {
     ReadError {
-        code: close::PROTOCOL_ERROR,
+        code: CloseCode::ProtocolError,
         reason,
     }
 }
 
 const INVALID_UTF8: ReadError = ReadError {
-    code: close::INVALID_PAYLOAD,
+    code: CloseCode::InvalidPayload,
     reason: "invalid UTF-8 in text message",
 };
 
@@ -162,7 +162,7 @@ impl MessageReader {
                     _ => Event::Close(close::parse_close_payload(payload).map_err(|code| {
                         ReadError {
                             code,
-                            reason: if code == close::INVALID_PAYLOAD {
+                            reason: if code == CloseCode::InvalidPayload {
                                 "invalid UTF-8 in close reason"
                             } else {
                                 "invalid close frame"
@@ -191,7 +191,7 @@ impl MessageReader {
         self.fragments += 1;
         if self.fragments > self.limits.max_fragments.max(1) {
             return Err(ReadError {
-                code: close::MESSAGE_TOO_BIG,
+                code: CloseCode::MessageTooBig,
                 reason: "too many fragments",
             });
         }
@@ -395,13 +395,13 @@ mod tests {
     #[test]
     fn sequence_errors() {
         let (_, e) = run(&frame(true, OpCode::Continuation, b"x"), &[]);
-        assert_eq!(e.unwrap().code, 1002);
+        assert_eq!(e.unwrap().code, CloseCode::ProtocolError);
         let mut s = frame(false, OpCode::Text, b"a");
         s.extend(frame(true, OpCode::Text, b"b"));
-        assert_eq!(run(&s, &[]).1.unwrap().code, 1002);
+        assert_eq!(run(&s, &[]).1.unwrap().code, CloseCode::ProtocolError);
         let mut s = frame(false, OpCode::Binary, b"a");
         s.extend(frame(true, OpCode::Binary, b"b"));
-        assert_eq!(run(&s, &[]).1.unwrap().code, 1002);
+        assert_eq!(run(&s, &[]).1.unwrap().code, CloseCode::ProtocolError);
     }
 
     #[test]
@@ -424,7 +424,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(err.map(|e| e.code), Some(1007));
+        assert_eq!(err.map(|e| e.code), Some(CloseCode::InvalidPayload));
     }
 
     #[test]
@@ -434,11 +434,11 @@ mod tests {
                 .1
                 .unwrap()
                 .code,
-            1007
+            CloseCode::InvalidPayload
         );
         let mut s = frame(false, OpCode::Text, b"\xe2\x82");
         s.extend(frame(true, OpCode::Continuation, b""));
-        assert_eq!(run(&s, &[]).1.unwrap().code, 1007);
+        assert_eq!(run(&s, &[]).1.unwrap().code, CloseCode::InvalidPayload);
     }
 
     #[test]
@@ -447,7 +447,7 @@ mod tests {
         let mut s = frame(false, OpCode::Binary, &[0; 6]);
         s.extend(frame(true, OpCode::Continuation, &[0; 5]));
         let (_, e) = read_all(&mut r, &s, &[]);
-        assert_eq!(e.unwrap().code, 1009);
+        assert_eq!(e.unwrap().code, CloseCode::MessageTooBig);
         let mut r = reader(11);
         assert_eq!(read_all(&mut r, &s, &[]).1, None);
     }
@@ -470,7 +470,7 @@ mod tests {
         assert_eq!(
             e.unwrap(),
             ReadError {
-                code: 1009,
+                code: CloseCode::MessageTooBig,
                 reason: "too many fragments"
             }
         );
@@ -488,21 +488,21 @@ mod tests {
                 .1
                 .unwrap()
                 .code,
-            1002
+            CloseCode::ProtocolError
         );
         assert_eq!(
             run(&frame(true, OpCode::Close, b"\x03\xe8\xff"), &[])
                 .1
                 .unwrap()
                 .code,
-            1007
+            CloseCode::InvalidPayload
         );
         assert_eq!(
             run(&frame(true, OpCode::Close, b"\x03\xed"), &[])
                 .1
                 .unwrap()
                 .code,
-            1002
+            CloseCode::ProtocolError
         );
     }
 

@@ -13,7 +13,7 @@ use std::os::fd::FromRawFd;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use parlor::http::accept_key;
-use parlor::ws::close;
+use parlor::ws::close::{self, CloseCode};
 use parlor::ws::frame::{encode, OpCode, Role};
 use parlor::ws::reader::{Event, MessageReader, ReadLimits};
 
@@ -260,7 +260,7 @@ impl Conn {
     }
 
     /// Queues a close frame; the connection ends when the server answers or drops.
-    pub fn close(&mut self, code: u16, rng: &mut Rng) {
+    pub fn close(&mut self, code: CloseCode, rng: &mut Rng) {
         if self.state != State::Open {
             return;
         }
@@ -564,7 +564,10 @@ impl Conn {
                 Some(Event::Close(c)) => {
                     let code = c.code;
                     if self.state == State::Open {
-                        let payload = close::close_payload(code.unwrap_or(close::NORMAL), "");
+                        let payload = close::close_payload(
+                            code.map_or(CloseCode::Normal, CloseCode::from),
+                            "",
+                        );
                         out.frame(OpCode::Close, &payload);
                         self.error
                             .get_or_insert(format!("server closed the connection ({code:?})"));

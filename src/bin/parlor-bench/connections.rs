@@ -26,7 +26,7 @@ pub struct ConnArgs {
     #[arg(long)]
     pub source_addrs: Option<u8>,
     /// Seconds to hold the connections open once all are up (pings are answered).
-    #[arg(long, default_value = "10", value_parser = parlor::config::parse_secs)]
+    #[arg(long, default_value = "10", value_parser = parlor::units::parse_secs)]
     pub hold: Duration,
 }
 

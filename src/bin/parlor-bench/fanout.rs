@@ -55,7 +55,7 @@ pub struct FanoutArgs {
     pub tokens: Option<std::path::PathBuf>,
     /// Seconds to wait after publishing stops for the last deliveries (then lost = expected -
     /// received).
-    #[arg(long, default_value = "3", value_parser = parlor::config::parse_secs)]
+    #[arg(long, default_value = "3", value_parser = parlor::units::parse_secs)]
     pub drain: Duration,
     /// Every connection receives only its own messages (point `broadcast` at an echo path,
     /// e.g. for a smoke test of a server without a broadcast endpoint); expected counts follow.

@@ -93,10 +93,10 @@ pub struct Common {
     #[arg(long)]
     pub url: String,
     /// Measurement window in seconds (fractions allowed). `connections` uses --hold instead.
-    #[arg(long, default_value = "10", value_parser = parlor::config::parse_secs)]
+    #[arg(long, default_value = "10", value_parser = parlor::units::parse_secs)]
     pub duration: Duration,
     /// Seconds of load before measuring starts (not counted; echo, chat, broadcast).
-    #[arg(long, default_value = "1", value_parser = parlor::config::parse_secs)]
+    #[arg(long, default_value = "1", value_parser = parlor::units::parse_secs)]
     pub warmup: Duration,
     /// Server process ID: report its CPU time during the window (and memory, for
     /// `connections`). For a multi-process server, give the process doing the work.

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
+use parlor::ws::close::CloseCode;
 
 use crate::conn::{Conn, ConnOut, Rng, State, Target};
 
@@ -87,7 +88,7 @@ impl Pool {
         for i in 0..self.conns.len() {
             let c = &mut self.conns[i];
             if c.state == State::Open {
-                c.close(1000, &mut self.rng);
+                c.close(CloseCode::Normal, &mut self.rng);
                 self.dirty.push(i);
             }
         }

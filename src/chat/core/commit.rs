@@ -3,6 +3,7 @@
 
 use crate::chat::core::{Hub, Pending, QueryWaiter};
 use crate::chat::protocol::{ChatMessage, ErrorCode, ServerFrame};
+use crate::service::CloseCode;
 
 impl Hub {
     /// Runs what waited for writes up to `upto`. A reply whose own write failed (in `failed`,
@@ -96,7 +97,7 @@ impl Hub {
                 }
                 Pending::Close { conns } => {
                     for c in conns {
-                        self.close(c, 1000, "logged out");
+                        self.close(c, CloseCode::Normal, "logged out");
                     }
                 }
                 Pending::Reserved { upto } => {

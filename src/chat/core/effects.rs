@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use crate::chat::store::StoreReq;
-use crate::service::{ConnId, SharedFrame};
+use crate::service::{CloseCode, ConnId, SharedFrame};
 
 /// The time a `handle_*` call happens at, given by the caller: the hub never reads a clock.
 #[derive(Debug, Clone, Copy)]
@@ -70,7 +70,7 @@ pub enum Effect {
     /// Close handshake with a code and reason.
     Close {
         conn: ConnId,
-        code: u16,
+        code: CloseCode,
         reason: &'static str,
     },
     /// Hash or verify a password on a worker; the result comes back to `handle_auth_result`.

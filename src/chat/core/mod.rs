@@ -23,7 +23,7 @@ use super::protocol::{parse_client_frame, Command, ErrorCode, PresenceEvent, Ser
 use super::ratelimit::{FailureThrottle, TokenBucket};
 use super::store::{Loaded, Query, StoreEvent, StoreReq, Write};
 use super::ChatConfig;
-use crate::service::ConnId;
+use crate::service::{CloseCode, ConnId};
 
 pub mod cmd;
 pub mod commit;
@@ -135,23 +135,8 @@ struct QueuedHash {
     job: AuthJob,
 }
 
-/// count / sum / max of a duration or size, exported as a Prometheus summary without quantiles.
-#[derive(Default, Clone, Copy, Debug)]
-pub struct Stat {
-    pub count: u64,
-    pub sum: f64,
-    pub max: f64,
-}
-
-impl Stat {
-    pub fn add(&mut self, v: f64) {
-        self.count += 1;
-        self.sum += v;
-        if v > self.max {
-            self.max = v;
-        }
-    }
-}
+/// count / sum / max of a duration or size (a Prometheus summary without quantiles).
+pub use crate::prom::Summary as Stat;
 
 /// The hub's counters, read by the adapter for `/metrics`.
 #[derive(Default, Debug)]
@@ -355,7 +340,7 @@ impl Hub {
     /// A binary message: the protocol is JSON text only.
     pub fn handle_binary(&mut self, conn: ConnId, now: Now) {
         self.now = now;
-        self.close(conn, 1003, "binary not supported");
+        self.close(conn, CloseCode::UnsupportedData, "binary not supported");
     }
 
     /// The connection is gone (closed by either side, or dropped).
@@ -470,7 +455,7 @@ impl Hub {
         self.fx.list.push(Effect::Send { conn, json });
     }
 
-    fn close(&mut self, conn: ConnId, code: u16, reason: &'static str) {
+    fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str) {
         self.fx.list.push(Effect::Close { conn, code, reason });
     }
 
@@ -629,7 +614,11 @@ impl Hub {
                 if let Some(b) = &mut c.backlog {
                     if b.len() >= self.cfg.max_pending_requests {
                         c.closing = true;
-                        return self.close(conn, 1008, "too many requests in flight");
+                        return self.close(
+                            conn,
+                            CloseCode::PolicyViolation,
+                            "too many requests in flight",
+                        );
                     }
                     b.push_back(text.to_string());
                     return;

@@ -108,7 +108,7 @@ impl T {
                     }
                 }
                 Effect::Close { conn, code, .. } => {
-                    self.closed.insert(conn, code);
+                    self.closed.insert(conn, code.as_u16());
                 }
                 Effect::Auth(job) => self.jobs.push(job),
             }

@@ -15,7 +15,7 @@ use crate::chat::hashq::Refused;
 use crate::chat::protocol::{Command, ErrorCode, PresenceEvent, ServerFrame};
 use crate::chat::store::Write;
 use crate::chat::validate;
-use crate::service::ConnId;
+use crate::service::{CloseCode, ConnId};
 use sha2::{Digest, Sha256};
 
 /// What the store keeps instead of a session token. A fast hash is right here: the token
@@ -528,7 +528,7 @@ impl Hub {
                 continue;
             }
             c.closing = true;
-            self.close(conn, 1008, "authentication timeout");
+            self.close(conn, CloseCode::PolicyViolation, "authentication timeout");
         }
     }
 
