@@ -8,7 +8,8 @@
 #
 # Environment: ROUNDS (3), DURATION (10 s per run), WARMUP (1 s), IDLE_CONNS (10000),
 # TARGETS ("parlor tokio-tungstenite node-ws"), SCENARIOS (all), OUT_DIR (target/bench-results),
-# SERVER_CPU (0), BENCH_CPU (1).
+# SERVER_CPU (0), BENCH_CPU (1), OLD_BIN (a second parlor binary, the target `parlor-old`, for
+# A/B runs of a change: e.g. TARGETS="parlor parlor-old" OLD_BIN=/path/to/old/parlor).
 # See docs/BENCHMARKS.md for the method.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,11 +70,12 @@ start_server() {
   local t=$1 port
   : >"$SERVER_LOG"
   case $t in
-    parlor)
+    parlor|parlor-old)
       # /echo is opt-in; every client is 127.0.0.1 (idle-memory opens $IDLE_CONNS).
-      local extra=(--echo --max-connections-per-ip 0)
+      local extra=(--echo --max-connections-per-ip 0) exe=$BIN/parlor
+      [ "$t" = parlor-old ] && exe=${OLD_BIN:?OLD_BIN must name the other parlor binary}
       [ "$HAS_CHAT" = 1 ] && extra+=(--rate-limit 0)
-      taskset -c "$SERVER_CPU" "$BIN/parlor" --listen 127.0.0.1:0 --data "$DATA/parlor" \
+      taskset -c "$SERVER_CPU" "$exe" --listen 127.0.0.1:0 --data "$DATA/parlor" \
         --log-level warn --max-connections $((IDLE_CONNS + 1000)) "${extra[@]}" >"$SERVER_LOG" 2>&1 &
       SERVER_PID=$!
       for _ in $(seq 300); do grep -q 'listening on' "$SERVER_LOG" && break; sleep 0.05; done
@@ -101,7 +103,7 @@ start_server() {
 args_for() {
   local s=$1 t=$2 fan
   local common="--duration $DURATION --warmup $WARMUP --pid $SERVER_PID --json -q"
-  if [ "$t" = parlor ]; then
+  if [ "$t" = parlor ] || [ "$t" = parlor-old ]; then
     [ "$HAS_CHAT" = 1 ] || fan=""
     [ "$HAS_CHAT" = 1 ] && fan="chat --url $BASE/ws --room bench --tokens $TOKENS"
   else
@@ -175,7 +177,7 @@ metrics = {
 }
 order = ["echo-100x20B", "echo-100x16KiB", "echo-10x16inflight", "fanout-1000-max", "fanout-1000-max-w128", "fanout-1000-at-100",
          "fanout-1000-at-1000", "idle-memory"]
-names = {"parlor": "Parlor", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
+names = {"parlor": "Parlor", "parlor-old": "Parlor (old)", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
 peers = [t for t in targets if t != "parlor"]
 hdr = ["scenario", "metric"] + [names.get(t, t) for t in targets]
 if "parlor" in targets:

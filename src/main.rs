@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         });
     }
 
-    match parlor::chat::ChatService::open(&config) {
+    match parlor::chat::ChatService::open(&config.chat, &config.data) {
         Ok(chat) => endpoints.push(Endpoint {
             path: "/ws".into(),
             max_message: config.chat.chat_max_message,

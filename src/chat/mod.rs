@@ -1,16 +1,18 @@
-//! The chat service (protocol v1 on `/ws`). See `docs/PROTOCOL.md` and
-//! `docs/ARCHITECTURE-chat.md`.
+//! The chat service (protocol v1 on `/ws`). See `docs/PROTOCOL.md` and the "Chat" section of
+//! `docs/ARCHITECTURE.md`.
 //!
 //! Modules, each owning one thing:
-//! - [`protocol`]: wire types and the pure client-frame parser.
-//! - [`validate`]: field formats and limits.
+//! - [`core`]: the sans-IO [`core::Hub`], every decision of the chat; `core::cmd` has one
+//!   file per command family.
+//! - [`protocol`]: wire types and the pure client-frame parser; [`error`]: error codes.
+//! - [`validate`]: field formats and limits; [`confusable`]: look-alike names.
 //! - [`frame`]: encoding a server text frame once for fan-out.
 //! - [`store`]: the `Store` trait and its vocabulary; [`store::sqlite`]: SQLite on its own
 //!   thread, group commit, schema migrations.
 //! - [`auth`]: argon2id on worker threads, tokens.
-//! - [`ratelimit`]: token bucket and login failure throttle.
-//! - [`state`]: users, rooms, connections in memory.
-//! - [`service`]: [`ChatService`], the [`crate::service::Service`] tying them together.
+//! - [`ratelimit`]: token bucket and login failure throttle; [`hashq`]: the fair queue in
+//!   front of the hashing threads.
+//! - [`service`]: [`ChatService`], the adapter: `impl Service`, carries out the hub's effects.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -18,6 +20,7 @@ use std::time::Duration;
 pub mod auth;
 pub mod confusable;
 pub mod core;
+pub mod error;
 pub mod frame;
 pub mod hashq;
 pub mod protocol;

@@ -6,6 +6,7 @@
 //! hashing jobs to the workers, store requests to the store once per loop turn.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -45,11 +46,11 @@ fn now(out: &dyn Outbox) -> Now {
 }
 
 impl ChatService {
-    /// Opens (creating if needed) `config.data` and the SQLite database in it, loads accounts,
-    /// sessions, rooms and memberships (not messages: those stay on disk and are loaded per
-    /// room on first join), and starts the store and hashing threads.
-    pub fn open(config: &crate::config::Config) -> Result<ChatService, String> {
-        let cfg: ChatConfig = config.chat.clone();
+    /// Opens (creating if needed) the directory `data` and the SQLite database in it, loads
+    /// accounts, sessions, rooms and memberships (not messages: those stay on disk and are
+    /// loaded per room on first join), and starts the store and hashing threads.
+    pub fn open(cfg: &ChatConfig, data: &Path) -> Result<ChatService, String> {
+        let cfg = cfg.clone();
         if !(cfg.rate_limit.is_finite() && cfg.rate_limit >= 0.0) {
             return Err("--rate-limit must be >= 0".into());
         }
@@ -66,14 +67,9 @@ impl ChatService {
         };
         let wake = Wake::default();
         let dedup_since = start.wall_ms - cfg.dedup_window.as_millis() as i64;
-        let (store, loaded, reserved) = store::open_sqlite(
-            &config.data,
-            durability,
-            ID_RESERVE,
-            dedup_since,
-            wake.clone(),
-        )
-        .map_err(|e| e.to_string())?;
+        let (store, loaded, reserved) =
+            store::open_sqlite(data, durability, ID_RESERVE, dedup_since, wake.clone())
+                .map_err(|e| e.to_string())?;
         log::info!(
             "chat: {} users, {} rooms, {} sessions, next id {}",
             loaded.users.len(),

@@ -89,7 +89,8 @@ fn cfg(dir: &TempDir, extra: &[&str]) -> Config {
 
 impl H {
     fn new(dir: &TempDir, extra: &[&str]) -> H {
-        let svc = ChatService::open(&cfg(dir, extra)).expect("open");
+        let cfg = cfg(dir, extra);
+        let svc = ChatService::open(&cfg.chat, &cfg.data).expect("open");
         H {
             svc,
             out: FakeOut::default(),

@@ -1,6 +1,6 @@
 //! Field checks for protocol v1. Every check runs before anything is stored or broadcast.
 
-use super::protocol::ErrorCode;
+use super::error::ErrorCode;
 
 pub type Check = Result<(), (ErrorCode, String)>;
 
