@@ -48,139 +48,165 @@ impl Hub {
                 r,
             );
         }
-        let now = self.now.mono;
         match cmd {
             Command::Register { user, password } => {
-                if let Err((code, msg)) =
-                    validate::user_name(&user).and_then(|_| validate::password(&password))
-                {
-                    return self.error(conn, code, &msg, r);
-                }
-                let key = validate::user_key(&user);
-                let skeleton = skeleton_keys(&user);
-                // Nobody may register a name that looks like another account's name or
-                // another user's nick (`aIice` beside `alice`).
-                if self.users.contains_key(&key)
-                    || self.registering.held_by_other(&skeleton, "")
-                    || self.name_skeletons.held_by_other(&skeleton, &key)
-                    || self.nick_skeletons.held_by_other(&skeleton, &key)
-                {
-                    return self.error(conn, ErrorCode::UserTaken, "user name is taken", r);
-                }
-                if ip.is_some_and(|ip| self.register_throttle.is_blocked(&ip, now)) {
-                    return self.error(
-                        conn,
-                        ErrorCode::RateLimited,
-                        "too many registrations from this address; try again later",
-                        r,
-                    );
-                }
-                self.next_job += 1;
-                let job = AuthJob::Hash {
-                    job: self.next_job,
-                    password,
-                };
-                if let Err(why) = self.hash_queue.push(ip, QueuedHash { conn, job }) {
-                    return self.hash_queue_full(conn, why, r);
-                }
-                if let Some(ip) = ip {
-                    self.register_throttle.record_failure(ip, now);
-                }
-                self.registering.insert(&skeleton, &key);
-                self.jobs.insert(
-                    self.next_job,
-                    AuthWaiter::Register {
-                        conn,
-                        key,
-                        skeleton,
-                        name: user,
-                        reference,
-                    },
-                );
-                self.set_auth_pending(conn, true);
-                self.pump_hashes();
+                self.register(conn, ip, user, password, reference)
             }
-            Command::Login { user, password } => {
-                if let Err((code, msg)) = validate::user_name(&user) {
-                    return self.error(conn, code, &msg, r);
-                }
-                if password.len() > 1024 {
-                    return self.error(conn, ErrorCode::BadRequest, "password too long", r);
-                }
-                let key = validate::user_key(&user);
-                // Attempts still being hashed count as failures until they are known not to
-                // be, so parallel guesses cannot all slip past the limit.
-                let pair = (key.clone(), ip);
-                if self.pair_throttle.is_blocked(&pair, now)
-                    || ip.is_some_and(|ip| self.ip_throttle.is_blocked(&ip, now))
-                    || self.account_throttle.is_blocked(&key, now)
-                {
-                    return self.error(
-                        conn,
-                        ErrorCode::RateLimited,
-                        "too many failed logins; try again later",
-                        r,
-                    );
-                }
-                // Unknown users are verified against a dummy hash (phc None) so that the
-                // answer takes as long as for a wrong password.
-                let phc = self.users.get(&key).map(|u| u.phc.clone());
-                self.next_job += 1;
-                let job = AuthJob::Verify {
-                    job: self.next_job,
-                    phc,
-                    password,
-                };
-                if let Err(why) = self.hash_queue.push(ip, QueuedHash { conn, job }) {
-                    return self.hash_queue_full(conn, why, r);
-                }
-                self.pair_throttle.begin(pair);
-                if let Some(ip) = ip {
-                    self.ip_throttle.begin(ip);
-                }
-                self.account_throttle.begin(key.clone());
-                self.jobs.insert(
-                    self.next_job,
-                    AuthWaiter::Login {
-                        conn,
-                        key,
-                        ip,
-                        reference,
-                    },
-                );
-                self.set_auth_pending(conn, true);
-                self.pump_hashes();
-            }
-            Command::Resume { token } => {
-                // A valid token is never refused because of anyone's failed logins: it is
-                // 128 random bits, so there is nothing to guess, and refusing it would let a
-                // stranger's typos log people out. Hence no throttle on this path at all.
-                let hash = token_hash(&token);
-                let ttl = self.cfg.session_ttl.as_millis() as i64;
-                let now_ms = self.now.wall_ms;
-                let (key, expired) = match self.sessions.get(&hash) {
-                    Some(s) if self.users.contains_key(&s.user) => {
-                        (Some(s.user.clone()), now_ms - s.last_used > ttl)
-                    }
-                    _ => (None, false),
-                };
-                match key {
-                    Some(key) if !expired => {
-                        self.touch_session(hash, now_ms);
-                        self.authenticate(conn, &key, &token, reference.as_deref());
-                    }
-                    Some(key) => {
-                        self.revoke_session(&key, hash);
-                        self.m.logins_failed += 1;
-                        self.error(conn, ErrorCode::AuthFailed, "session expired", r);
-                    }
-                    None => {
-                        self.m.logins_failed += 1;
-                        self.error(conn, ErrorCode::AuthFailed, "invalid token", r);
-                    }
-                }
-            }
+            Command::Login { user, password } => self.login(conn, ip, user, password, reference),
+            Command::Resume { token } => self.resume(conn, &token, reference),
             _ => {}
+        }
+    }
+
+    fn register(
+        &mut self,
+        conn: ConnId,
+        ip: Option<IpAddr>,
+        user: String,
+        password: String,
+        reference: Option<String>,
+    ) {
+        let r = reference.as_deref();
+        let now = self.now.mono;
+        if let Err((code, msg)) =
+            validate::user_name(&user).and_then(|_| validate::password(&password))
+        {
+            return self.error(conn, code, &msg, r);
+        }
+        let key = validate::user_key(&user);
+        let skeleton = skeleton_keys(&user);
+        // Nobody may register a name that looks like another account's name or
+        // another user's nick (`aIice` beside `alice`).
+        if self.users.contains_key(&key)
+            || self.registering.held_by_other(&skeleton, "")
+            || self.name_skeletons.held_by_other(&skeleton, &key)
+            || self.nick_skeletons.held_by_other(&skeleton, &key)
+        {
+            return self.error(conn, ErrorCode::UserTaken, "user name is taken", r);
+        }
+        if ip.is_some_and(|ip| self.register_throttle.is_blocked(&ip, now)) {
+            return self.error(
+                conn,
+                ErrorCode::RateLimited,
+                "too many registrations from this address; try again later",
+                r,
+            );
+        }
+        self.next_job += 1;
+        let job = AuthJob::Hash {
+            job: self.next_job,
+            password,
+        };
+        if let Err(why) = self.hash_queue.push(ip, QueuedHash { conn, job }) {
+            return self.hash_queue_full(conn, why, r);
+        }
+        if let Some(ip) = ip {
+            self.register_throttle.record_failure(ip, now);
+        }
+        self.registering.insert(&skeleton, &key);
+        self.jobs.insert(
+            self.next_job,
+            AuthWaiter::Register {
+                conn,
+                key,
+                skeleton,
+                name: user,
+                reference,
+            },
+        );
+        self.set_auth_pending(conn, true);
+        self.pump_hashes();
+    }
+
+    fn login(
+        &mut self,
+        conn: ConnId,
+        ip: Option<IpAddr>,
+        user: String,
+        password: String,
+        reference: Option<String>,
+    ) {
+        let r = reference.as_deref();
+        let now = self.now.mono;
+        if let Err((code, msg)) = validate::user_name(&user) {
+            return self.error(conn, code, &msg, r);
+        }
+        if password.len() > 1024 {
+            return self.error(conn, ErrorCode::BadRequest, "password too long", r);
+        }
+        let key = validate::user_key(&user);
+        // Attempts still being hashed count as failures until they are known not to
+        // be, so parallel guesses cannot all slip past the limit.
+        let pair = (key.clone(), ip);
+        if self.pair_throttle.is_blocked(&pair, now)
+            || ip.is_some_and(|ip| self.ip_throttle.is_blocked(&ip, now))
+            || self.account_throttle.is_blocked(&key, now)
+        {
+            return self.error(
+                conn,
+                ErrorCode::RateLimited,
+                "too many failed logins; try again later",
+                r,
+            );
+        }
+        // Unknown users are verified against a dummy hash (phc None) so that the
+        // answer takes as long as for a wrong password.
+        let phc = self.users.get(&key).map(|u| u.phc.clone());
+        self.next_job += 1;
+        let job = AuthJob::Verify {
+            job: self.next_job,
+            phc,
+            password,
+        };
+        if let Err(why) = self.hash_queue.push(ip, QueuedHash { conn, job }) {
+            return self.hash_queue_full(conn, why, r);
+        }
+        self.pair_throttle.begin(pair);
+        if let Some(ip) = ip {
+            self.ip_throttle.begin(ip);
+        }
+        self.account_throttle.begin(key.clone());
+        self.jobs.insert(
+            self.next_job,
+            AuthWaiter::Login {
+                conn,
+                key,
+                ip,
+                reference,
+            },
+        );
+        self.set_auth_pending(conn, true);
+        self.pump_hashes();
+    }
+
+    fn resume(&mut self, conn: ConnId, token: &str, reference: Option<String>) {
+        let r = reference.as_deref();
+        // A valid token is never refused because of anyone's failed logins: it is
+        // 128 random bits, so there is nothing to guess, and refusing it would let a
+        // stranger's typos log people out. Hence no throttle on this path at all.
+        let hash = token_hash(token);
+        let ttl = self.cfg.session_ttl.as_millis() as i64;
+        let now_ms = self.now.wall_ms;
+        let (key, expired) = match self.sessions.get(&hash) {
+            Some(s) if self.users.contains_key(&s.user) => {
+                (Some(s.user.clone()), now_ms - s.last_used > ttl)
+            }
+            _ => (None, false),
+        };
+        match key {
+            Some(key) if !expired => {
+                self.touch_session(hash, now_ms);
+                self.authenticate(conn, &key, token, reference.as_deref());
+            }
+            Some(key) => {
+                self.revoke_session(&key, hash);
+                self.m.logins_failed += 1;
+                self.error(conn, ErrorCode::AuthFailed, "session expired", r);
+            }
+            None => {
+                self.m.logins_failed += 1;
+                self.error(conn, ErrorCode::AuthFailed, "invalid token", r);
+            }
         }
     }
 

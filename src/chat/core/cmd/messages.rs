@@ -22,7 +22,6 @@ impl Hub {
         text: String,
         r: Option<&str>,
     ) {
-        let now = self.now.mono;
         let check = match (&room, &to) {
             (Some(room), _) => validate::room_name(room),
             (_, Some(to)) => validate::user_name(to),
@@ -32,30 +31,8 @@ impl Hub {
         if let Err((c, m)) = check {
             return self.error(conn, c, &m, r);
         }
-        // A retry of a ref seen in the window gets the original ack and nothing else.
-        if let Some(reference) = r {
-            let window = self.cfg.dedup_window;
-            if let Some(u) = self.users.get_mut(key) {
-                if let Some(e) = u.dedup.entries.get_mut(reference) {
-                    if now.saturating_duration_since(e.at) < window {
-                        if e.committed {
-                            let (id, ts) = (e.id, e.ts);
-                            return self.send(
-                                conn,
-                                &ServerFrame::Ack {
-                                    reference: r,
-                                    id,
-                                    ts,
-                                },
-                            );
-                        }
-                        if !e.waiters.contains(&conn) {
-                            e.waiters.push(conn);
-                        }
-                        return;
-                    }
-                }
-            }
+        if r.is_some_and(|reference| self.answer_retry(conn, key, reference)) {
+            return;
         }
         let to_key = match &to {
             Some(to) => {
@@ -76,7 +53,7 @@ impl Hub {
                 return self.error(conn, ErrorCode::NotMember, "not a member", r);
             }
         }
-        if !self.take_token(key, now) {
+        if !self.take_token(key, self.now.mono) {
             return self.error(
                 conn,
                 ErrorCode::RateLimited,
@@ -94,26 +71,65 @@ impl Hub {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let ts = self.now.wall_ms;
         let u = &self.users[key];
         let msg = Rc::new(ChatMessage {
             id,
-            room: room.clone(),
+            room,
             from: u.name.clone(),
             to: to_key.as_ref().map(|k| self.users[k].name.clone()),
             nick: u.nick.clone(),
             text,
-            ts,
+            ts: self.now.wall_ms,
         });
         self.m.messages_in += 1;
-        let json = ServerFrame::Message(&msg).to_json();
-        let dm = match (&room, &to_key) {
+        let Some(dm) = self.deliver(key, &msg, to_key.as_deref()) else {
+            return;
+        };
+        self.record(conn, key, r, msg, dm);
+    }
+
+    /// A retry of a ref seen within `--dedup-window` gets the original ack (now, or when the
+    /// original commits) and nothing else. Returns whether `reference` was such a retry.
+    fn answer_retry(&mut self, conn: ConnId, key: &str, reference: &str) -> bool {
+        let window = self.cfg.dedup_window;
+        let now = self.now.mono;
+        let Some(e) = self
+            .users
+            .get_mut(key)
+            .and_then(|u| u.dedup.entries.get_mut(reference))
+            .filter(|e| now.saturating_duration_since(e.at) < window)
+        else {
+            return false;
+        };
+        if e.committed {
+            let (id, ts) = (e.id, e.ts);
+            let ack = ServerFrame::Ack {
+                reference: Some(reference),
+                id,
+                ts,
+            };
+            self.send(conn, &ack);
+        } else if !e.waiters.contains(&conn) {
+            e.waiters.push(conn);
+        }
+        true
+    }
+
+    /// Broadcasts an accepted message to its room's connections (from the room's cached list)
+    /// or to both sides of the DM, and puts it in the room's ring. Returns the DM pair key for
+    /// the store (`Some(None)` for a room message), `None` if the room vanished.
+    fn deliver(
+        &mut self,
+        key: &str,
+        msg: &Rc<ChatMessage>,
+        to_key: Option<&str>,
+    ) -> Option<Option<String>> {
+        let json = ServerFrame::Message(msg).to_json();
+        let dm = match (&msg.room, to_key) {
             (Some(room), _) => {
                 let cap = self.cfg.history_on_join;
-                let Some(rm) = self.rooms.get_mut(room) else {
-                    return;
-                };
-                rm.remember(&msg, cap);
+                let rm = self.rooms.get_mut(room)?;
+                rm.remember(msg, cap);
                 // The recipients of a room change rarely and its messages often: rebuild the
                 // list (a hash lookup per member) only when membership changed since.
                 if rm.fanout_epoch != Some(self.membership_epoch) {
@@ -135,35 +151,55 @@ impl Hub {
                 None
             }
             (None, Some(tk)) => {
-                let pair = [key.to_string(), tk.clone()];
+                let pair = [key.to_string(), tk.to_string()];
                 self.collect_conns(
                     pair.iter().take(if tk == key { 1 } else { 2 }),
                     ConnId(u64::MAX),
                 );
-                let is_new = self
-                    .users
-                    .get(key)
-                    .is_some_and(|u| !u.dm_partners.contains(tk));
-                if is_new {
-                    if let Some(u) = self.users.get_mut(key) {
-                        u.dm_partners.insert(tk.clone());
-                    }
-                    if let Some(u) = self.users.get_mut(tk) {
-                        u.dm_partners.insert(key.to_string());
-                    }
-                    let (a, b) = if key <= tk.as_str() {
-                        (key.to_string(), tk.clone())
-                    } else {
-                        (tk.clone(), key.to_string())
-                    };
-                    self.write(Write::AddDmPair { a, b });
-                }
+                self.note_dm_pair(key, tk);
                 Some(store::dm_key(key, tk))
             }
-            _ => return,
+            _ => return None,
         };
         self.broadcast(&json, true);
+        Some(dm)
+    }
+
+    /// Remembers (and stores) that two users have a DM conversation, for nick broadcasts.
+    fn note_dm_pair(&mut self, key: &str, tk: &str) {
+        let is_new = self
+            .users
+            .get(key)
+            .is_some_and(|u| !u.dm_partners.contains(tk));
+        if !is_new {
+            return;
+        }
+        if let Some(u) = self.users.get_mut(key) {
+            u.dm_partners.insert(tk.to_string());
+        }
+        if let Some(u) = self.users.get_mut(tk) {
+            u.dm_partners.insert(key.to_string());
+        }
+        let (a, b) = if key <= tk { (key, tk) } else { (tk, key) };
+        self.write(Write::AddDmPair {
+            a: a.to_string(),
+            b: b.to_string(),
+        });
+    }
+
+    /// Stores a broadcast message: the write (with its ref, for dedup after a restart), the
+    /// ack once it commits, the ref in memory, and a new id reservation when half is used.
+    fn record(
+        &mut self,
+        conn: ConnId,
+        key: &str,
+        r: Option<&str>,
+        msg: Rc<ChatMessage>,
+        dm: Option<String>,
+    ) {
+        let now = self.now.mono;
         let msg = Rc::try_unwrap(msg).unwrap_or_else(|rc| (*rc).clone());
+        let (id, ts) = (msg.id, msg.ts);
         let dedup = r.map(|reference| (key.to_string(), reference.to_string()));
         self.write(Write::InsertMessage { msg, dm, dedup });
         self.after_commit(Pending::Ack {
@@ -177,17 +213,14 @@ impl Hub {
         if let Some(reference) = r {
             let max = self.cfg.dedup_max_refs;
             if let Some(u) = self.users.get_mut(key) {
-                u.dedup.insert(
-                    reference.to_string(),
-                    DedupEntry {
-                        at: now,
-                        id,
-                        ts,
-                        committed: false,
-                        waiters: Vec::new(),
-                    },
-                    max,
-                );
+                let entry = DedupEntry {
+                    at: now,
+                    id,
+                    ts,
+                    committed: false,
+                    waiters: Vec::new(),
+                };
+                u.dedup.insert(reference.to_string(), entry, max);
                 self.dedup_users.insert(key.to_string());
             }
         }
