@@ -71,8 +71,11 @@ start_server() {
   : >"$SERVER_LOG"
   case $t in
     parlor|parlor-old)
-      # /echo is opt-in; every client is 127.0.0.1 (idle-memory opens $IDLE_CONNS).
+      # /echo is opt-in; every client is 127.0.0.1 (idle-memory opens $IDLE_CONNS). Creating
+      # the 1001 bench accounts keeps sockets waiting for argon2 (one hash at a time, ~20 s in
+      # all) longer than --auth-timeout lets a real client wait.
       local extra=(--echo --max-connections-per-ip 0) exe=$BIN/parlor
+      if "$exe" --help | grep -q -- '--auth-timeout'; then extra+=(--auth-timeout 600); fi
       [ "$t" = parlor-old ] && exe=${OLD_BIN:?OLD_BIN must name the other parlor binary}
       [ "$HAS_CHAT" = 1 ] && extra+=(--rate-limit 0)
       taskset -c "$SERVER_CPU" "$exe" --listen 127.0.0.1:0 --data "$DATA/parlor" \
