@@ -92,28 +92,46 @@ impl Hub {
                 r,
             );
         }
-        self.next_job += 1;
-        let job = AuthJob::Hash {
-            job: self.next_job,
-            password,
+        let Some(job) = self.queue_hash(conn, ip, r, |job| AuthJob::Hash { job, password }) else {
+            return;
         };
-        if let Err(why) = self.hash_queue.push(ip, QueuedHash { conn, job }) {
-            return self.hash_queue_full(conn, why, r);
-        }
         if let Some(ip) = ip {
             self.register_throttle.record_failure(ip, now);
         }
         self.registering.insert(&skeleton, &key);
-        self.jobs.insert(
-            self.next_job,
-            AuthWaiter::Register {
-                conn,
-                key,
-                skeleton,
-                name: user,
-                reference,
-            },
-        );
+        let waiter = AuthWaiter::Register {
+            conn,
+            key,
+            skeleton,
+            name: user,
+            reference,
+        };
+        self.wait_for_hash(conn, job, waiter);
+    }
+
+    /// Queues a hashing job for `conn` (numbered here), or answers `rate_limited` when the
+    /// queue refuses it. Returns the job's number.
+    fn queue_hash(
+        &mut self,
+        conn: ConnId,
+        ip: Option<IpAddr>,
+        r: Option<&str>,
+        make: impl FnOnce(u64) -> AuthJob,
+    ) -> Option<u64> {
+        self.next_job += 1;
+        let job = make(self.next_job);
+        match self.hash_queue.push(ip, QueuedHash { conn, job }) {
+            Ok(()) => Some(self.next_job),
+            Err(why) => {
+                self.hash_queue_full(conn, why, r);
+                None
+            }
+        }
+    }
+
+    /// The connection waits for hashing job `job`: its later messages queue behind it.
+    fn wait_for_hash(&mut self, conn: ConnId, job: u64, waiter: AuthWaiter) {
+        self.jobs.insert(job, waiter);
         self.set_auth_pending(conn, true);
         self.pump_hashes();
     }
@@ -152,31 +170,22 @@ impl Hub {
         // Unknown users are verified against a dummy hash (phc None) so that the
         // answer takes as long as for a wrong password.
         let phc = self.users.get(&key).map(|u| u.phc.clone());
-        self.next_job += 1;
-        let job = AuthJob::Verify {
-            job: self.next_job,
-            phc,
-            password,
+        let make = |job| AuthJob::Verify { job, phc, password };
+        let Some(job) = self.queue_hash(conn, ip, r, make) else {
+            return;
         };
-        if let Err(why) = self.hash_queue.push(ip, QueuedHash { conn, job }) {
-            return self.hash_queue_full(conn, why, r);
-        }
         self.pair_throttle.begin(pair);
         if let Some(ip) = ip {
             self.ip_throttle.begin(ip);
         }
         self.account_throttle.begin(key.clone());
-        self.jobs.insert(
-            self.next_job,
-            AuthWaiter::Login {
-                conn,
-                key,
-                ip,
-                reference,
-            },
-        );
-        self.set_auth_pending(conn, true);
-        self.pump_hashes();
+        let waiter = AuthWaiter::Login {
+            conn,
+            key,
+            ip,
+            reference,
+        };
+        self.wait_for_hash(conn, job, waiter);
     }
 
     fn resume(&mut self, conn: ConnId, token: &str, reference: Option<String>) {
