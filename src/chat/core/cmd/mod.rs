@@ -6,4 +6,5 @@ pub mod history;
 pub mod messages;
 pub mod profile;
 pub mod rooms;
+pub mod sessions;
 pub mod typing;
