@@ -11,10 +11,17 @@
 //!   on client sockets.
 //! - [`echo`], [`chat`]: services plugged into the loop by path.
 //! - [`config`]: every flag and limit, in one place.
+//! - [`embedded`]: the browser client (`www/`), built into the binary by `build.rs`.
 
 pub mod chat;
 pub mod config;
 pub mod echo;
+
+/// The browser client as it was in `www/` at build time (see `build.rs`).
+pub mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded_www.rs"));
+}
+
 pub mod http;
 pub mod net;
 pub mod prom;

@@ -54,6 +54,7 @@ fn main() -> ExitCode {
     }
     // Tests and scripts read this line to learn the port when started with --listen ...:0.
     println!("parlor listening on {}", server.local_addr());
+    println!("{}", where_to_look(&config, server.local_addr()));
     let _ = std::io::stdout().flush();
     match server.run() {
         Ok(()) => {
@@ -109,3 +110,24 @@ fn keep_freed_heap(bytes: usize) {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_heap(_bytes: usize) {}
+
+/// The line a person reads at start: a URL to click and where the chat data lives.
+fn where_to_look(config: &Config, addr: std::net::SocketAddr) -> String {
+    // A wildcard address is not something to put in a browser: show loopback instead.
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
+        ip if ip.is_unspecified() => "[::1]".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let data = std::fs::canonicalize(&config.data).unwrap_or_else(|_| config.data.clone());
+    let client = match &config.www {
+        Some(dir) => format!(" (client from {})", dir.display()),
+        None => String::new(),
+    };
+    format!(
+        "open http://{host}:{}/ in a browser{client}; chat data in {}",
+        addr.port(),
+        data.display()
+    )
+}

@@ -107,3 +107,91 @@ fn port_in_use_fails_to_start() {
     // The first one is unaffected.
     server.ws().echo("first server fine");
 }
+
+/// Starts the binary in `cwd` with only environment variables for settings; returns it and
+/// its first two stdout lines.
+fn start_in(
+    cwd: &std::path::Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (std::process::Child, Vec<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parlor"))
+        .current_dir(cwd)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn parlor");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        let mut l = String::new();
+        out.read_line(&mut l).expect("read stdout");
+        lines.push(l.trim().to_string());
+    }
+    (child, lines)
+}
+
+/// One binary: started from a directory without `www/`, it serves the client built into it,
+/// byte for byte the repository's `www/`, and says where to point a browser and where the data
+/// is. Every setting here comes from `PARLOR_*` environment variables.
+#[test]
+fn the_client_is_built_in_and_flags_read_the_environment() {
+    let dir = TempDir::new("one-binary");
+    let data = dir.path().join("chat-data");
+    let (mut child, lines) = start_in(
+        dir.path(),
+        &[
+            ("PARLOR_LISTEN", "127.0.0.1:0"),
+            ("PARLOR_DATA", data.to_str().expect("utf8")),
+            ("PARLOR_LOG_LEVEL", "warn"),
+        ],
+        &[],
+    );
+    let addr: std::net::SocketAddr = lines[0]
+        .strip_prefix("parlor listening on ")
+        .expect("listening line")
+        .parse()
+        .expect("address");
+    assert_eq!(
+        lines[1],
+        format!(
+            "open http://127.0.0.1:{}/ in a browser; chat data in {}",
+            addr.port(),
+            std::fs::canonicalize(&data)
+                .expect("data dir made")
+                .display()
+        )
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("www");
+    for (path, file) in [("/", "index.html"), ("/js/main.js", "js/main.js")] {
+        let mut s = tcp(addr);
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        std::io::Write::write_all(&mut s, req.as_bytes()).expect("request");
+        let resp = read_http_to_eof(&mut s);
+        assert_eq!(resp.status, 200, "{path}");
+        let want = std::fs::read(root.join(file)).expect("www file");
+        assert_eq!(resp.body, want, "{path} is the built-in copy of www/{file}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // A bad value from the environment is refused like a bad flag (no listening line)...
+    let env = [
+        ("PARLOR_LISTEN", "not an address"),
+        ("PARLOR_LOG_LEVEL", "warn"),
+    ];
+    let (mut child, lines) = start_in(dir.path(), &env, &[]);
+    assert!(!lines[0].starts_with("parlor listening"), "{lines:?}");
+    let _ = child.wait();
+    // ...and the environment is only a default: a flag on the command line wins.
+    let (mut child, lines) = start_in(dir.path(), &env, &["--listen", "127.0.0.1:0"]);
+    assert!(
+        lines[0].starts_with("parlor listening on 127.0.0.1:"),
+        "{lines:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -50,120 +50,120 @@ pub enum DurabilityArg {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChatConfig {
     /// Largest WebSocket message accepted on /ws, in bytes (larger closes with 1009).
-    #[arg(long, default_value_t = 64 * 1024)]
+    #[arg(long, env = "PARLOR_CHAT_MAX_MESSAGE", default_value_t = 64 * 1024)]
     pub chat_max_message: usize,
 
     /// Chat messages (say/dm) per second per user; 0 disables the limit.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, env = "PARLOR_RATE_LIMIT", default_value_t = 10.0)]
     pub rate_limit: f64,
 
     /// Chat messages a user may send in a burst before --rate-limit applies.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, env = "PARLOR_RATE_BURST", default_value_t = 20.0)]
     pub rate_burst: f64,
 
     /// normal: acked messages survive kill -9; full: also power loss (fsync per batch).
-    #[arg(long, value_enum, default_value_t = DurabilityArg::Normal)]
+    #[arg(long, env = "PARLOR_DURABILITY", value_enum, default_value_t = DurabilityArg::Normal)]
     pub durability: DurabilityArg,
 
     /// Longest message text, in characters (longer gets `too_long`).
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, env = "PARLOR_MAX_TEXT", default_value_t = 4000)]
     pub max_text: usize,
 
     /// Messages of history in the `joined` reply.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, env = "PARLOR_HISTORY_ON_JOIN", default_value_t = 50)]
     pub history_on_join: usize,
 
     /// Rooms one user may be a member of.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, env = "PARLOR_MAX_ROOMS_PER_USER", default_value_t = 200)]
     pub max_rooms_per_user: usize,
 
     /// Failed logins for one account from one client address (attempts still being checked
     /// count too) after which that address's logins to that account get `rate_limited` until
     /// the oldest failure is --login-window old; 0 disables all login throttles.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "PARLOR_LOGIN_THROTTLE", default_value_t = 5)]
     pub login_throttle: usize,
 
     /// Failed logins from one client address, to any accounts, within --login-window after
     /// which that address's logins get `rate_limited`.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, env = "PARLOR_LOGIN_THROTTLE_IP", default_value_t = 20)]
     pub login_throttle_ip: usize,
 
     /// Failed logins for one account from all addresses together within --login-window after
     /// which every login to it gets `rate_limited`. Much higher than --login-throttle: a few
     /// wrong guesses from elsewhere must not lock the owner out; this only stops a guessing
     /// campaign spread over many addresses.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "PARLOR_LOGIN_THROTTLE_ACCOUNT", default_value_t = 100)]
     pub login_throttle_account: usize,
 
     /// Password hashes (register/login) waiting per client address; more get `rate_limited`
     /// at once, without hashing. 0: no per-address bound.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, env = "PARLOR_HASH_QUEUE_PER_IP", default_value_t = 16)]
     pub hash_queue_per_ip: usize,
 
     /// Password hashes waiting in total; more get `rate_limited` at once. 0: no bound.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, env = "PARLOR_HASH_QUEUE", default_value_t = 1024)]
     pub hash_queue: usize,
 
     /// Seconds a session token stays valid without being used (resume, or a connection using
     /// it closing); an expired token gets `auth_failed`. Default 30 days.
-    #[arg(long, default_value = "2592000", value_parser = crate::units::parse_secs)]
+    #[arg(long, env = "PARLOR_SESSION_TTL", default_value = "2592000", value_parser = crate::units::parse_secs)]
     pub session_ttl: Duration,
 
     /// Seconds a /ws connection may stay unauthenticated; then it is closed with 1008.
-    #[arg(long, default_value = "30", value_parser = crate::units::parse_secs)]
+    #[arg(long, env = "PARLOR_AUTH_TIMEOUT", default_value = "30", value_parser = crate::units::parse_secs)]
     pub auth_timeout: Duration,
 
     /// `history` requests per second per user (token bucket); more get `rate_limited`.
     /// 0 disables.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, env = "PARLOR_QUERY_RATE", default_value_t = 10.0)]
     pub query_rate: f64,
 
     /// `history` requests a user may send in a burst before --query-rate applies.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, env = "PARLOR_QUERY_BURST", default_value_t = 20.0)]
     pub query_burst: f64,
 
     /// `history` requests one connection may have waiting for the store; more get
     /// `rate_limited`.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, env = "PARLOR_QUERIES_IN_FLIGHT", default_value_t = 4)]
     pub queries_in_flight: usize,
 
     /// Requests one connection may send while its join or sign-in waits on a worker thread
     /// (they run in order afterwards); more close the connection with 1008.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, env = "PARLOR_MAX_PENDING_REQUESTS", default_value_t = 256)]
     pub max_pending_requests: usize,
 
     /// Registrations accepted from one client address per --login-window (each costs an
     /// argon2 hash and an account); 0 disables, and so does --rate-limit 0 (benchmarks and
     /// browser tests register many accounts from one address).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, env = "PARLOR_REGISTER_THROTTLE", default_value_t = 20)]
     pub register_throttle: usize,
 
     /// Window for --login-throttle and --register-throttle, in seconds.
-    #[arg(long, default_value = "60", value_parser = crate::units::parse_secs)]
+    #[arg(long, env = "PARLOR_LOGIN_WINDOW", default_value = "60", value_parser = crate::units::parse_secs)]
     pub login_window: Duration,
 
     /// Seconds a `ref` is remembered for retry deduplication of say/dm.
-    #[arg(long, default_value = "600", value_parser = crate::units::parse_secs)]
+    #[arg(long, env = "PARLOR_DEDUP_WINDOW", default_value = "600", value_parser = crate::units::parse_secs)]
     pub dedup_window: Duration,
 
     /// Refs remembered per user for deduplication (oldest forgotten first).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "PARLOR_DEDUP_MAX_REFS", default_value_t = 1000)]
     pub dedup_max_refs: usize,
 
     /// Seconds between two `typing` frames forwarded for the same user and target.
-    #[arg(long, default_value = "2", value_parser = crate::units::parse_secs)]
+    #[arg(long, env = "PARLOR_TYPING_INTERVAL", default_value = "2", value_parser = crate::units::parse_secs)]
     pub typing_interval: Duration,
 
     /// Password hashing threads.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "PARLOR_HASH_THREADS", default_value_t = 1)]
     pub hash_threads: usize,
 
     /// argon2id memory cost in KiB (OWASP: 19456). Lower only for tests.
-    #[arg(long, default_value_t = 19456)]
+    #[arg(long, env = "PARLOR_ARGON2_MEMORY", default_value_t = 19456)]
     pub argon2_memory: u32,
 
     /// argon2id iterations (OWASP: 2). Lower only for tests.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "PARLOR_ARGON2_ITERATIONS", default_value_t = 2)]
     pub argon2_iterations: u32,
 }
 

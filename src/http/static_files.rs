@@ -83,6 +83,23 @@ impl StaticFiles {
         Ok(StaticFiles { files: walk.files })
     }
 
+    /// A snapshot of files given in memory as (relative `/`-separated path, bytes): the
+    /// browser client embedded in the binary at build time.
+    pub fn from_memory(files: &[(&str, &[u8])]) -> StaticFiles {
+        let files = files
+            .iter()
+            .map(|(key, body)| {
+                let entry = Entry {
+                    content_type: content_type(key),
+                    etag: etag(body),
+                    body: body.to_vec().into_boxed_slice(),
+                };
+                (key.to_string(), entry)
+            })
+            .collect();
+        StaticFiles { files }
+    }
+
     /// Number of files held.
     pub fn len(&self) -> usize {
         self.files.len()
@@ -675,6 +692,16 @@ mod tests {
         let mut r = req("HEAD", "/app.js");
         r.headers.push(("if-none-match".into(), tag.into_bytes()));
         assert_eq!(files.respond(&r).status, 304);
+    }
+
+    #[test]
+    fn files_from_memory_are_served_like_loaded_ones() {
+        let sf = StaticFiles::from_memory(&[("index.html", b"<p>hi</p>"), ("js/a.js", b"1")]);
+        assert_eq!(sf.len(), 2);
+        let (files, _) = (&sf.files, ());
+        assert_eq!(&*files["index.html"].body, b"<p>hi</p>");
+        assert_eq!(files["js/a.js"].content_type, content_type("js/a.js"));
+        assert_eq!(files["index.html"].etag, etag(b"<p>hi</p>"));
     }
 
     #[test]

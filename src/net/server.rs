@@ -97,7 +97,12 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let static_files = StaticFiles::load(&config.www, MAX_STATIC_BYTES)?;
+        // The client built into the binary, unless --www serves one from disk (for working on
+        // the client without rebuilding).
+        let static_files = match &config.www {
+            Some(dir) => StaticFiles::load(dir, MAX_STATIC_BYTES)?,
+            None => StaticFiles::from_memory(crate::embedded::EMBEDDED_WWW),
+        };
         for ep in &endpoints {
             if ep.max_message > config.memory_budget {
                 log::warn!(
