@@ -68,6 +68,11 @@ pub struct Config {
     #[arg(long, env = "PARLOR_TRUSTED_PROXY", value_delimiter = ',', value_parser = crate::http::Cidr::parse_arg)]
     pub trusted_proxy: Vec<crate::http::Cidr>,
 
+    /// Addresses besides loopback that may read /metrics (comma-separated IPs or CIDRs, e.g. a
+    /// Prometheus scraper's network). Everyone else gets 403; /healthz stays public.
+    #[arg(long, env = "PARLOR_METRICS_ALLOW", value_delimiter = ',', value_parser = crate::http::Cidr::parse_arg)]
+    pub metrics_allow: Vec<crate::http::Cidr>,
+
     /// Maximum size of an HTTP request head, in bytes (larger gets 431).
     #[arg(long, env = "PARLOR_MAX_REQUEST_HEAD", default_value_t = 8 * 1024)]
     pub max_request_head: usize,

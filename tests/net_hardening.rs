@@ -474,3 +474,46 @@ fn trusted_proxy_forwarded_addresses_are_limited_separately() {
     }
     assert_eq!(server.metric("parlor_rejected_per_ip_total"), 2);
 }
+
+/// `GET path` with extra header lines, from 127.0.0.1; the response status.
+fn status_of(server: &Server, path: &str, headers: &str) -> u16 {
+    let mut s = server.tcp();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).expect("request");
+    read_http_to_eof(&mut s).status
+}
+
+/// `/metrics` answers loopback only (a proxied request is not local, whatever the TCP peer),
+/// and the addresses of `--metrics-allow`; `/healthz` stays public.
+#[test]
+fn metrics_are_served_to_loopback_and_metrics_allow_only() {
+    let xff = |ip: &str| format!("X-Forwarded-For: {ip}\r\n");
+    // Behind a trusted proxy, the forwarded client is who asks.
+    let server = Server::with_args(&["--trusted-proxy", "127.0.0.1"]);
+    assert_eq!(
+        status_of(&server, "/metrics", ""),
+        200,
+        "direct from loopback"
+    );
+    assert_eq!(status_of(&server, "/metrics", &xff("203.0.113.5")), 403);
+    assert_eq!(status_of(&server, "/healthz", &xff("203.0.113.5")), 200);
+    drop(server);
+    let server = Server::with_args(&[
+        "--trusted-proxy",
+        "127.0.0.1",
+        "--metrics-allow",
+        "203.0.113.0/24",
+    ]);
+    assert_eq!(status_of(&server, "/metrics", &xff("203.0.113.5")), 200);
+    assert_eq!(status_of(&server, "/metrics", &xff("198.51.100.1")), 403);
+    drop(server);
+    // A reverse proxy on the same host that is not declared trusted: its requests carry
+    // forwarding headers, so they are not taken as local.
+    let server = Server::start();
+    assert_eq!(status_of(&server, "/metrics", &xff("203.0.113.5")), 403);
+    assert_eq!(
+        status_of(&server, "/metrics", "Forwarded: for=203.0.113.5\r\n"),
+        403
+    );
+    assert_eq!(status_of(&server, "/metrics", ""), 200);
+}

@@ -559,7 +559,8 @@ impl Server {
         }
         if !http::is_upgrade(&request) {
             self.metrics.http_requests += 1;
-            let resp = self.http_response(&request);
+            let client = self.conns[idx].peer.ip();
+            let resp = self.http_response(&request, client);
             log::debug!(
                 "{}: {} {} -> {}",
                 self.conns[idx].peer,
@@ -622,8 +623,27 @@ impl Server {
         }
     }
 
-    fn http_response(&self, req: &http::Request) -> Response {
+    /// Whether `client` may read `/metrics`: a direct connection from loopback (a request
+    /// that carries forwarding headers came through a proxy, so it is not local whatever the
+    /// TCP peer), or an address in `--metrics-allow`.
+    fn may_read_metrics(&self, req: &http::Request, client: std::net::IpAddr) -> bool {
+        let proxied = req
+            .headers
+            .iter()
+            .any(|(name, _)| name == "x-forwarded-for" || name == "forwarded");
+        (client.is_loopback() && !proxied) || http::is_trusted(&self.config.metrics_allow, client)
+    }
+
+    fn http_response(&self, req: &http::Request, client: std::net::IpAddr) -> Response {
         match (req.method.as_str(), req.path.as_str()) {
+            ("GET" | "HEAD", "/metrics") if !self.may_read_metrics(req, client) => {
+                let mut r = Response::text(
+                    403,
+                    "metrics are served to loopback and to --metrics-allow addresses only",
+                );
+                r.head_only = req.method == "HEAD";
+                r
+            }
             ("GET" | "HEAD", "/healthz") => {
                 let mut r = Response::text(200, "ok");
                 r.head_only = req.method == "HEAD";
