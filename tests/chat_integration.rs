@@ -503,3 +503,32 @@ fn slow_consumer_is_dropped_without_delaying_others() {
     assert_eq!(code, 1008);
     srv.stop();
 }
+
+/// `--registration closed`: `register` answers `registration_closed` (nothing is hashed or
+/// stored), existing accounts still log in, and `GET /api/server` tells clients.
+#[test]
+fn closed_registration_refuses_register_and_says_so() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("registration");
+    let srv = Server::spawn(&dir.0, &[]);
+    let (c, _) = Client::register(&srv.addr, "alice");
+    drop(c);
+    srv.stop();
+    let srv = Server::spawn(&dir.0, &["--registration", "closed"]);
+    let mut c = Client::connect(&srv.addr);
+    c.send(json!({"type":"register","user":"mallory","password":"password123","ref":"r"}));
+    let e = c.expect_error("registration_closed");
+    assert_eq!(e["ref"], "r");
+    c.send(json!({"type":"login","user":"mallory","password":"password123"}));
+    c.expect_error("auth_failed");
+    c.send(json!({"type":"login","user":"alice","password":"password123"}));
+    c.expect("welcome");
+    let mut s = std::net::TcpStream::connect(&srv.addr).expect("connect");
+    s.write_all(b"GET /api/server HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("response");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with(r#"{"registration":"closed"}"#), "{resp}");
+    srv.stop();
+}

@@ -23,10 +23,12 @@ pub enum ErrorCode {
     NoSuchRoom,
     /// Extension: the store failed to commit; the request had no effect.
     Internal,
+    /// `register` on a server started with `--registration closed`.
+    RegistrationClosed,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::BadRequest,
@@ -41,6 +43,7 @@ impl ErrorCode {
         ErrorCode::NickTaken,
         ErrorCode::NoSuchRoom,
         ErrorCode::Internal,
+        ErrorCode::RegistrationClosed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +62,7 @@ impl ErrorCode {
             ErrorCode::NickTaken => "nick_taken",
             ErrorCode::NoSuchRoom => "no_such_room",
             ErrorCode::Internal => "internal",
+            ErrorCode::RegistrationClosed => "registration_closed",
         }
     }
 

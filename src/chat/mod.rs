@@ -37,6 +37,24 @@ mod testutil;
 pub use protocol::{parse_client_frame, ClientFrame, Command, ParseError};
 pub use service::ChatService;
 
+/// Whether anyone may create an account (`--registration`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// `register` creates accounts.
+    Open,
+    /// `register` answers `registration_closed`; an operator creates the accounts.
+    Closed,
+}
+
+impl Registration {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Registration::Open => "open",
+            Registration::Closed => "closed",
+        }
+    }
+}
+
 /// Durability of acknowledged messages (`--durability`).
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DurabilityArg {
@@ -52,6 +70,11 @@ pub struct ChatConfig {
     /// Largest WebSocket message accepted on /ws, in bytes (larger closes with 1009).
     #[arg(long, env = "PARLOR_CHAT_MAX_MESSAGE", default_value_t = 64 * 1024)]
     pub chat_max_message: usize,
+
+    /// open: anyone may create an account with `register`; closed: `register` answers
+    /// `registration_closed` (a private server). `GET /api/server` tells the browser client.
+    #[arg(long, env = "PARLOR_REGISTRATION", value_enum, default_value_t = Registration::Open)]
+    pub registration: Registration,
 
     /// Chat messages (say/dm) per second per user; 0 disables the limit.
     #[arg(long, env = "PARLOR_RATE_LIMIT", default_value_t = 10.0)]

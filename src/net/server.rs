@@ -644,6 +644,19 @@ impl Server {
                 r.head_only = req.method == "HEAD";
                 r
             }
+            ("GET" | "HEAD", "/api/server") => {
+                // What the browser client needs to know before signing in.
+                let body = format!(
+                    "{{\"registration\":\"{}\"}}",
+                    self.config.chat.registration.as_str()
+                );
+                let mut r = Response::new(200)
+                    .header("Content-Type", "application/json")
+                    .header("Cache-Control", "no-store");
+                r.body = body.into_bytes();
+                r.head_only = req.method == "HEAD";
+                r
+            }
             ("GET" | "HEAD", "/healthz") => {
                 let mut r = Response::text(200, "ok");
                 r.head_only = req.method == "HEAD";

@@ -55,6 +55,19 @@ class App {
     if (token) this.ui.showBooting();
     else this.ui.showLogin();
     this.conn.start();
+    this.loadServerInfo();
+  }
+
+  // What the server tells before sign-in (GET /api/server): whether accounts can be created.
+  async loadServerInfo() {
+    try {
+      const r = await fetch('/api/server', { cache: 'no-store' });
+      if (!r.ok) return;
+      const info = await r.json();
+      this.ui.setRegistrationOpen(info.registration !== 'closed');
+    } catch {
+      // An older server without the endpoint: keep the form as it is.
+    }
   }
 
   // ---------- connection lifecycle ----------
@@ -756,8 +769,10 @@ class App {
             user_taken: 'That user name is taken. Log in instead, or pick another name.',
             weak_password: 'That password is too weak: use at least 8 characters.',
             rate_limited: 'Too many attempts. Wait a little and try again.',
+            registration_closed: 'This server does not accept new accounts. Ask its administrator for one.',
             bad_request: msg,
           }[f.code] || msg;
+          if (f.code === 'registration_closed') this.ui.setRegistrationOpen(false);
           this.ui.loginError(text);
         }
         break;

@@ -77,6 +77,14 @@ export class UI {
   }
 
   loginError(text) { $('login-error').textContent = text; }
+  /** On a server with --registration closed there is no "Create account" to offer. */
+  setRegistrationOpen(open) {
+    $('register-submit').hidden = !open;
+    $('login-lead').textContent = open
+      ? 'Sign in to chat, or create an account in one step.'
+      : 'Sign in to chat. New accounts are made by this server’s administrator.';
+    $('pw-hint').hidden = !open;
+  }
   loginStatus(text) { $('login-status').textContent = text; }
   loginBusy(busy) {
     $('login-submit').disabled = busy;

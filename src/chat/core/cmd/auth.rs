@@ -12,6 +12,7 @@ use crate::chat::hashq::Refused;
 use crate::chat::protocol::{Command, ErrorCode, PresenceEvent, ServerFrame};
 use crate::chat::store::Write;
 use crate::chat::validate;
+use crate::chat::Registration;
 use crate::service::ConnId;
 use sha2::{Digest, Sha256};
 
@@ -65,6 +66,14 @@ impl Hub {
     ) {
         let r = reference.as_deref();
         let now = self.now.mono;
+        if self.cfg.registration == Registration::Closed {
+            return self.error(
+                conn,
+                ErrorCode::RegistrationClosed,
+                "registration is closed on this server; ask its administrator for an account",
+                r,
+            );
+        }
         if let Err((code, msg)) =
             validate::user_name(&user).and_then(|_| validate::password(&password))
         {
