@@ -26,7 +26,7 @@ pub struct Config {
     pub www: Option<PathBuf>,
 
     /// Directory for chat storage (created if missing).
-    #[arg(long, env = "PARLOR_DATA", default_value = "data")]
+    #[arg(long, env = "PARLOR_DATA", default_value = "data", global = true)]
     pub data: PathBuf,
 
     /// Log level: error, warn, info, debug or trace.
@@ -138,6 +138,22 @@ pub struct Config {
 
     #[command(flatten)]
     pub chat: crate::chat::ChatConfig,
+
+    /// Without a command, run the server.
+    #[command(subcommand)]
+    pub command: Option<Admin>,
+}
+
+/// Operator commands that work on `--data` instead of serving.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Admin {
+    /// Write a consistent copy of the chat store to FILE (which must not exist). Safe while
+    /// the server runs: it keeps committing during the copy (SQLite's online backup API). The
+    /// copy is verified by opening it.
+    Backup { file: PathBuf },
+    /// Put the backup FILE in --data as its chat store. --data must not hold one yet; the
+    /// server must not be running on it.
+    Restore { file: PathBuf },
 }
 
 impl Config {

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use parlor::config::Config;
+use parlor::config::{Admin, Config};
 use parlor::net::{Endpoint, Server};
 
 fn main() -> ExitCode {
@@ -13,6 +13,10 @@ fn main() -> ExitCode {
         .with_level(config.log_level)
         .init()
         .expect("logger set up once");
+
+    if let Some(cmd) = &config.command {
+        return run_admin(cmd, &config);
+    }
 
     raise_fd_limit(config.max_connections);
     keep_freed_heap(config.malloc_trim_threshold);
@@ -130,4 +134,33 @@ fn where_to_look(config: &Config, addr: std::net::SocketAddr) -> String {
         addr.port(),
         data.display()
     )
+}
+
+/// `parlor backup FILE` / `parlor restore FILE`: one line of result on stdout, or the reason on
+/// stderr and exit code 1.
+fn run_admin(cmd: &Admin, config: &Config) -> ExitCode {
+    use parlor::chat::store;
+    let (what, result) = match cmd {
+        Admin::Backup { file } => (
+            format!("backed up {} to {}", config.data.display(), file.display()),
+            store::backup(&config.data, file),
+        ),
+        Admin::Restore { file } => (
+            format!("restored {} into {}", file.display(), config.data.display()),
+            store::restore(file, &config.data),
+        ),
+    };
+    match result {
+        Ok(s) => {
+            println!(
+                "{what}: {} users, {} rooms, {} messages",
+                s.users, s.rooms, s.messages
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("parlor: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

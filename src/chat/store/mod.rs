@@ -19,7 +19,7 @@ use super::Wake;
 
 pub mod sqlite;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{backup, restore, verify_copy, CopySummary, SqliteStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {

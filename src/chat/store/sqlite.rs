@@ -304,6 +304,118 @@ fn write_reservation(conn: &Connection, upto: i64) -> rusqlite::Result<()> {
     .map(|_| ())
 }
 
+/// What a backup or restore copied: the chat's counts in the copy, read back from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopySummary {
+    pub users: i64,
+    pub rooms: i64,
+    pub messages: i64,
+}
+
+/// Opens `path` read-only, checks it is a whole chat database of a version this build knows
+/// (`PRAGMA integrity_check`, the schema version) and counts what it holds.
+pub fn verify_copy(path: &Path) -> Result<CopySummary, StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| StoreError::Open {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })?;
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(sql("integrity check"))?;
+    if check != "ok" {
+        return Err(StoreError::Sql {
+            context: "integrity check",
+            source: check.into(),
+        });
+    }
+    let found = schema_version(&conn, path)?;
+    if !(1..=SCHEMA_VERSION).contains(&found) {
+        return Err(StoreError::Schema {
+            path: path.to_path_buf(),
+            found_version: found,
+            known_version: SCHEMA_VERSION,
+        });
+    }
+    let count = |table: &str| -> Result<i64, StoreError> {
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .map_err(sql("count rows"))
+    };
+    Ok(CopySummary {
+        users: count("users")?,
+        rooms: count("rooms")?,
+        messages: count("messages")?,
+    })
+}
+
+/// `parlor backup`: a consistent copy of `dir/chat.db` in `dest` (which must not exist),
+/// taken with SQLite's online backup API, so a running server goes on committing meanwhile:
+/// the copy holds exactly the transactions committed when the backup's last step ran. The copy
+/// is verified by opening it.
+pub fn backup(dir: &Path, dest: &Path) -> Result<CopySummary, StoreError> {
+    let src_path = dir.join("chat.db");
+    if !src_path.is_file() {
+        return Err(StoreError::Io {
+            path: src_path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no chat database here"),
+        });
+    }
+    if dest.exists() {
+        return Err(StoreError::Io {
+            path: dest.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "refusing to overwrite"),
+        });
+    }
+    let src = Connection::open_with_flags(&src_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| StoreError::Open {
+            path: src_path.clone(),
+            source: Box::new(e),
+        })?;
+    let mut out = Connection::open(dest).map_err(|e| StoreError::Open {
+        path: dest.to_path_buf(),
+        source: Box::new(e),
+    })?;
+    {
+        let b = rusqlite::backup::Backup::new(&src, &mut out).map_err(sql("start backup"))?;
+        // Many small steps, so a busy server's writers are never held up for long.
+        b.run_to_completion(256, std::time::Duration::from_millis(2), None)
+            .map_err(sql("backup"))?;
+    }
+    drop(out);
+    verify_copy(dest)
+}
+
+/// `parlor restore`: puts the backup `src` in `dir` as its chat database. Refuses a `dir` that
+/// already holds one (restore is for an empty data directory) and a file that is not a whole
+/// chat database this build can read.
+pub fn restore(src: &Path, dir: &Path) -> Result<CopySummary, StoreError> {
+    let summary = verify_copy(src)?;
+    let dest = dir.join("chat.db");
+    if dest.exists() {
+        return Err(StoreError::Io {
+            path: dest,
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the data directory already has a chat database; restore into an empty one",
+            ),
+        });
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| StoreError::Io { path, source: e }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Copy under a temporary name and rename, so a crash never leaves half a database where
+    // the server would open it.
+    let tmp = dir.join("chat.db.restoring");
+    std::fs::copy(src, &tmp).map_err(io(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    Ok(summary)
+}
+
 /// The SQLite store: owns the request channel, the event channel and the store thread.
 pub struct SqliteStore {
     /// `None` after [`Store::shutdown`].
