@@ -33,6 +33,10 @@ pub struct Config {
     #[arg(long, env = "PARLOR_LOG_LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
 
+    /// Log line format on stderr: text, or json (one object per line: ts, level, target, msg).
+    #[arg(long, env = "PARLOR_LOG_FORMAT", value_enum, default_value_t = crate::logfmt::LogFormat::Text)]
+    pub log_format: crate::logfmt::LogFormat,
+
     /// Serve the /echo endpoint (every message sent back; for Autobahn and benchmarks). Off by
     /// default: it lets anyone without an account make the server hold large messages.
     #[arg(long, env = "PARLOR_ECHO")]

@@ -23,6 +23,7 @@ pub mod embedded {
 }
 
 pub mod http;
+pub mod logfmt;
 pub mod net;
 pub mod prom;
 pub mod service;

@@ -9,10 +9,7 @@ use parlor::net::{Endpoint, Server};
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    simple_logger::SimpleLogger::new()
-        .with_level(config.log_level)
-        .init()
-        .expect("logger set up once");
+    parlor::logfmt::init(config.log_format, config.log_level).expect("logger set up once");
 
     if let Some(cmd) = &config.command {
         return run_admin(cmd, &config);

@@ -195,3 +195,59 @@ fn the_client_is_built_in_and_flags_read_the_environment() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `--log-format json`: every stderr line of a running server is one JSON object with ts,
+/// level, target and msg.
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new("json-logs");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parlor"))
+        .current_dir(dir.path())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn parlor");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    // The start logs a line; once the server listens (its signal handlers are in place),
+    // SIGTERM logs the shutdown; then stderr ends with the process.
+    let first = err.next().expect("a start line").expect("utf8");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut listening = String::new();
+    out.read_line(&mut listening).expect("listening line");
+    assert!(listening.starts_with("parlor listening on"), "{listening}");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut seen = 0;
+    for line in std::iter::once(first).chain(err.map_while(Result::ok)) {
+        let v: serde_json::Value = serde_json::from_str(&line).expect("each line is JSON");
+        assert!(
+            matches!(v["level"].as_str(), Some("INFO" | "WARN")),
+            "{line}"
+        );
+        assert!(v["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("parlor")));
+        assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()));
+        let ts = v["ts"].as_str().expect("ts");
+        assert!(
+            ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+            "{ts}"
+        );
+        seen += 1;
+    }
+    assert!(seen >= 3, "start and shutdown lines: {seen}");
+    assert!(child.wait().expect("exit").success());
+}
