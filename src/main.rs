@@ -15,6 +15,17 @@ fn main() -> ExitCode {
         return run_admin(cmd, &config);
     }
 
+    if let Some(www) = &config.www {
+        if serves_data(www, &config.data) {
+            log::error!(
+                "--www {} contains --data {}: the chat database would be served over HTTP; \
+                 keep them apart",
+                www.display(),
+                config.data.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     raise_fd_limit(config.max_connections);
     keep_freed_heap(config.malloc_trim_threshold);
 
@@ -160,4 +171,13 @@ fn run_admin(cmd: &Admin, config: &Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether the static directory `www` holds the data directory (or is it): its files, the
+/// database with its password hashes among them, would be served to anyone.
+fn serves_data(www: &std::path::Path, data: &std::path::Path) -> bool {
+    let (Ok(www), Ok(data)) = (std::fs::canonicalize(www), std::fs::canonicalize(data)) else {
+        return false;
+    };
+    data.starts_with(&www)
 }

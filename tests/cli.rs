@@ -86,8 +86,6 @@ fn port_in_use_fails_to_start() {
         .arg(server.addr.to_string())
         .arg("--data")
         .arg(data.path())
-        .arg("--www")
-        .arg(data.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -104,6 +102,8 @@ fn port_in_use_fails_to_start() {
     let out = child.wait_with_output().expect("output");
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot start on"), "says why: {err}");
     // The first one is unaffected.
     server.ws().echo("first server fine");
 }
@@ -250,4 +250,23 @@ fn log_format_json_writes_one_object_per_line() {
     }
     assert!(seen >= 3, "start and shutdown lines: {seen}");
     assert!(child.wait().expect("exit").success());
+}
+
+/// A static directory that holds the data directory would serve the database (password
+/// hashes included) to anyone: the server refuses to start.
+#[test]
+fn www_holding_the_data_directory_is_refused() {
+    let dir = TempDir::new("www-data");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_parlor"))
+        .args(["--listen", "127.0.0.1:0", "--www"])
+        .arg(dir.path())
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .expect("run parlor");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("contains --data"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
 }

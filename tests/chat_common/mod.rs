@@ -58,8 +58,10 @@ impl Server {
             "127.0.0.1:0".into(),
             "--data".into(),
             data.display().to_string(),
-            "--www".into(),
-            data.display().to_string(),
+            // The built-in client. (Serving --www from the data directory would read the live
+            // database's -shm file into memory at start; closing that descriptor drops the
+            // process's POSIX locks on it, and a second process opening the database, such as
+            // `parlor backup`, would then reinitialise the -shm under the server: SIGBUS.)
             "--log-level".into(),
             "error".into(),
         ];
