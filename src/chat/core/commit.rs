@@ -83,10 +83,7 @@ impl Hub {
                         self.authenticate(conn, &user, &token, reference.as_deref());
                     } else {
                         let hash = crate::chat::core::cmd::auth::token_hash(&token);
-                        self.sessions.remove(&hash);
-                        if let Some(u) = self.users.get_mut(&user) {
-                            u.sessions.retain(|h| *h != hash);
-                        }
+                        self.forget_session(&user, hash);
                         self.auth_failed(
                             conn,
                             ErrorCode::Internal,

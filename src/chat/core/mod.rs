@@ -473,16 +473,23 @@ impl Hub {
 
     /// Frames `json` once and queues the same bytes for every connection in `self.scratch`.
     fn broadcast(&mut self, json: &str, message: bool) {
-        if self.scratch.is_empty() {
+        let from = self.fx.recipients.len();
+        self.fx.recipients.extend_from_slice(&self.scratch);
+        self.broadcast_appended(json, message, from);
+    }
+
+    /// Frames `json` once for the recipients appended to `fx.recipients` since `from` (a
+    /// room's cached list goes there directly, without a stop in `scratch`).
+    fn broadcast_appended(&mut self, json: &str, message: bool, from: usize) {
+        let to = self.fx.recipients.len();
+        if to == from {
             return;
         }
         let frame = text_frame(json.as_bytes());
-        let from = self.fx.recipients.len();
-        self.fx.recipients.extend_from_slice(&self.scratch);
         self.fx.list.push(Effect::Broadcast {
             frame,
             from,
-            to: self.fx.recipients.len(),
+            to,
             message,
         });
     }

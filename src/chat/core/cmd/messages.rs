@@ -146,8 +146,9 @@ impl Hub {
                     }
                     rm.fanout_epoch = Some(self.membership_epoch);
                 }
-                self.scratch.clear();
-                self.scratch.extend_from_slice(&rm.fanout);
+                let from = self.fx.recipients.len();
+                self.fx.recipients.extend_from_slice(&rm.fanout);
+                self.broadcast_appended(&json, true, from);
                 None
             }
             (None, Some(tk)) => {
@@ -156,12 +157,12 @@ impl Hub {
                     pair.iter().take(if tk == key { 1 } else { 2 }),
                     ConnId(u64::MAX),
                 );
+                self.broadcast(&json, true);
                 self.note_dm_pair(key, tk);
                 Some(store::dm_key(key, tk))
             }
             _ => return None,
         };
-        self.broadcast(&json, true);
         Some(dm)
     }
 

@@ -74,11 +74,17 @@ impl Hub {
 
     /// Forgets a session token (memory and store).
     pub(in crate::chat::core) fn revoke_session(&mut self, key: &str, hash: [u8; 32]) {
+        self.forget_session(key, hash);
+        self.write(Write::DeleteSession { hash });
+    }
+
+    /// Forgets a session token in memory only (its row is deleted separately, or was never
+    /// committed).
+    pub(in crate::chat::core) fn forget_session(&mut self, key: &str, hash: [u8; 32]) {
         self.sessions.remove(&hash);
         if let Some(u) = self.users.get_mut(key) {
             u.sessions.retain(|h| *h != hash);
         }
-        self.write(Write::DeleteSession { hash });
     }
 
     /// Closes connections that did not authenticate within `--auth-timeout`. Deadlines are
