@@ -100,21 +100,7 @@ fn backup_during_a_flood_then_restore_keeps_every_acked_message() {
     let mut reader = Client::connect(&srv.addr);
     reader.send(json!({"type":"login","user":"sender0","password":"password123"}));
     reader.expect("welcome");
-    let mut stored = std::collections::HashSet::new();
-    let mut after_id = 0i64;
-    loop {
-        reader.send(json!({"type":"history","room":"general","after":after_id,"limit":200}));
-        let h = reader.expect("history");
-        let msgs = h["messages"].as_array().cloned().unwrap_or_default();
-        for m in &msgs {
-            let id = m["id"].as_i64().unwrap_or(-1);
-            stored.insert(id);
-            after_id = after_id.max(id);
-        }
-        if h["more"] != true {
-            break;
-        }
-    }
+    let stored = reader.all_message_ids("general");
     let missing: Vec<&i64> = before.iter().filter(|id| !stored.contains(id)).collect();
     println!(
         "backup: {} acked before it started, {} acked by the end, {} in the restored copy",

@@ -343,21 +343,8 @@ fn crash_loses_no_acked_message() {
     // The reader pages through tens of thousands of messages: no history rate limit here.
     let srv = Server::spawn(&dir.0, &["--query-rate", "0"]);
     let (mut r, _) = Client::register(&srv.addr, "reader");
-    let mut stored = std::collections::HashSet::new();
-    let mut after = 0i64;
-    loop {
-        r.send(json!({"type":"history","room":"general","after":after,"limit":200}));
-        let h = r.expect("history");
-        let msgs = h["messages"].as_array().cloned().unwrap_or_default();
-        for m in &msgs {
-            let id = m["id"].as_i64().unwrap_or(-1);
-            stored.insert(id);
-            after = after.max(id);
-        }
-        if h["more"] != true {
-            break;
-        }
-    }
+    let stored = r.all_message_ids("general");
+    let after = stored.iter().copied().max().unwrap_or(0);
     let missing: Vec<&i64> = acked.iter().filter(|id| !stored.contains(id)).collect();
     println!(
         "crash: {} acked before SIGKILL, {} stored after restart, {} acked missing",

@@ -268,6 +268,16 @@ fn one_address_cannot_take_every_slot() {
     );
 }
 
+/// `GET /healthz` on a new socket and whatever comes back, without panicking on a reset (a
+/// socket refused at accept is answered and closed before its request is read).
+fn healthz_raw(server: &Server) -> Vec<u8> {
+    let mut s = server.tcp();
+    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    got
+}
+
 #[test]
 fn healthz_answers_from_loopback_when_full() {
     let server = Server::echo_with(&["--max-connections", "5", "--max-connections-per-ip", "0"]);
@@ -290,13 +300,7 @@ fn healthz_answers_from_loopback_when_full() {
     // The reserve is small: 16 idle loopback sockets take it, the next is refused at once
     // (the answer is written at accept, before the request is read, so a reset may follow it).
     let idle: Vec<_> = (0..16).map(|_| server.tcp()).collect();
-    let refused = || {
-        let mut s = server.tcp();
-        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got);
-        got.starts_with(b"HTTP/1.1 503")
-    };
+    let refused = || healthz_raw(&server).starts_with(b"HTTP/1.1 503");
     assert!(
         eventually(Duration::from_secs(3), refused),
         "a 17th loopback connection was admitted past the reserve"
@@ -304,13 +308,7 @@ fn healthz_answers_from_loopback_when_full() {
     drop(idle);
     // Until the server has seen those closes, a new socket may still be refused at accept
     // (and reset): ask without panicking on that.
-    let answered = || {
-        let mut s = server.tcp();
-        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got);
-        got.starts_with(b"HTTP/1.1 200")
-    };
+    let answered = || healthz_raw(&server).starts_with(b"HTTP/1.1 200");
     assert!(
         eventually(Duration::from_secs(3), answered),
         "the reserve did not come back after its sockets closed"

@@ -292,6 +292,25 @@ impl Client {
         }
     }
 
+    /// The id of every message of `room`, paging forward through `history` until `more` is
+    /// false (the server must allow that many queries: `--query-rate 0`).
+    pub fn all_message_ids(&mut self, room: &str) -> std::collections::HashSet<i64> {
+        let mut stored = std::collections::HashSet::new();
+        let mut after = 0i64;
+        loop {
+            self.send(json!({"type":"history","room":room,"after":after,"limit":200}));
+            let h = self.expect("history");
+            for m in h["messages"].as_array().into_iter().flatten() {
+                let id = m["id"].as_i64().unwrap_or(-1);
+                stored.insert(id);
+                after = after.max(id);
+            }
+            if h["more"] != true {
+                return stored;
+            }
+        }
+    }
+
     pub fn register(addr: &str, user: &str) -> (Client, String) {
         let mut c = Client::connect(addr);
         c.send(json!({"type":"register","user":user,"password":"password123"}));
