@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-/// Re-exported from [`crate::units`], where they live so `chat` needs nothing from here.
-pub use crate::units::{parse_bytes, parse_secs};
+use crate::units::{parse_bytes, parse_secs};
 
 /// Parlor: a self-hosted real-time chat server.
 ///

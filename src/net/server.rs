@@ -308,12 +308,7 @@ impl Server {
             .register(&mut socket, Token(token), Interest::READABLE)
         {
             log::warn!("{peer}: register failed: {e}");
-            if let Some(ip) = counted_ip {
-                self.uncount_ip(ip);
-            }
-            if reserve.is_some() {
-                self.reserve_open -= 1;
-            }
+            self.release_slot(counted_ip, reserve.is_some());
             return;
         }
         let deadline = self.now + self.config.handshake_timeout;
@@ -383,6 +378,17 @@ impl Server {
 
     fn count_ip(&mut self, ip: IpAddr) {
         *self.per_ip.entry(ip).or_default() += 1;
+    }
+
+    /// A connection's slot is free again: its per-address count, or its place in the loopback
+    /// reserve.
+    fn release_slot(&mut self, counted_ip: Option<IpAddr>, in_reserve: bool) {
+        if let Some(ip) = counted_ip {
+            self.uncount_ip(ip);
+        }
+        if in_reserve {
+            self.reserve_open -= 1;
+        }
     }
 
     fn uncount_ip(&mut self, ip: IpAddr) {
@@ -635,15 +641,11 @@ impl Server {
     }
 
     fn http_response(&self, req: &http::Request, client: std::net::IpAddr) -> Response {
-        match (req.method.as_str(), req.path.as_str()) {
-            ("GET" | "HEAD", "/metrics") if !self.may_read_metrics(req, client) => {
-                let mut r = Response::text(
-                    403,
-                    "metrics are served to loopback and to --metrics-allow addresses only",
-                );
-                r.head_only = req.method == "HEAD";
-                r
-            }
+        let mut r = match (req.method.as_str(), req.path.as_str()) {
+            ("GET" | "HEAD", "/metrics") if !self.may_read_metrics(req, client) => Response::text(
+                403,
+                "metrics are served to loopback and to --metrics-allow addresses only",
+            ),
             ("GET" | "HEAD", "/api/server") => {
                 // What the browser client needs to know before signing in.
                 let body = format!(
@@ -654,14 +656,9 @@ impl Server {
                     .header("Content-Type", "application/json")
                     .header("Cache-Control", "no-store");
                 r.body = body.into_bytes();
-                r.head_only = req.method == "HEAD";
                 r
             }
-            ("GET" | "HEAD", "/healthz") => {
-                let mut r = Response::text(200, "ok");
-                r.head_only = req.method == "HEAD";
-                r
-            }
+            ("GET" | "HEAD", "/healthz") => Response::text(200, "ok"),
             ("GET" | "HEAD", "/metrics") => {
                 let mut body = String::new();
                 let websockets = self
@@ -677,11 +674,13 @@ impl Server {
                 let mut r = Response::new(200)
                     .header("Content-Type", "text/plain; version=0.0.4; charset=utf-8");
                 r.body = body.into_bytes();
-                r.head_only = req.method == "HEAD";
                 r
             }
-            _ => self.static_files.respond(req),
-        }
+            // Static files answer HEAD themselves (error responses included).
+            _ => return self.static_files.respond(req),
+        };
+        r.head_only = req.method == "HEAD";
+        r
     }
 
     fn reply_and_finish(&mut self, idx: usize, resp: Response) {
@@ -1163,12 +1162,7 @@ impl Server {
                 let _ = self.poll.registry().deregister(&mut conn.socket);
                 log::debug!("{}: connection closed", conn.peer);
                 self.mem_used -= conn.charged_in + conn.charged_out;
-                if let Some(ip) = conn.counted_ip {
-                    self.uncount_ip(ip);
-                }
-                if conn.reserve.is_some() {
-                    self.reserve_open -= 1;
-                }
+                self.release_slot(conn.counted_ip, conn.reserve.is_some());
             }
         }
     }
