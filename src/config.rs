@@ -19,6 +19,24 @@ pub struct Config {
     #[arg(long, env = "PARLOR_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// PEM certificate chain for built-in TLS: with --tls-key, --listen serves HTTPS and
+    /// wss:// (TLS 1.2 and 1.3). SIGHUP reloads both files; new handshakes use the new pair.
+    #[arg(long, env = "PARLOR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for --tls-cert.
+    #[arg(long, env = "PARLOR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// A second address serving only /metrics and /healthz, plain HTTP, to anyone who reaches
+    /// it (for a Prometheus scraper on a private network). Off by default.
+    #[arg(long, env = "PARLOR_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Maximum simultaneous connections on --metrics-listen; extra ones are closed.
+    #[arg(long, env = "PARLOR_METRICS_MAX_CONNECTIONS", default_value_t = 16)]
+    pub metrics_max_connections: usize,
+
     /// Serve the browser client from this directory instead of the copy built into the binary
     /// (for working on the client without rebuilding).
     #[arg(long, env = "PARLOR_WWW")]

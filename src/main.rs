@@ -7,6 +7,19 @@ use clap::Parser;
 use parlor::config::{Admin, Config};
 use parlor::net::{Endpoint, Server};
 
+/// Exit codes an operator (or systemd's `RestartPreventExitStatus=`) can act on; clap exits
+/// with 2 for a bad flag. Listed in docs/DEPLOY.md.
+mod exit {
+    /// The event loop failed, or an admin command did not complete.
+    pub const FAILURE: u8 = 1;
+    /// The data directory or the chat store in it cannot be used.
+    pub const DATA: u8 = 3;
+    /// The listen address cannot be bound (in use, not ours, no permission).
+    pub const LISTEN: u8 = 4;
+    /// The TLS certificate or key cannot be read or does not fit.
+    pub const TLS: u8 = 5;
+}
+
 fn main() -> ExitCode {
     let config = Config::parse();
     parlor::logfmt::init(config.log_format, config.log_level).expect("logger set up once");
@@ -23,9 +36,20 @@ fn main() -> ExitCode {
                 www.display(),
                 config.data.display()
             );
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit::DATA);
         }
     }
+    // Before the store: a typo in a certificate path should not wait for a store to open.
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => match parlor::net::tls::load(cert, key) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                log::error!("cannot use the TLS certificate: {e}");
+                return ExitCode::from(exit::TLS);
+            }
+        },
+        _ => None,
+    };
     raise_fd_limit(config.max_connections);
     keep_freed_heap(config.malloc_trim_threshold);
 
@@ -49,24 +73,34 @@ fn main() -> ExitCode {
                 "cannot open the chat store in {}: {e}",
                 config.data.display()
             );
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit::DATA);
         }
     }
 
     let mut server = match Server::bind(config.clone(), endpoints) {
         Ok(s) => s,
         Err(e) => {
-            log::error!("cannot start on {}: {e}", config.listen);
-            return ExitCode::FAILURE;
+            let addr = match config.metrics_listen {
+                Some(m) => format!("{} (or --metrics-listen {m})", config.listen),
+                None => config.listen.to_string(),
+            };
+            log::error!("cannot start on {addr}: {e}");
+            return ExitCode::from(exit::LISTEN);
         }
     };
+    if let Some(tls) = tls {
+        server.set_tls(tls);
+    }
     if let Err(e) = server.handle_signals() {
         log::error!("cannot install signal handlers: {e}");
-        return ExitCode::FAILURE;
+        return ExitCode::from(exit::FAILURE);
     }
     // Tests and scripts read this line to learn the port when started with --listen ...:0.
     println!("parlor listening on {}", server.local_addr());
     println!("{}", where_to_look(&config, server.local_addr()));
+    if let Some(addr) = server.metrics_addr() {
+        println!("metrics and health on http://{addr}/metrics and /healthz");
+    }
     let _ = std::io::stdout().flush();
     match server.run() {
         Ok(()) => {
@@ -75,7 +109,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             log::error!("event loop failed: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::FAILURE)
         }
     }
 }
@@ -137,8 +171,13 @@ fn where_to_look(config: &Config, addr: std::net::SocketAddr) -> String {
         Some(dir) => format!(" (client from {})", dir.display()),
         None => String::new(),
     };
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     format!(
-        "open http://{host}:{}/ in a browser{client}; chat data in {}",
+        "open {scheme}://{host}:{}/ in a browser{client}; chat data in {}",
         addr.port(),
         data.display()
     )
@@ -168,7 +207,7 @@ fn run_admin(cmd: &Admin, config: &Config) -> ExitCode {
         }
         Err(e) => {
             eprintln!("parlor: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::FAILURE)
         }
     }
 }

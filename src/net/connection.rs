@@ -6,6 +6,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use super::outbound::OutQueue;
+use super::tls::Tls;
 use crate::ws::reader::MessageReader;
 
 /// Where a connection is in its life. Transitions only move down this list.
@@ -44,6 +45,8 @@ pub struct Connection {
     /// Admitted into the loopback reserve past a connection limit: only `/healthz` and
     /// `/metrics` are served; anything else gets this status.
     pub reserve: Option<u16>,
+    /// Accepted on `--metrics-listen`: only `/metrics` and `/healthz`, readable by anyone.
+    pub monitor: bool,
     /// Bytes of the reader's assembly buffer and of unshared queued frames that this connection
     /// is charged in the loop's `--memory-budget` count.
     pub charged_in: usize,
@@ -58,6 +61,9 @@ pub struct Connection {
     /// Unconsumed input. Empty (no allocation) almost always: the reader consumes payloads as
     /// they arrive, so this holds at most a partial request head, frame header or control frame.
     pub rbuf: Vec<u8>,
+    /// TLS state on a `--tls-cert` listener: bytes on the socket are records, and everything
+    /// above sees only their plaintext.
+    pub tls: Option<Box<Tls>>,
     pub reader: MessageReader,
     pub out: OutQueue,
     /// The latest unanswered ping's payload, sent at the next frame boundary. A ping flood

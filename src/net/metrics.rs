@@ -23,6 +23,11 @@ pub struct Metrics {
     pub ping_timeouts: u64,
     pub slow_consumer_drops: u64,
     pub accept_errors: u64,
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
+    pub tls_plain_http: u64,
+    pub tls_reloads: u64,
+    pub tls_reload_failures: u64,
     /// Close frames we sent, by code.
     pub closes_sent: BTreeMap<u16, u64>,
     /// Close frames we received, by code (1005 for an empty close).
@@ -129,6 +134,31 @@ impl Metrics {
             "parlor_accept_errors_total",
             "accept() failures (e.g. out of file descriptors).",
             self.accept_errors,
+        );
+        w.counter(
+            "parlor_tls_handshakes_total",
+            "Completed TLS handshakes.",
+            self.tls_handshakes,
+        );
+        w.counter(
+            "parlor_tls_failures_total",
+            "Connections dropped for a TLS error (bad handshake, corrupt record).",
+            self.tls_failures,
+        );
+        w.counter(
+            "parlor_tls_plain_http_total",
+            "Plain HTTP requests on the TLS port, answered 400.",
+            self.tls_plain_http,
+        );
+        w.counter(
+            "parlor_tls_reloads_total",
+            "Certificate reloads (SIGHUP) that took effect.",
+            self.tls_reloads,
+        );
+        w.counter(
+            "parlor_tls_reload_failures_total",
+            "Certificate reloads that failed (the previous pair stays in use).",
+            self.tls_reload_failures,
         );
         for (name, map, help) in [
             (

@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, ErrorKind, Read, Write};
 use std::mem;
 use std::net::{IpAddr, Shutdown, SocketAddr};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -21,6 +21,7 @@ use super::connection::{Connection, Phase};
 use super::metrics::Metrics;
 use super::outbound::{Chunk, MAX_IOVECS};
 use super::timers::Timers;
+use super::tls::{self, Tls, TlsError};
 use crate::config::Config;
 use crate::http::{self, HeadLimits, Parsed, Response, StaticFiles};
 use crate::service::{ConnId, Message, Outbox, Service, SharedFrame};
@@ -31,8 +32,9 @@ use crate::ws::reader::{Event, MessageReader, ReadLimits};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
+const METRICS_LISTENER: Token = Token(3);
 /// Connection tokens are `generation << 32 | (slab index + FIRST_CONN)`.
-const FIRST_CONN: usize = 3;
+const FIRST_CONN: usize = 4;
 /// Size of the loop-wide read buffer every socket reads into first.
 const SCRATCH: usize = 64 * 1024;
 /// How long accepting pauses after the process ran out of file descriptors.
@@ -82,6 +84,19 @@ pub struct Server {
     /// Connections with output waiting for WRITABLE, (slab index, token): checked for write
     /// stalls once a second, so the check costs nothing for connections that keep up.
     backlog: Vec<(usize, usize)>,
+    /// `--tls-cert`/`--tls-key`: every connection on the main listener speaks TLS. Replaced
+    /// on SIGHUP; connections keep the configuration they started with.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// A SIGHUP reload in progress on its own thread (file reads are disk I/O).
+    tls_reload: Option<mpsc::Receiver<Result<Arc<rustls::ServerConfig>, TlsError>>>,
+    /// Decrypted input of one read, before the HTTP/WebSocket layers see it.
+    plain: Vec<u8>,
+    /// One record's worth of frames gathered for encryption (see [`tls`]).
+    cork: Vec<u8>,
+    /// `--metrics-listen`: only /metrics and /healthz, to anyone who reaches it.
+    metrics_listener: Option<TcpListener>,
+    /// Connections open on the metrics listener.
+    metrics_open: usize,
 }
 
 fn index_of(token: usize) -> Option<usize> {
@@ -97,6 +112,15 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => {
+                let mut l = TcpListener::bind(addr)?;
+                poll.registry()
+                    .register(&mut l, METRICS_LISTENER, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
         // The client built into the binary, unless --www serves one from disk (for working on
         // the client without rebuilding).
         let static_files = match &config.www {
@@ -139,7 +163,25 @@ impl Server {
             reserve_open: 0,
             mem_used: 0,
             backlog: Vec::new(),
+            tls: None,
+            tls_reload: None,
+            plain: Vec::new(),
+            cork: Vec::new(),
+            metrics_listener,
+            metrics_open: 0,
         })
+    }
+
+    /// Serves TLS on the main listener with `config` (see [`tls::load`]).
+    pub fn set_tls(&mut self, config: Arc<rustls::ServerConfig>) {
+        self.tls = Some(config);
+    }
+
+    /// The address `--metrics-listen` is bound to, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -151,6 +193,7 @@ impl Server {
         let mut signals = signal_hook_mio::v1_0::Signals::new([
             signal_hook::consts::SIGINT,
             signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
         ])?;
         self.poll
             .registry()
@@ -192,7 +235,11 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
-                    WAKER => self.wake_services(),
+                    METRICS_LISTENER => self.accept_monitoring(),
+                    WAKER => {
+                        self.finish_tls_reload();
+                        self.wake_services();
+                    }
                     SIGNALS => self.on_signal(),
                     Token(t) => self.on_conn_event(
                         t,
@@ -249,7 +296,7 @@ impl Server {
                 return;
             };
             match listener.accept() {
-                Ok((socket, peer)) => self.admit(socket, peer),
+                Ok((socket, peer)) => self.admit(socket, peer, false),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e)
                     if e.kind() == ErrorKind::Interrupted
@@ -270,14 +317,46 @@ impl Server {
         }
     }
 
-    fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr) {
+    /// Accepts on `--metrics-listen`. Its connections are served /metrics and /healthz only,
+    /// are plain HTTP, and count against `--metrics-max-connections`, not the chat's limits.
+    fn accept_monitoring(&mut self) {
+        loop {
+            let Some(listener) = &self.metrics_listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((socket, peer)) => {
+                    if self.metrics_open >= self.config.metrics_max_connections {
+                        log::info!(
+                            "{peer}: refusing metrics connection, at --metrics-max-connections"
+                        );
+                        continue;
+                    }
+                    self.admit(socket, peer, true);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors: the main listener's backoff covers both.
+                    log::warn!("metrics accept failed: {e}");
+                    self.accept_paused_until = Some(self.now + ACCEPT_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes a new connection in: from the main listener, or with `monitor` from
+    /// `--metrics-listen`.
+    fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr, monitor: bool) {
         self.metrics.accepted += 1;
         let ip = peer.ip().to_canonical();
         let peer = SocketAddr::new(ip, peer.port());
         // A trusted proxy is counted by the client address its request head names, later.
-        let via_proxy = http::is_trusted(&self.config.trusted_proxy, ip);
-        let full = self.conns.len() - self.reserve_open >= self.config.max_connections;
-        let ip_full = !via_proxy && self.per_ip_full(ip);
+        let via_proxy = !monitor && http::is_trusted(&self.config.trusted_proxy, ip);
+        let chat_conns = self.conns.len() - self.reserve_open - self.metrics_open;
+        let full = !monitor && chat_conns >= self.config.max_connections;
+        let ip_full = !monitor && !via_proxy && self.per_ip_full(ip);
         let mut reserve = None;
         if full || ip_full {
             let status = if full { 503 } else { 429 };
@@ -291,11 +370,25 @@ impl Server {
                 return;
             }
         }
-        let counted_ip = if via_proxy || reserve.is_some() {
+        let counted_ip = if monitor || via_proxy || reserve.is_some() {
             None
         } else {
             self.count_ip(ip);
             Some(ip)
+        };
+        if monitor {
+            self.metrics_open += 1;
+        }
+        let tls = match (&self.tls, monitor) {
+            (Some(config), false) => match Tls::new(config.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    log::warn!("{peer}: TLS session refused: {e}");
+                    self.release_slot(counted_ip, reserve.is_some(), monitor);
+                    return;
+                }
+            },
+            _ => None,
         };
         let _ = socket.set_nodelay(true);
         self.generation = self.generation.wrapping_add(1);
@@ -308,7 +401,7 @@ impl Server {
             .register(&mut socket, Token(token), Interest::READABLE)
         {
             log::warn!("{peer}: register failed: {e}");
-            self.release_slot(counted_ip, reserve.is_some());
+            self.release_slot(counted_ip, reserve.is_some(), monitor);
             return;
         }
         let deadline = self.now + self.config.handshake_timeout;
@@ -319,6 +412,7 @@ impl Server {
             via_proxy,
             counted_ip,
             reserve,
+            monitor,
             charged_in: 0,
             charged_out: 0,
             write_progress: self.now,
@@ -326,6 +420,7 @@ impl Server {
             phase: Phase::Http,
             endpoint: 0,
             rbuf: Vec::new(),
+            tls,
             reader: MessageReader::default(),
             out: Default::default(),
             pending_pong: None,
@@ -348,6 +443,10 @@ impl Server {
     /// socket and drops it.
     fn refuse_at_accept(&mut self, socket: &mut TcpStream, peer: SocketAddr, status: u16) {
         let text = self.count_refusal(peer, status);
+        if self.tls.is_some() {
+            // A TLS client cannot read a plain-text answer before its handshake: just close.
+            return;
+        }
         // Best effort on a fresh socket: its send buffer is empty, so this does not block.
         let _ = socket.write(&Response::text(status, text).to_bytes());
     }
@@ -380,14 +479,17 @@ impl Server {
         *self.per_ip.entry(ip).or_default() += 1;
     }
 
-    /// A connection's slot is free again: its per-address count, or its place in the loopback
-    /// reserve.
-    fn release_slot(&mut self, counted_ip: Option<IpAddr>, in_reserve: bool) {
+    /// A connection's slot is free again: its per-address count, its place in the loopback
+    /// reserve, or on the metrics listener.
+    fn release_slot(&mut self, counted_ip: Option<IpAddr>, in_reserve: bool, monitor: bool) {
         if let Some(ip) = counted_ip {
             self.uncount_ip(ip);
         }
         if in_reserve {
             self.reserve_open -= 1;
+        }
+        if monitor {
+            self.metrics_open -= 1;
         }
     }
 
@@ -449,7 +551,11 @@ impl Server {
                     // a third of all syscalls in the echo benchmark). A seen FIN is the
                     // exception: its edge is spent, so read on to the 0.
                     let drained = n < want && !conn.hangup_seen;
-                    self.on_input(idx, &mut scratch[..n]);
+                    if conn.tls.is_some() {
+                        self.on_tls_input(idx, &scratch[..n]);
+                    } else {
+                        self.on_input(idx, &mut scratch[..n]);
+                    }
                     if drained {
                         break;
                     }
@@ -480,6 +586,61 @@ impl Server {
                 self.leave_open(idx, Phase::Finishing)
             }
             _ => self.kill(idx),
+        }
+    }
+
+    /// Decrypts freshly read records and feeds their plaintext on, as if it had been read from
+    /// a plain socket.
+    fn on_tls_input(&mut self, idx: usize, wire: &[u8]) {
+        let conn = &mut self.conns[idx];
+        if !matches!(conn.phase, Phase::Http | Phase::Open | Phase::CloseSent) {
+            return; // nothing more is read from a finishing connection
+        }
+        let Some(tls) = conn.tls.as_mut() else { return };
+        if tls.is_plain_http(wire) {
+            // Someone typed http:// for an https:// server: tell them in words they can read.
+            self.metrics.tls_plain_http += 1;
+            log::info!("{}: plain HTTP on the TLS port", conn.peer);
+            conn.tls = None;
+            self.reply_and_finish(
+                idx,
+                Response::text(400, "this server speaks HTTPS: use https:// (or wss://)"),
+            );
+            return;
+        }
+        let mut plain = mem::take(&mut self.plain);
+        plain.clear();
+        let result = tls.feed(wire, &mut plain);
+        let wants_write = tls.wants_write();
+        match result {
+            Ok(fed) => {
+                if fed.handshake_done {
+                    self.metrics.tls_handshakes += 1;
+                }
+                if wants_write {
+                    self.mark_dirty(idx);
+                }
+                if !plain.is_empty() {
+                    self.on_input(idx, &mut plain);
+                }
+                if fed.peer_closed && self.conns[idx].phase != Phase::Dead {
+                    self.on_eof(idx);
+                }
+            }
+            Err(e) => {
+                self.metrics.tls_failures += 1;
+                let conn = &mut self.conns[idx];
+                log::info!("{}: TLS error: {e}", conn.peer);
+                // The alert rustls queued, best effort; the connection cannot continue.
+                if let Some(tls) = conn.tls.as_mut() {
+                    tls.write_alert(&mut conn.socket);
+                }
+                self.kill(idx);
+            }
+        }
+        // Keep the buffer for the next read, unless one huge burst made it big.
+        if plain.capacity() <= 2 * SCRATCH {
+            self.plain = plain;
         }
     }
 
@@ -535,10 +696,16 @@ impl Server {
             }
             Parsed::Complete { head_len, request } => (head_len, request),
         };
-        if let Some(status) = conn.reserve {
-            let monitoring = matches!(request.method.as_str(), "GET" | "HEAD")
-                && matches!(request.path.as_str(), "/healthz" | "/metrics")
-                && !http::is_upgrade(&request);
+        let monitoring = matches!(request.method.as_str(), "GET" | "HEAD")
+            && matches!(request.path.as_str(), "/healthz" | "/metrics")
+            && !http::is_upgrade(&request);
+        if conn.monitor {
+            if !monitoring {
+                let resp = Response::text(404, "this address serves /metrics and /healthz only");
+                self.reply_and_finish(idx, resp);
+                return;
+            }
+        } else if let Some(status) = conn.reserve {
             if !monitoring {
                 let peer = conn.peer;
                 let text = self.count_refusal(peer, status);
@@ -565,8 +732,8 @@ impl Server {
         }
         if !http::is_upgrade(&request) {
             self.metrics.http_requests += 1;
-            let client = self.conns[idx].peer.ip();
-            let resp = self.http_response(&request, client);
+            let (client, monitor) = (self.conns[idx].peer.ip(), self.conns[idx].monitor);
+            let resp = self.http_response(&request, client, monitor);
             log::debug!(
                 "{}: {} {} -> {}",
                 self.conns[idx].peer,
@@ -629,10 +796,13 @@ impl Server {
         }
     }
 
-    /// Whether `client` may read `/metrics`: a direct connection from loopback (a request
-    /// that carries forwarding headers came through a proxy, so it is not local whatever the
-    /// TCP peer), or an address in `--metrics-allow`.
-    fn may_read_metrics(&self, req: &http::Request, client: std::net::IpAddr) -> bool {
+    /// Whether `client` may read `/metrics`: anyone on `--metrics-listen` (`monitor`), a
+    /// direct connection from loopback (a request that carries forwarding headers came through
+    /// a proxy, so it is not local whatever the TCP peer), or an address in `--metrics-allow`.
+    fn may_read_metrics(&self, req: &http::Request, client: IpAddr, monitor: bool) -> bool {
+        if monitor {
+            return true;
+        }
         let proxied = req
             .headers
             .iter()
@@ -640,12 +810,14 @@ impl Server {
         (client.is_loopback() && !proxied) || http::is_trusted(&self.config.metrics_allow, client)
     }
 
-    fn http_response(&self, req: &http::Request, client: std::net::IpAddr) -> Response {
+    fn http_response(&self, req: &http::Request, client: IpAddr, monitor: bool) -> Response {
         let mut r = match (req.method.as_str(), req.path.as_str()) {
-            ("GET" | "HEAD", "/metrics") if !self.may_read_metrics(req, client) => Response::text(
-                403,
-                "metrics are served to loopback and to --metrics-allow addresses only",
-            ),
+            ("GET" | "HEAD", "/metrics") if !self.may_read_metrics(req, client, monitor) => {
+                Response::text(
+                    403,
+                    "metrics are served to loopback and to --metrics-allow addresses only",
+                )
+            }
             ("GET" | "HEAD", "/api/server") => {
                 // What the browser client needs to know before signing in.
                 let body = format!(
@@ -1017,11 +1189,77 @@ impl Server {
     // ----- shutdown -----
 
     fn on_signal(&mut self) {
+        let mut stop = false;
+        let mut reload = false;
         if let Some(signals) = &mut self.signals {
             for sig in signals.pending() {
                 log::info!("received signal {sig}");
+                if sig == signal_hook::consts::SIGHUP {
+                    reload = true;
+                } else {
+                    stop = true;
+                }
             }
         }
+        if reload {
+            self.start_tls_reload();
+        }
+        if stop {
+            self.shut_down();
+        }
+    }
+
+    /// SIGHUP: read the certificate and key again on a thread of its own (disk I/O stays off
+    /// the loop); [`Server::finish_tls_reload`] installs the result when the waker fires.
+    fn start_tls_reload(&mut self) {
+        let (Some(cert), Some(key)) = (&self.config.tls_cert, &self.config.tls_key) else {
+            log::info!("SIGHUP: no --tls-cert to reload");
+            return;
+        };
+        if self.tls_reload.is_some() {
+            return; // one at a time; it reads the files as they are now anyway
+        }
+        let (tx, rx) = mpsc::channel();
+        let (cert, key, waker) = (cert.clone(), key.clone(), self.waker.clone());
+        let spawned = std::thread::Builder::new()
+            .name("parlor-tls-reload".into())
+            .spawn(move || {
+                let _ = tx.send(tls::load(&cert, &key));
+                let _ = waker.wake();
+            });
+        match spawned {
+            Ok(_) => self.tls_reload = Some(rx),
+            Err(e) => log::error!("SIGHUP: cannot start the reload thread: {e}"),
+        }
+    }
+
+    /// Installs a reloaded certificate for new handshakes; a failed reload keeps the old pair.
+    fn finish_tls_reload(&mut self) {
+        let Some(rx) = &self.tls_reload else { return };
+        let result = match rx.try_recv() {
+            Ok(r) => r,
+            Err(mpsc::TryRecvError::Empty) => return,
+            Err(mpsc::TryRecvError::Disconnected) => Err(TlsError::Rejected(
+                rustls::Error::General("the reload thread ended without a result".into()),
+            )),
+        };
+        self.tls_reload = None;
+        match result {
+            Ok(config) => {
+                self.tls = Some(config);
+                self.metrics.tls_reloads += 1;
+                log::info!("TLS certificate and key reloaded; new connections use them");
+            }
+            Err(e) => {
+                self.metrics.tls_reload_failures += 1;
+                log::error!("TLS reload failed, keeping the previous certificate: {e}");
+            }
+        }
+    }
+
+    /// SIGINT/SIGTERM: stop accepting, close every WebSocket with 1001 and wait for the peers
+    /// up to `--shutdown-grace`; a second signal stops waiting.
+    fn shut_down(&mut self) {
         if self.shutdown_deadline.is_some() {
             // A second signal: stop waiting for peers.
             self.shutdown_deadline = Some(self.now);
@@ -1065,6 +1303,10 @@ impl Server {
         if conn.phase == Phase::Dead {
             return;
         }
+        if conn.tls.is_some() {
+            self.flush_tls(idx);
+            return;
+        }
         loop {
             if conn.out.at_frame_boundary() {
                 if let Some(p) = conn.pending_pong.take() {
@@ -1101,6 +1343,59 @@ impl Server {
             }
         }
         let want_writable = !conn.out.is_empty();
+        self.after_flush(idx, want_writable);
+    }
+
+    /// [`Server::flush`] for a TLS connection: frames go through rustls, corked a record at a
+    /// time (see [`tls`]).
+    fn flush_tls(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        let Some(tls) = conn.tls.as_mut() else { return };
+        if conn.out.at_frame_boundary() {
+            if let Some(p) = conn.pending_pong.take() {
+                conn.out
+                    .push_front(Chunk::Owned(frame::encode_vec(OpCode::Pong, &p)));
+            }
+        }
+        let max_chunks = if conn.pending_pong.is_some() {
+            1
+        } else {
+            MAX_IOVECS
+        };
+        let finishing = conn.phase == Phase::Finishing;
+        let result = tls.pump(
+            &mut conn.out,
+            &mut conn.socket,
+            &mut self.cork,
+            max_chunks,
+            finishing,
+        );
+        let wants_write = tls.wants_write();
+        match result {
+            Ok(p) => {
+                if p.wire > 0 {
+                    self.metrics.bytes_out += p.wire as u64;
+                    conn.write_progress = self.now;
+                }
+            }
+            Err(e) => {
+                log::debug!("{}: write error: {e}", conn.peer);
+                self.kill(idx);
+                return;
+            }
+        }
+        if self.cork.capacity() > tls::RECORD_PLAINTEXT {
+            self.cork = Vec::new();
+        }
+        // Frames wait in the queue during the handshake; what can move now is ciphertext.
+        let want_writable = wants_write || (!conn.out.is_empty() && tls.is_handshaken());
+        self.after_flush(idx, want_writable);
+    }
+
+    /// After writing: WRITABLE interest while output waits, the write-stall backlog, memory
+    /// accounting, and the half-close of a finished connection.
+    fn after_flush(&mut self, idx: usize, want_writable: bool) {
+        let conn = &mut self.conns[idx];
         if want_writable != conn.writable_registered {
             let interest = if want_writable {
                 Interest::READABLE | Interest::WRITABLE
@@ -1162,7 +1457,7 @@ impl Server {
                 let _ = self.poll.registry().deregister(&mut conn.socket);
                 log::debug!("{}: connection closed", conn.peer);
                 self.mem_used -= conn.charged_in + conn.charged_out;
-                self.release_slot(conn.counted_ip, conn.reserve.is_some());
+                self.release_slot(conn.counted_ip, conn.reserve.is_some(), conn.monitor);
             }
         }
     }
