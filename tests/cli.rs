@@ -100,10 +100,15 @@ fn port_in_use_fails_to_start() {
         panic!("a second server on the same port kept running");
     }
     let out = child.wait_with_output().expect("output");
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "exit code for the listen address"
+    );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot start on"), "says why: {err}");
+    assert!(err.contains("in use"), "says why: {err}");
     // The first one is unaffected.
     server.ws().echo("first server fine");
 }
@@ -269,4 +274,85 @@ fn www_holding_the_data_directory_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("contains --data"));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+}
+
+/// Runs the binary to its exit with `args` on a free port; returns (exit code, stderr).
+fn start_failure(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_parlor"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run parlor");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening"),
+        "{args:?} started a server"
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A data directory that cannot be used: exit code 3 and the path in the message.
+#[test]
+fn unusable_data_directory_exits_3() {
+    let dir = TempDir::new("bad-data");
+    // A regular file where the data directory's parent should be: no user (root included)
+    // can create the directory.
+    dir.write("not-a-dir", b"x");
+    let data = dir.path().join("not-a-dir").join("data");
+    let (code, err) = start_failure(&["--data".as_ref(), data.as_os_str()]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("cannot open the chat store"), "{err}");
+    assert!(err.contains("not-a-dir"), "{err}");
+    // A data directory holding something that is not a chat database.
+    let data = dir.path().join("other");
+    std::fs::create_dir_all(&data).expect("dir");
+    std::fs::write(data.join("chat.db"), vec![7u8; 4096]).expect("junk db");
+    let (code, err) = start_failure(&["--data".as_ref(), data.as_os_str()]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("other") && err.contains("not a database"),
+        "{err}"
+    );
+}
+
+/// A certificate or key that cannot be used: exit code 5 and what is wrong with which file.
+#[test]
+fn bad_certificate_exits_5() {
+    let dir = TempDir::new("bad-cert");
+    let data = dir.path().join("data");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    dir.write("cert.pem", ck.cert.pem().as_bytes());
+    dir.write("key.pem", ck.key_pair.serialize_pem().as_bytes());
+    let other = rcgen::KeyPair::generate().expect("key");
+    dir.write("other-key.pem", other.serialize_pem().as_bytes());
+    dir.write("junk.pem", b"hello");
+    let p = |f: &str| dir.path().join(f).into_os_string();
+    for (cert, key, says) in [
+        ("missing.pem", "key.pem", "missing.pem"),
+        ("junk.pem", "key.pem", "no PEM certificate"),
+        ("cert.pem", "junk.pem", "no PEM private key"),
+        ("cert.pem", "other-key.pem", "refused"),
+    ] {
+        let (cert, key) = (p(cert), p(key));
+        let args = [
+            "--data".as_ref(),
+            data.as_os_str(),
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ];
+        let (code, err) = start_failure(&args);
+        assert_eq!(code, Some(5), "{err}");
+        assert!(err.contains("cannot use the TLS certificate"), "{err}");
+        assert!(err.contains(says), "{says}: {err}");
+    }
+    // One without the other is a usage error (clap's 2).
+    let cert = p("cert.pem");
+    let (code, err) = start_failure(&["--tls-cert".as_ref(), cert.as_os_str()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--tls-key"), "{err}");
 }

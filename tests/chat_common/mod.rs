@@ -49,6 +49,8 @@ impl Drop for TempDir {
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    /// The `--metrics-listen` address, when the test asked for one.
+    pub metrics_addr: Option<String>,
 }
 
 impl Server {
@@ -88,6 +90,17 @@ impl Server {
             }
             line.clear();
         }
+        let mut metrics_addr = None;
+        if extra.contains(&"--metrics-listen") {
+            // After the "open http://…" line comes "metrics and health on http://ADDR/metrics".
+            while out.read_line(&mut line).unwrap_or(0) > 0 {
+                if let Some(rest) = line.trim().strip_prefix("metrics and health on http://") {
+                    metrics_addr = rest.split('/').next().map(str::to_string);
+                    break;
+                }
+                line.clear();
+            }
+        }
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut sink = String::new();
@@ -98,6 +111,7 @@ impl Server {
         Server {
             child,
             addr: addr.expect("server did not print its address"),
+            metrics_addr,
         }
     }
 
@@ -206,10 +220,40 @@ impl Client {
         Client { ws }
     }
 
+    /// A `wss://` client trusting what `tls` trusts (`addr` is `127.0.0.1:port`; the name
+    /// checked against the certificate is `localhost`).
+    pub fn connect_tls(addr: &str, tls: std::sync::Arc<rustls::ClientConfig>) -> Client {
+        use tungstenite::client::IntoClientRequest;
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = stream.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let conn = rustls::ClientConnection::new(tls, name).expect("TLS client");
+        let stream = MaybeTlsStream::Rustls(rustls::StreamOwned::new(conn, stream));
+        let req = format!(
+            "wss://localhost:{}/ws",
+            addr.rsplit(':').next().unwrap_or("")
+        )
+        .into_client_request()
+        .expect("request");
+        let (ws, _) = tungstenite::client::client(req, stream).expect("wss handshake");
+        Client { ws }
+    }
+
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self.ws.get_ref() {
+            MaybeTlsStream::Plain(s) => Some(s),
+            MaybeTlsStream::Rustls(s) => Some(s.get_ref()),
+            _ => None,
+        }
+    }
+
     /// The next frame, or `None` if nothing arrives within `t` (the socket stays usable) or the
     /// server closed the connection.
     pub fn recv_within(&mut self, t: Duration) -> Option<Value> {
-        if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+        if let Some(s) = self.tcp() {
             let _ = s.set_read_timeout(Some(t));
         }
         let got = loop {
@@ -220,7 +264,7 @@ impl Client {
                 Err(_) => break None,
             }
         };
-        if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+        if let Some(s) = self.tcp() {
             let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
         }
         got
