@@ -39,6 +39,17 @@ export function uname(base) {
   return `${base}_${process.pid.toString(36)}${uniq}`;
 }
 
+/** A self-signed certificate for localhost/127.0.0.1 made with openssl: { cert, key } paths. */
+export function selfSignedCert() {
+  const dir = tmpDir('cert');
+  const cert = path.join(dir, 'cert.pem');
+  const key = path.join(dir, 'key.pem');
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+    '-days', '1', '-keyout', key, '-out', cert, '-subj', '/CN=localhost',
+    '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1'], { stdio: 'ignore' });
+  return { cert, key };
+}
+
 let built = false;
 /** Builds the server once per run (a no-op when up to date), so a stale binary is never tested. */
 export function ensureBuilt() {
@@ -53,9 +64,10 @@ export function ensureBuilt() {
  * given there replaces the default of the same name (the default is `--rate-limit 0`).
  * Resolves once it printed "parlor listening on ADDR".
  */
-export async function startServer({ port = 0, dataDir = tmpDir('data'), args: extra = [] } = {}) {
+export async function startServer({ port = 0, dataDir = tmpDir('data'), args: extra = [], tls = null } = {}) {
   ensureBuilt();
   const args = ['--listen', `127.0.0.1:${port}`, '--data', dataDir, '--www', WWW];
+  if (tls) args.push('--tls-cert', tls.cert, '--tls-key', tls.key);
   if (!extra.includes('--rate-limit')) args.push('--rate-limit', '0');
   args.push(...extra);
   const proc = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -76,8 +88,8 @@ export async function startServer({ port = 0, dataDir = tmpDir('data'), args: ex
     proc,
     port: actualPort,
     dataDir,
-    url: `http://127.0.0.1:${actualPort}/`,
-    wsUrl: `ws://127.0.0.1:${actualPort}/ws`,
+    url: `${tls ? 'https' : 'http'}://127.0.0.1:${actualPort}/`,
+    wsUrl: `${tls ? 'wss' : 'ws'}://127.0.0.1:${actualPort}/ws`,
     logs,
     args: extra,
     async stop(signal = 'SIGTERM') {
@@ -101,6 +113,9 @@ const LAUNCH_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-q
  */
 export async function launchUser(server, { viewport = { width: 1280, height: 800 }, isMobile = false, hasTouch = false, colorScheme = 'light' } = {}) {
   const ctx = await chromium.launchPersistentContext(tmpDir('profile'), {
+    // A server started with `tls` has a certificate made by the test (selfSignedCert): a
+    // throwaway profile accepts it, for pages and WebSockets alike.
+    ignoreHTTPSErrors: server.url.startsWith('https:'),
     executablePath: CHROMIUM,
     headless: true,
     args: LAUNCH_ARGS,
