@@ -70,6 +70,11 @@ pub trait Service {
     fn on_tick(&mut self, _out: &mut dyn Outbox) {}
     /// Appends Prometheus text for `/metrics`.
     fn metrics(&self, _out: &mut String) {}
+    /// For `/healthz`: `Err` with a reason when the service cannot do its work (its store is
+    /// unreachable); the endpoint then answers 503 with the reason.
+    fn health(&self, _now: Instant) -> Result<(), String> {
+        Ok(())
+    }
     /// The server is stopping: finish durable work (flush the store) before returning.
     fn shutdown(&mut self) {}
 }

@@ -111,17 +111,6 @@ fn until(c: &mut Client, ty: &str) -> serde_json::Value {
     }
 }
 
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
-
 #[test]
 fn the_chat_works_over_wss() {
     let dir = TempDir::new("tls-chat");

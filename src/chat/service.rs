@@ -190,6 +190,10 @@ impl Service for ChatService {
         self.drain(out);
     }
 
+    fn health(&self, now: std::time::Instant) -> Result<(), String> {
+        self.hub.store_health(now)
+    }
+
     fn metrics(&self, out: &mut String) {
         let hub = &self.hub;
         let m = hub.counters();

@@ -830,7 +830,20 @@ impl Server {
                 r.body = body.into_bytes();
                 r
             }
-            ("GET" | "HEAD", "/healthz") => Response::text(200, "ok"),
+            ("GET" | "HEAD", "/healthz") => {
+                // 503 with the reasons while a service cannot work (its store is failing), so
+                // a load balancer sends people elsewhere.
+                let trouble: Vec<String> = self
+                    .endpoints
+                    .iter()
+                    .filter_map(|ep| ep.service.health(self.now).err())
+                    .collect();
+                if trouble.is_empty() {
+                    Response::text(200, "ok")
+                } else {
+                    Response::text(503, &trouble.join("; "))
+                }
+            }
             ("GET" | "HEAD", "/metrics") => {
                 let mut body = String::new();
                 let websockets = self

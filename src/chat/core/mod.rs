@@ -152,6 +152,20 @@ pub struct Counters {
 }
 
 /// The chat: all state and every decision. See the module docs.
+/// How long writes may wait for a commit before `/healthz` reports the store as stalled.
+pub const STORE_STALL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The store as the hub sees it through commit reports.
+#[derive(Debug)]
+struct StoreState {
+    /// Writes up to this sequence number are done (committed or failed).
+    committed: u64,
+    /// The last batch with writes failed as a whole.
+    failing: bool,
+    /// The last commit report, or the last moment nothing was waiting.
+    progress: std::time::Instant,
+}
+
 pub struct Hub {
     cfg: ChatConfig,
     /// The time of the call being handled.
@@ -162,6 +176,8 @@ pub struct Hub {
     membership_epoch: u64,
     /// Sequence number of the last write sent to the store.
     write_seq: u64,
+    /// What `/healthz` says of the store (see [`Hub::store_health`]).
+    store_state: StoreState,
     pending: VecDeque<(u64, Pending)>,
     next_qid: u64,
     queries: HashMap<u64, QueryWaiter>,
@@ -293,6 +309,11 @@ impl Hub {
             now,
             fx: Effects::default(),
             write_seq: 0,
+            store_state: StoreState {
+                committed: 0,
+                failing: false,
+                progress: now.mono,
+            },
             pending: VecDeque::new(),
             next_qid: 0,
             queries: HashMap::new(),
@@ -371,6 +392,14 @@ impl Hub {
                 if !ok {
                     self.m.store_failures += 1;
                 }
+                let st = &mut self.store_state;
+                st.committed = upto;
+                st.progress = now.mono;
+                if batch > 0 {
+                    // A batch whose every write failed says the store cannot take writes (a
+                    // lock held elsewhere, a full disk); one bad row among good ones does not.
+                    st.failing = !ok || failed.len() == batch;
+                }
                 self.on_committed(upto, ok, &failed);
             }
             StoreEvent::QueryDone {
@@ -381,9 +410,32 @@ impl Hub {
         }
     }
 
+    /// Whether the store takes writes, for `/healthz`: `Err` with the reason when its last
+    /// batch of writes failed, or when writes have waited [`STORE_STALL`] with no commit.
+    pub fn store_health(&self, now: std::time::Instant) -> Result<(), String> {
+        let st = &self.store_state;
+        if st.failing {
+            return Err("store: the last writes failed".into());
+        }
+        let waiting = self.write_seq > st.committed;
+        let quiet = now.saturating_duration_since(st.progress);
+        if waiting && quiet >= STORE_STALL {
+            return Err(format!(
+                "store: {} writes waiting, no commit for {}s",
+                self.write_seq - st.committed,
+                quiet.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
     /// About once a second: expiries and housekeeping that are due by time.
     pub fn handle_tick(&mut self, now: Now) {
         self.now = now;
+        if self.write_seq == self.store_state.committed {
+            // Nothing waits: a stall can only start from here.
+            self.store_state.progress = now.mono;
+        }
         let now = now.mono;
         self.pair_throttle.prune(now);
         self.ip_throttle.prune(now);

@@ -203,16 +203,21 @@ impl T {
             self.hub.handle_store_event(ev, self.now);
             self.drain();
         }
-        self.commit(self.seq, failed);
+        self.commit_batch(self.seq, failed, writes);
     }
 
     fn commit(&mut self, upto: u64, failed: Vec<u64>) {
+        self.commit_batch(upto, failed, 0);
+    }
+
+    /// A commit report for a batch of `batch` writes.
+    fn commit_batch(&mut self, upto: u64, failed: Vec<u64>, batch: usize) {
         self.hub.handle_store_event(
             StoreEvent::Committed {
                 upto,
                 ok: true,
                 failed,
-                batch: 0,
+                batch,
                 latency: Duration::ZERO,
             },
             self.now,
@@ -437,4 +442,41 @@ fn auth_deadline_follows_the_given_clock() {
     t.hub.handle_tick(t.now);
     t.drain();
     assert_eq!(t.closed.get(&c), Some(&1008));
+}
+
+/// `/healthz` through the hub: a batch whose every write failed makes the store unhealthy
+/// until a batch succeeds; writes waiting past STORE_STALL with no commit report do too.
+#[test]
+fn store_health_follows_commit_reports() {
+    let mut t = T::with_alice_and_bob(&[]);
+    let a = t.resume(1, "tok-alice");
+    assert_eq!(t.hub.store_health(t.now.mono), Ok(()));
+    let say = |t: &mut T, r: &str| {
+        t.send(a, json!({"type":"say","room":"general","text":"x","ref":r}));
+        t.take(a);
+    };
+    say(&mut t, "1");
+    let writes = t
+        .store
+        .iter()
+        .filter(|r| matches!(r, StoreReq::Write(_)))
+        .count();
+    t.run_store(&(0..writes).collect::<Vec<_>>(), no_answer);
+    let e = t.hub.store_health(t.now.mono).unwrap_err();
+    assert!(e.contains("failed"), "{e}");
+    say(&mut t, "2");
+    t.run_store(&[], no_answer);
+    assert_eq!(t.hub.store_health(t.now.mono), Ok(()));
+
+    // Waiting writes are normal for a while; with no commit for STORE_STALL, unhealthy.
+    say(&mut t, "3");
+    let later = t.now.mono + super::STORE_STALL - Duration::from_secs(1);
+    assert_eq!(t.hub.store_health(later), Ok(()));
+    let e = t
+        .hub
+        .store_health(t.now.mono + super::STORE_STALL)
+        .unwrap_err();
+    assert!(e.contains("no commit"), "{e}");
+    t.run_store(&[], no_answer);
+    assert_eq!(t.hub.store_health(t.now.mono + super::STORE_STALL), Ok(()));
 }
