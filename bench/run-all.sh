@@ -9,7 +9,9 @@
 # Environment: ROUNDS (3), DURATION (10 s per run), WARMUP (1 s), IDLE_CONNS (10000),
 # TARGETS ("parlor tokio-tungstenite node-ws"), SCENARIOS (all), OUT_DIR (target/bench-results),
 # SERVER_CPU (0), BENCH_CPU (1), OLD_BIN (a second parlor binary, the target `parlor-old`, for
-# A/B runs of a change: e.g. TARGETS="parlor parlor-old" OLD_BIN=/path/to/old/parlor).
+# A/B runs of a change: e.g. TARGETS="parlor parlor-old" OLD_BIN=/path/to/old/parlor), and the
+# target `parlor-tls` (Parlor with --tls-cert on a certificate made here, over wss://: e.g.
+# TARGETS="parlor parlor-tls" SCENARIOS="echo-100x20B fanout-1000-max").
 # See docs/BENCHMARKS.md for the method.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +72,7 @@ start_server() {
   local t=$1 port
   : >"$SERVER_LOG"
   case $t in
-    parlor|parlor-old)
+    parlor|parlor-old|parlor-tls)
       # /echo is opt-in; every client is 127.0.0.1 (idle-memory opens $IDLE_CONNS). Creating
       # the 1001 bench accounts keeps sockets waiting for argon2 (one hash at a time, ~20 s in
       # all) longer than --auth-timeout lets a real client wait.
@@ -78,11 +80,14 @@ start_server() {
       if "$exe" --help | grep -q -- '--auth-timeout'; then extra+=(--auth-timeout 600); fi
       [ "$t" = parlor-old ] && exe=${OLD_BIN:?OLD_BIN must name the other parlor binary}
       [ "$HAS_CHAT" = 1 ] && extra+=(--rate-limit 0)
+      [ "$t" = parlor-tls ] && extra+=(--tls-cert "$DATA/cert.pem" --tls-key "$DATA/key.pem")
       taskset -c "$SERVER_CPU" "$exe" --listen 127.0.0.1:0 --data "$DATA/parlor" \
         --log-level warn --max-connections $((IDLE_CONNS + 1000)) "${extra[@]}" >"$SERVER_LOG" 2>&1 &
       SERVER_PID=$!
       for _ in $(seq 300); do grep -q 'listening on' "$SERVER_LOG" && break; sleep 0.05; done
       BASE="ws://$(sed -n 's/^parlor listening on //p' "$SERVER_LOG")"
+      # The certificate names localhost; the bench checks it against --tls-ca.
+      [ "$t" = parlor-tls ] && BASE="wss://localhost:${BASE##*:}"
       ;;
     tokio-tungstenite)
       port=19101
@@ -106,7 +111,8 @@ start_server() {
 args_for() {
   local s=$1 t=$2 fan
   local common="--duration $DURATION --warmup $WARMUP --pid $SERVER_PID --json -q"
-  if [ "$t" = parlor ] || [ "$t" = parlor-old ]; then
+  [ "$t" = parlor-tls ] && common="$common --tls-ca $DATA/cert.pem"
+  if [[ $t == parlor* ]]; then
     [ "$HAS_CHAT" = 1 ] || fan=""
     [ "$HAS_CHAT" = 1 ] && fan="chat --url $BASE/ws --room bench --tokens $TOKENS"
   else
@@ -133,6 +139,13 @@ if [ "$HAS_CHAT" = 1 ] && [[ " $TARGETS " == *" parlor "* ]]; then
   taskset -c "$BENCH_CPU" "$BIN/parlor-bench" chat --url "$BASE/ws" --room bench --tokens "$TOKENS" \
     --subscribers 1000 --publishers 1 --rate 10 --duration 1 --warmup 0 -q >/dev/null
   stop_server
+fi
+
+if [[ " $TARGETS " == *" parlor-tls "* ]]; then
+  # P-256, not a CA (webpki refuses a CA certificate as the server's own).
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -keyout "$DATA/key.pem" -out "$DATA/cert.pem" -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE 2>/dev/null
 fi
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -180,7 +193,7 @@ metrics = {
 }
 order = ["echo-100x20B", "echo-100x16KiB", "echo-10x16inflight", "fanout-1000-max", "fanout-1000-max-w128", "fanout-1000-at-100",
          "fanout-1000-at-1000", "idle-memory"]
-names = {"parlor": "Parlor", "parlor-old": "Parlor (old)", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
+names = {"parlor": "Parlor", "parlor-old": "Parlor (old)", "parlor-tls": "Parlor TLS", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
 peers = [t for t in targets if t != "parlor"]
 hdr = ["scenario", "metric"] + [names.get(t, t) for t in targets]
 if "parlor" in targets:

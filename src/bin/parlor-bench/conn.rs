@@ -17,6 +17,8 @@ use parlor::ws::close::{self, CloseCode};
 use parlor::ws::frame::{encode, OpCode, Role};
 use parlor::ws::reader::{Event, MessageReader, ReadLimits};
 
+use crate::transport::{TlsTarget, Transport};
+
 /// Biggest message the bench accepts from a server (16 MiB, as /echo).
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// Largest HTTP response head we wait for.
@@ -24,19 +26,26 @@ const MAX_HEAD: usize = 16 * 1024;
 /// Read chunk size; the input buffer grows by this much when full.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// A `ws://host:port/path` URL, resolved.
+/// A `ws://` or `wss://` `host:port/path` URL, resolved.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     pub host: String,
     pub path: String,
+    /// For `wss://`: the client configuration and the name to check the certificate against.
+    pub tls: Option<TlsTarget>,
 }
 
 impl Target {
-    pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+    /// Parses `url`; a `wss://` URL needs `ca`, the PEM file of the certificate to trust.
+    pub fn parse(url: &str, ca: Option<&std::path::Path>) -> Result<Target, String> {
+        let (rest, secure) = if let Some(r) = url.strip_prefix("ws://") {
+            (r, false)
+        } else if let Some(r) = url.strip_prefix("wss://") {
+            (r, true)
+        } else {
+            return Err(format!("{url}: only ws:// and wss:// URLs are supported"));
+        };
         let (hostport, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -48,6 +57,8 @@ impl Target {
             && !hostport.ends_with(']')
         {
             hostport.to_string()
+        } else if secure {
+            format!("{hostport}:443")
         } else {
             format!("{hostport}:80")
         };
@@ -56,10 +67,27 @@ impl Target {
             .map_err(|e| format!("{url}: cannot resolve {hostport}: {e}"))?
             .next()
             .ok_or_else(|| format!("{url}: {hostport} resolves to nothing"))?;
+        let tls = if secure {
+            let ca = ca.ok_or_else(|| format!("{url}: wss:// needs --tls-ca FILE"))?;
+            let host = hostport
+                .rsplit_once(':')
+                .map_or(hostport, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| format!("{url}: {e}"))?;
+            Some(TlsTarget {
+                config: crate::transport::client_config(ca)?,
+                name,
+            })
+        } else {
+            None
+        };
         Ok(Target {
             addr,
             host: hostport.to_string(),
             path: path.to_string(),
+            tls,
         })
     }
 }
@@ -118,7 +146,7 @@ pub struct Outcome {
 }
 
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Transport,
     pub state: State,
     pub token: Token,
     out: Vec<u8>,
@@ -202,8 +230,9 @@ impl Conn {
         source: Option<IpAddr>,
         rng: &mut Rng,
     ) -> io::Result<Conn> {
-        let mut stream = connect(target.addr, source)?;
-        stream.set_nodelay(true)?;
+        let tcp = connect(target.addr, source)?;
+        tcp.set_nodelay(true)?;
+        let mut stream = Transport::new(tcp, target.tls.as_ref())?;
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
         let key_raw = rng.next_u64().to_le_bytes();
         let key_raw2 = rng.next_u64().to_le_bytes();
@@ -286,9 +315,9 @@ impl Conn {
         }
     }
 
-    /// Bytes queued but not yet written.
+    /// Bytes queued but not yet written (plus one while TLS holds unwritten ciphertext).
     pub fn pending_out(&self) -> usize {
-        self.out.len() - self.out_pos
+        self.out.len() - self.out_pos + usize::from(self.stream.wants_write())
     }
 
     /// Writes queued output until done or `WouldBlock`. Errors close the connection.
@@ -320,6 +349,9 @@ impl Conn {
                 self.out = Vec::new();
             }
         }
+        if let Err(e) = self.stream.flush_tls() {
+            self.fail(format!("write: {e}"), &mut outcome);
+        }
         outcome
     }
 
@@ -347,21 +379,21 @@ impl Conn {
             return outcome;
         }
         if self.state == State::Connecting {
-            if let Ok(Some(e)) | Err(e) = self.stream.take_error() {
+            if let Ok(Some(e)) | Err(e) = self.stream.tcp.take_error() {
                 self.fail(
                     format!("connect to {}: {e}", self.peer_name()),
                     &mut outcome,
                 );
                 return outcome;
             }
-            match self.stream.peer_addr() {
+            match self.stream.tcp.peer_addr() {
                 Ok(_) => self.state = State::Handshake,
                 Err(e) if e.kind() == ErrorKind::NotConnected => {
                     if readable || writable {
                         // Spurious or error wakeup; a failed connect shows up in take_error
                         // above or as a read error below.
                         let mut b = [0u8; 1];
-                        if let Err(e) = self.stream.read(&mut b) {
+                        if let Err(e) = self.stream.tcp.read(&mut b) {
                             if e.kind() != ErrorKind::WouldBlock
                                 && e.kind() != ErrorKind::NotConnected
                             {
@@ -616,11 +648,11 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        let t = Target::parse("ws://127.0.0.1:9001/echo").unwrap();
+        let t = Target::parse("ws://127.0.0.1:9001/echo", None).unwrap();
         assert_eq!(t.addr.port(), 9001);
         assert_eq!(t.path, "/echo");
-        let t = Target::parse("ws://127.0.0.1:9001").unwrap();
+        let t = Target::parse("ws://127.0.0.1:9001", None).unwrap();
         assert_eq!(t.path, "/");
-        assert!(Target::parse("http://x/").is_err());
+        assert!(Target::parse("http://x/", None).is_err());
     }
 }

@@ -64,7 +64,7 @@ fn raise_nofile(need: u64) -> u64 {
 
 pub fn run(a: &ConnArgs) -> Result<serde_json::Value, String> {
     let c = &a.common;
-    let target = Target::parse(&c.url)?;
+    let target = Target::parse(&c.url, c.tls_ca.as_deref())?;
     let n = a.connections;
     let limit = raise_nofile(n as u64 + 64);
     if limit < n as u64 + 16 {

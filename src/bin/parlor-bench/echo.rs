@@ -89,7 +89,7 @@ impl Handler for Echo {
 
 pub fn run(a: &EchoArgs) -> Result<serde_json::Value, String> {
     let c = &a.common;
-    let target = Target::parse(&c.url)?;
+    let target = Target::parse(&c.url, c.tls_ca.as_deref())?;
     let mut pool = Pool::new(target).map_err(|e| format!("poll: {e}"))?;
     let payload: Vec<u8> = (0..a.size).map(|i| b'a' + (i % 26) as u8).collect();
     let mut h = Echo {

@@ -460,7 +460,7 @@ fn save_tokens(path: &std::path::Path, tokens: &HashMap<String, String>) -> Resu
 
 pub fn run(a: &FanoutArgs, kind: Kind) -> Result<serde_json::Value, String> {
     let c = &a.common;
-    let target = Target::parse(&c.url)?;
+    let target = Target::parse(&c.url, c.tls_ca.as_deref())?;
     let mut pool = Pool::new(target).map_err(|e| format!("poll: {e}"))?;
     let n = a.publishers + a.subscribers;
     if a.publishers == 0 {

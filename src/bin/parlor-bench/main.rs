@@ -14,6 +14,7 @@ mod echo;
 mod fanout;
 mod pool;
 mod stats;
+mod transport;
 
 use std::net::IpAddr;
 use std::process::ExitCode;
@@ -89,9 +90,12 @@ enum Mode {
 /// Options every mode takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
-    /// Target, e.g. ws://127.0.0.1:8080/echo (only ws://, no TLS).
+    /// Target, e.g. ws://127.0.0.1:8080/echo, or wss://localhost:8443/echo with --tls-ca.
     #[arg(long)]
     pub url: String,
+    /// For a wss:// URL: PEM file of the certificate (or CA) to trust.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Measurement window in seconds (fractions allowed). `connections` uses --hold instead.
     #[arg(long, default_value = "10", value_parser = parlor::units::parse_secs)]
     pub duration: Duration,
