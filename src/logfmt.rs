@@ -9,19 +9,33 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub enum LogFormat {
     /// Human-readable lines (timestamp, level, module, message).
     Text,
-    /// One JSON object per line: `ts` (RFC 3339, UTC, milliseconds), `level`, `target`, `msg`.
+    /// One JSON object per line: `ts` (RFC 3339, UTC, milliseconds), `level`, `target`, `msg`,
+    /// and `peer` when the line is about one connection.
     Json,
 }
 
 /// One log record as a JSON line (without the newline). Pure, for tests.
+///
+/// Every line about one connection starts with its client address (`203.0.113.9:5120: …`, the
+/// loop's convention); that address is also given as `peer`, so a collector can select one
+/// client's lines without parsing messages.
 pub fn json_line(ts_ms: u128, level: log::Level, target: &str, msg: &str) -> String {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "ts": rfc3339_ms(ts_ms),
         "level": level.as_str(),
         "target": target,
         "msg": msg,
-    })
-    .to_string()
+    });
+    if let Some(peer) = leading_peer(msg) {
+        v["peer"] = peer.to_string().into();
+    }
+    v.to_string()
+}
+
+/// The socket address a message starts with, followed by `": "`.
+fn leading_peer(msg: &str) -> Option<std::net::SocketAddr> {
+    let (head, _) = msg.split_once(": ")?;
+    head.parse().ok()
 }
 
 /// `2026-12-01T02:56:01.113Z` from milliseconds since the Unix epoch (proleptic Gregorian).
@@ -107,5 +121,31 @@ mod tests {
         assert_eq!(v["msg"], "say \"hi\"\n");
         assert_eq!(v["ts"], "1970-01-01T00:00:00.000Z");
         assert!(!l.contains('\n'), "one line");
+        assert!(v.get("peer").is_none());
+    }
+
+    #[test]
+    fn connection_lines_carry_the_peer() {
+        let l = json_line(
+            0,
+            log::Level::Info,
+            "parlor::net",
+            "10.1.2.3:5120: TLS error: x",
+        );
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["peer"], "10.1.2.3:5120");
+        let l = json_line(
+            0,
+            log::Level::Info,
+            "parlor::net",
+            "[2001:db8::1]:443: closed",
+        );
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["peer"], "[2001:db8::1]:443");
+        let l = json_line(0, log::Level::Info, "parlor", "store: commit failed: x");
+        assert!(serde_json::from_str::<serde_json::Value>(&l)
+            .unwrap()
+            .get("peer")
+            .is_none());
     }
 }
