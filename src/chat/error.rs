@@ -25,10 +25,15 @@ pub enum ErrorCode {
     Internal,
     /// `register` on a server started with `--registration closed`.
     RegistrationClosed,
+    /// Extension: edit/delete/react of a message that does not exist, cannot be seen by the
+    /// asker, or was deleted (one answer for all, so nothing leaks).
+    NotFound,
+    /// Extension: edit/delete of another user's message.
+    Forbidden,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::BadRequest,
@@ -44,6 +49,8 @@ impl ErrorCode {
         ErrorCode::NoSuchRoom,
         ErrorCode::Internal,
         ErrorCode::RegistrationClosed,
+        ErrorCode::NotFound,
+        ErrorCode::Forbidden,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +70,8 @@ impl ErrorCode {
             ErrorCode::NoSuchRoom => "no_such_room",
             ErrorCode::Internal => "internal",
             ErrorCode::RegistrationClosed => "registration_closed",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 

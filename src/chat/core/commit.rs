@@ -53,6 +53,7 @@ impl Hub {
                             reference: reference.as_deref(),
                             id,
                             ts,
+                            seq: None,
                         }
                         .to_json();
                         // Usually one waiter: the last one takes the string itself.
@@ -105,6 +106,31 @@ impl Hub {
                         self.id_requested = self.id_durable;
                     }
                 }
+                Pending::ChangeAck {
+                    conn,
+                    reference,
+                    id,
+                    seq,
+                    ts,
+                } => {
+                    if ok {
+                        let ack = ServerFrame::Ack {
+                            reference: reference.as_deref(),
+                            id,
+                            ts,
+                            seq,
+                        };
+                        self.send(conn, &ack);
+                    } else {
+                        self.change_failed(id);
+                        self.error(
+                            conn,
+                            ErrorCode::Internal,
+                            "change could not be stored",
+                            reference.as_deref(),
+                        );
+                    }
+                }
             }
         }
     }
@@ -151,7 +177,8 @@ impl Hub {
                 .to_json();
                 self.send_json(conn, json);
             }
-            None => {}
+            // Answered by their own store events.
+            Some(QueryWaiter::Lookup { .. } | QueryWaiter::Catchup { .. }) | None => {}
         }
     }
 }

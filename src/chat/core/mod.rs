@@ -98,11 +98,30 @@ enum Pending {
     Reserved {
         upto: i64,
     },
+    /// An edit, delete or reaction (`seq` is `None` when it changed nothing).
+    ChangeAck {
+        conn: ConnId,
+        reference: Option<String>,
+        id: i64,
+        seq: Option<i64>,
+        ts: i64,
+    },
 }
 
 enum QueryWaiter {
     Ring {
         room: String,
+    },
+    /// Changes (or a reply) waiting for message `id`'s state.
+    Lookup {
+        id: i64,
+    },
+    Catchup {
+        conn: ConnId,
+        reference: Option<String>,
+        since: i64,
+        /// The newest seq handed out when the query was sent.
+        head: i64,
     },
     History {
         conn: ConnId,
@@ -142,6 +161,8 @@ pub use crate::prom::Summary as Stat;
 #[derive(Default, Debug)]
 pub struct Counters {
     pub messages_in: u64,
+    /// Edits, deletes and reactions that changed something.
+    pub changes_in: u64,
     pub store_batch_seconds: Stat,
     pub store_batch_writes: Stat,
     pub ack_seconds: Stat,
@@ -176,6 +197,8 @@ pub struct Hub {
     membership_epoch: u64,
     /// Sequence number of the last write sent to the store.
     write_seq: u64,
+    /// Messages' state for edits, deletes and reactions (see `cmd::changes`).
+    changes: cmd::changes::Changes,
     /// What `/healthz` says of the store (see [`Hub::store_health`]).
     store_state: StoreState,
     pending: VecDeque<(u64, Pending)>,
@@ -309,6 +332,7 @@ impl Hub {
             now,
             fx: Effects::default(),
             write_seq: 0,
+            changes: Default::default(),
             store_state: StoreState {
                 committed: 0,
                 failing: false,
@@ -407,6 +431,27 @@ impl Hub {
                 messages,
                 more,
             } => self.on_query(qid, messages, more),
+            StoreEvent::MessageFound { qid, found } => {
+                if let Some(QueryWaiter::Lookup { id }) = self.queries.remove(&qid) {
+                    self.on_lookup(id, found);
+                }
+            }
+            StoreEvent::CatchupDone {
+                qid,
+                items,
+                more,
+                reset,
+            } => {
+                if let Some(QueryWaiter::Catchup {
+                    conn,
+                    reference,
+                    since,
+                    head,
+                }) = self.queries.remove(&qid)
+                {
+                    self.on_catchup(conn, reference, (since, head), (items, more, reset));
+                }
+            }
         }
     }
 
@@ -607,6 +652,16 @@ impl Hub {
         self.pending.push_back((self.write_seq, p));
     }
 
+    /// [`Self::after_commit`], or at once when nothing written is still waiting (no commit
+    /// report would come to release it).
+    pub(in crate::chat::core) fn after_commit_or_now(&mut self, p: Pending) {
+        self.after_commit(p);
+        if self.write_seq <= self.store_state.committed {
+            let upto = self.store_state.committed;
+            self.on_committed(upto, true, &[]);
+        }
+    }
+
     pub(in crate::chat::core) fn query(&mut self, q: Query, waiter: QueryWaiter) {
         self.next_qid += 1;
         self.queries.insert(self.next_qid, waiter);
@@ -760,8 +815,18 @@ impl Hub {
             Command::Leave { room } => self.leave(conn, &key, &room, r),
             Command::Rooms {} => self.list_rooms(conn, r),
             Command::Who { room } => self.who(conn, &room, r),
-            Command::Say { room, text } => self.say(conn, &key, Some(room), None, text, r),
-            Command::Dm { to, text } => self.say(conn, &key, None, Some(to), text, r),
+            Command::Say {
+                room,
+                text,
+                reply_to,
+            } => self.say(conn, &key, Some(room), None, text, reply_to, r),
+            Command::Dm { to, text, reply_to } => {
+                self.say(conn, &key, None, Some(to), text, reply_to, r)
+            }
+            Command::Edit { id, text } => self.edit(conn, &key, id, text, r),
+            Command::Delete { id } => self.delete(conn, &key, id, r),
+            Command::React { id, emoji, on } => self.react(conn, &key, id, emoji, on, r),
+            Command::Catchup { since, limit } => self.catchup(conn, &key, since, limit, r),
             Command::History {
                 room,
                 with,

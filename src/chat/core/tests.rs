@@ -304,6 +304,7 @@ fn join_while_the_ring_loads_meets_the_live_stream_exactly() {
         nick: "bob".into(),
         text: "before".into(),
         ts: 1,
+        ..ChatMessage::default()
     };
     t.run_store(&[], move |q| match q {
         Query::LoadRing { .. } => vec![old.clone()],

@@ -100,6 +100,74 @@ pub enum Write {
     ReserveIds {
         upto: i64,
     },
+    /// A new text for message `id`; the old one goes to its edit history. `conv` is the
+    /// conversation key ([`conv_key`]), `seq` the change's place in the log.
+    EditMessage {
+        id: i64,
+        text: String,
+        edited_ts: i64,
+        seq: i64,
+        conv: String,
+    },
+    /// Message `id` loses its text, edit history and reactions for good.
+    DeleteMessage {
+        id: i64,
+        seq: i64,
+        conv: String,
+        ts: i64,
+    },
+    /// `user` (an account name) adds (`on`) or removes a reaction. Only sent for a change.
+    SetReaction {
+        id: i64,
+        user: String,
+        emoji: String,
+        on: bool,
+        seq: i64,
+        conv: String,
+        ts: i64,
+    },
+    /// Forgets change events older than `before_ts`, except the newest `keep`; catch-up from
+    /// before the oldest kept one is answered with a reset.
+    PruneEvents {
+        before_ts: i64,
+        keep: usize,
+    },
+}
+
+/// The conversation a message belongs to, as change events are filed: the room's name, or the
+/// DM pair key ([`dm_key`], which contains a newline and so never looks like a room).
+pub fn conv_key(room: Option<&str>, dm: Option<&str>) -> String {
+    room.or(dm).unwrap_or_default().to_string()
+}
+
+/// A message with what only the store knows about it, for edits, deletes and reactions.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub msg: ChatMessage,
+    /// The DM pair key, for a DM.
+    pub dm: Option<String>,
+    /// How many times it was edited.
+    pub edits: u32,
+}
+
+/// One entry of a catch-up: what changed, and the message as it is now.
+#[derive(Debug, Clone)]
+pub struct ChangeItem {
+    pub seq: i64,
+    pub kind: ChangeKind,
+    pub msg: ChatMessage,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChangeKind {
+    Message,
+    Edited,
+    Deleted,
+    Reaction {
+        user: String,
+        emoji: String,
+        on: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +188,16 @@ pub enum Query {
         limit: usize,
         /// Set when the asking connection closed: the store skips the query if it has not run
         /// yet, so a flood of queries does not outlive its sender.
+        cancelled: Option<Arc<AtomicBool>>,
+    },
+    /// One message in its current state, for an edit, delete, reaction or reply check.
+    Message { id: i64 },
+    /// Messages and change events with `seq > since` in the conversations `convs` (room names
+    /// and DM pair keys), oldest first, at most `limit`.
+    Catchup {
+        since: i64,
+        convs: Vec<String>,
+        limit: usize,
         cancelled: Option<Arc<AtomicBool>>,
     },
 }
@@ -148,6 +226,19 @@ pub enum StoreEvent {
         qid: u64,
         messages: Vec<ChatMessage>,
         more: bool,
+    },
+    /// The answer to [`Query::Message`].
+    MessageFound {
+        qid: u64,
+        found: Option<StoredMessage>,
+    },
+    /// The answer to [`Query::Catchup`]: `reset` when `since` is older than the oldest change
+    /// event kept.
+    CatchupDone {
+        qid: u64,
+        items: Vec<ChangeItem>,
+        more: bool,
+        reset: bool,
     },
 }
 

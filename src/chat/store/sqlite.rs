@@ -21,7 +21,8 @@ use std::time::Instant;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    Durability, Loaded, LoadedUser, Query, Store, StoreError, StoreEvent, StoreReq, Target, Write,
+    ChangeItem, ChangeKind, Durability, Loaded, LoadedUser, Query, Store, StoreError, StoreEvent,
+    StoreReq, StoredMessage, Target, Write,
 };
 use crate::chat::protocol::ChatMessage;
 use crate::chat::Wake;
@@ -61,6 +62,40 @@ CREATE TABLE IF NOT EXISTS dedup (
 CREATE INDEX IF NOT EXISTS dedup_ts ON dedup (ts);
 ";
 
+/// Version 4 (after the users' `disabled` column of version 3): messages that change — replies,
+/// edits with their history, deletes, reactions — and the change-event log `catchup` reads.
+/// `events` holds edits, deletes and reactions only: a new message's event is its row in
+/// `messages` (its `seq` is its `id`).
+const SCHEMA_V4: &str = "
+ALTER TABLE messages ADD COLUMN reply_to INTEGER;
+ALTER TABLE messages ADD COLUMN edited_ts INTEGER;
+ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN edits INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE edits (msg_id INTEGER NOT NULL, text TEXT NOT NULL, ts INTEGER NOT NULL);
+CREATE INDEX edits_msg ON edits (msg_id);
+CREATE TABLE reactions (
+    msg_id INTEGER NOT NULL, emoji TEXT NOT NULL, user TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (msg_id, emoji, user)) WITHOUT ROWID;
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY, conv TEXT NOT NULL, kind INTEGER NOT NULL, msg_id INTEGER NOT NULL,
+    user TEXT, emoji TEXT, on_ INTEGER, ts INTEGER NOT NULL);
+CREATE INDEX events_conv ON events (conv, seq);
+CREATE INDEX events_ts ON events (ts);
+";
+
+/// `events.kind`.
+const EV_EDITED: i64 = 1;
+const EV_DELETED: i64 = 2;
+const EV_REACTION: i64 = 3;
+
+/// `meta` key: the highest `seq` of a change event that was pruned (catch-up from before it
+/// is a reset).
+const EVENTS_HORIZON: &str = "events_horizon";
+
+fn to_v4(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA_V4)
+}
+
 fn to_v1(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA_V1)
 }
@@ -75,7 +110,7 @@ fn to_v2(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Forward migrations: `MIGRATIONS[i]` takes a database from version `i` to `i + 1`. Append
 /// only; a shipped step never changes.
-pub const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[to_v1, to_v2];
+pub const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[to_v1, to_v2, to_v4];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -210,6 +245,9 @@ fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError>
     };
     conn.pragma_update(None, "synchronous", sync)
         .map_err(sql("synchronous"))?;
+    // A deleted message's text must not stay behind in free space of the file.
+    conn.pragma_update(None, "secure_delete", "ON")
+        .map_err(sql("secure_delete"))?;
     conn.pragma_update(None, "foreign_keys", "OFF")
         .map_err(sql("foreign_keys"))?;
     migrate(&mut conn, &path)?;
@@ -539,11 +577,19 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             .map(|_| ()),
         Write::InsertMessage { msg, dm, dedup } => {
             conn.prepare_cached(
-                "INSERT INTO messages (id, room, dm, from_name, to_name, nick, text, ts)
-                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                "INSERT INTO messages (id, room, dm, from_name, to_name, nick, text, ts, reply_to)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
             )?
             .execute(params![
-                msg.id, msg.room, dm, msg.from, msg.to, msg.nick, msg.text, msg.ts
+                msg.id,
+                msg.room,
+                dm,
+                msg.from,
+                msg.to,
+                msg.nick,
+                msg.text,
+                msg.ts,
+                msg.reply_to
             ])?;
             if let Some((user_key, reference)) = dedup {
                 conn.prepare_cached(
@@ -570,7 +616,108 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             .execute(params![a, b])
             .map(|_| ()),
         Write::ReserveIds { upto } => write_reservation(conn, *upto),
+        Write::EditMessage {
+            id,
+            text,
+            edited_ts,
+            seq,
+            conv,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO edits (msg_id, text, ts)
+                 SELECT id, text, COALESCE(edited_ts, ts) FROM messages WHERE id = ?1",
+            )?
+            .execute(params![id])?;
+            conn.prepare_cached(
+                "UPDATE messages SET text = ?2, edited_ts = ?3, edits = edits + 1 WHERE id = ?1",
+            )?
+            .execute(params![id, text, edited_ts])?;
+            insert_event(conn, *seq, conv, EV_EDITED, *id, None, *edited_ts)
+        }
+        Write::DeleteMessage { id, seq, conv, ts } => {
+            conn.prepare_cached("UPDATE messages SET text = '', deleted = 1 WHERE id = ?1")?
+                .execute(params![id])?;
+            conn.prepare_cached("DELETE FROM edits WHERE msg_id = ?1")?
+                .execute(params![id])?;
+            conn.prepare_cached("DELETE FROM reactions WHERE msg_id = ?1")?
+                .execute(params![id])?;
+            insert_event(conn, *seq, conv, EV_DELETED, *id, None, *ts)
+        }
+        Write::SetReaction {
+            id,
+            user,
+            emoji,
+            on,
+            seq,
+            conv,
+            ts,
+        } => {
+            if *on {
+                conn.prepare_cached(
+                    "INSERT OR IGNORE INTO reactions (msg_id, emoji, user, seq) VALUES (?1,?2,?3,?4)",
+                )?
+                .execute(params![id, emoji, user, seq])?;
+            } else {
+                conn.prepare_cached(
+                    "DELETE FROM reactions WHERE msg_id = ?1 AND emoji = ?2 AND user = ?3",
+                )?
+                .execute(params![id, emoji, user])?;
+            }
+            let r = Some((user.as_str(), emoji.as_str(), *on));
+            insert_event(conn, *seq, conv, EV_REACTION, *id, r, *ts)
+        }
+        Write::PruneEvents { before_ts, keep } => prune_events(conn, *before_ts, *keep),
     }
+}
+
+fn insert_event(
+    conn: &Connection,
+    seq: i64,
+    conv: &str,
+    kind: i64,
+    msg_id: i64,
+    reaction: Option<(&str, &str, bool)>,
+    ts: i64,
+) -> rusqlite::Result<()> {
+    let (user, emoji, on) = match reaction {
+        Some((u, e, on)) => (Some(u), Some(e), Some(on)),
+        None => (None, None, None),
+    };
+    conn.prepare_cached(
+        "INSERT INTO events (seq, conv, kind, msg_id, user, emoji, on_, ts)
+         VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+    )?
+    .execute(params![seq, conv, kind, msg_id, user, emoji, on, ts])
+    .map(|_| ())
+}
+
+/// Deletes change events older than `before_ts` that are not among the newest `keep`, and
+/// moves the catch-up horizon up to the newest one deleted.
+fn prune_events(conn: &Connection, before_ts: i64, keep: usize) -> rusqlite::Result<()> {
+    let floor: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?1",
+            params![keep as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(floor) = floor else {
+        return Ok(()); // no more than `keep` events
+    };
+    let top: Option<i64> = conn.query_row(
+        "SELECT MAX(seq) FROM events WHERE ts < ?1 AND seq <= ?2",
+        params![before_ts, floor],
+        |r| r.get(0),
+    )?;
+    let Some(top) = top else { return Ok(()) };
+    conn.prepare_cached("DELETE FROM events WHERE seq <= ?1")?
+        .execute(params![top])?;
+    conn.prepare_cached(
+        "INSERT INTO meta (k, v) VALUES (?1, ?2)
+         ON CONFLICT (k) DO UPDATE SET v = MAX(v, excluded.v)",
+    )?
+    .execute(params![EVENTS_HORIZON, top])
+    .map(|_| ())
 }
 
 fn row_to_msg(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
@@ -582,16 +729,233 @@ fn row_to_msg(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
         nick: r.get(4)?,
         text: r.get(5)?,
         ts: r.get(6)?,
+        reply_to: r.get(7)?,
+        edited_ts: r.get(8)?,
+        deleted: r.get::<_, i64>(9)? != 0,
+        reactions: Vec::new(),
     })
 }
 
-const COLS: &str = "id, room, from_name, to_name, nick, text, ts";
+const COLS: &str = "id, room, from_name, to_name, nick, text, ts, reply_to, edited_ts, deleted";
+
+/// Fills in the reactions of `msgs` (ordered by id): emoji in the order of their earliest
+/// current reaction, users in the order they reacted — the order the hub keeps in memory.
+fn attach_reactions(conn: &Connection, msgs: &mut [ChatMessage]) -> rusqlite::Result<()> {
+    let (Some(first), Some(last)) = (msgs.first(), msgs.last()) else {
+        return Ok(());
+    };
+    let (lo, hi) = (first.id.min(last.id), first.id.max(last.id));
+    let mut st = conn.prepare_cached(
+        "SELECT msg_id, emoji, user FROM reactions WHERE msg_id BETWEEN ?1 AND ?2 ORDER BY seq",
+    )?;
+    let rows = st.query_map(params![lo, hi], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (id, emoji, user) = row?;
+        if let Some(m) = msgs.iter_mut().find(|m| m.id == id) {
+            m.set_reaction(&user, &emoji, true);
+        }
+    }
+    Ok(())
+}
+
+/// Runs a query into the event that answers it.
+fn answer(conn: &Connection, qid: u64, q: &Query) -> StoreEvent {
+    match q {
+        Query::LoadRing { .. } | Query::History { .. } => {
+            let (messages, more) = if is_cancelled(q) {
+                (Vec::new(), false)
+            } else {
+                run_query(conn, q).unwrap_or_else(|e| {
+                    log::error!("store query {q:?}: {e}");
+                    (Vec::new(), false)
+                })
+            };
+            StoreEvent::QueryDone {
+                qid,
+                messages,
+                more,
+            }
+        }
+        Query::Message { id } => StoreEvent::MessageFound {
+            qid,
+            found: find_message(conn, *id).unwrap_or_else(|e| {
+                log::error!("store query {q:?}: {e}");
+                None
+            }),
+        },
+        Query::Catchup {
+            since,
+            convs,
+            limit,
+            ..
+        } => {
+            let (items, more, reset) = if is_cancelled(q) {
+                (Vec::new(), false, false)
+            } else {
+                catchup(conn, *since, convs, *limit).unwrap_or_else(|e| {
+                    log::error!("store catchup from {since}: {e}");
+                    (Vec::new(), false, true)
+                })
+            };
+            StoreEvent::CatchupDone {
+                qid,
+                items,
+                more,
+                reset,
+            }
+        }
+    }
+}
+
+fn find_message(conn: &Connection, id: i64) -> rusqlite::Result<Option<StoredMessage>> {
+    let sql = format!("SELECT {COLS}, dm, edits FROM messages WHERE id = ?1");
+    let found = conn
+        .prepare_cached(&sql)?
+        .query_row(params![id], |r| {
+            Ok(StoredMessage {
+                msg: row_to_msg(r)?,
+                dm: r.get(10)?,
+                edits: r.get::<_, i64>(11)? as u32,
+            })
+        })
+        .optional()?;
+    let Some(mut found) = found else {
+        return Ok(None);
+    };
+    attach_reactions(conn, std::slice::from_mut(&mut found.msg))?;
+    Ok(Some(found))
+}
+
+/// New messages and change events after `since` in `convs`, merged in `seq` order, at most
+/// `limit`; messages in their current state. Returns (items, more, reset).
+fn catchup(
+    conn: &Connection,
+    since: i64,
+    convs: &[String],
+    limit: usize,
+) -> rusqlite::Result<(Vec<ChangeItem>, bool, bool)> {
+    let horizon: i64 = conn
+        .query_row(
+            "SELECT v FROM meta WHERE k = ?1",
+            params![EVENTS_HORIZON],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    if since < horizon {
+        return Ok((Vec::new(), false, true));
+    }
+    let convs = serde_json::to_string(convs).unwrap_or_else(|_| "[]".into());
+    let fetch = limit as i64 + 1;
+    // New messages of those conversations (their seq is their id).
+    let sql = format!(
+        "SELECT {COLS} FROM messages
+         WHERE id > ?1 AND (room IN (SELECT value FROM json_each(?2))
+                            OR dm IN (SELECT value FROM json_each(?2)))
+         ORDER BY id LIMIT ?3"
+    );
+    let mut msgs = Vec::new();
+    for m in conn
+        .prepare_cached(&sql)?
+        .query_map(params![since, convs, fetch], row_to_msg)?
+    {
+        msgs.push(m?);
+    }
+    // Change events, with the message each is about as it is now.
+    let sql = format!(
+        "SELECT {}, e.seq, e.kind, e.user, e.emoji, e.on_
+         FROM events e JOIN messages m ON m.id = e.msg_id
+         WHERE e.seq > ?1 AND e.conv IN (SELECT value FROM json_each(?2))
+         ORDER BY e.seq LIMIT ?3",
+        COLS.split(", ")
+            .map(|c| format!("m.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut changes = Vec::new();
+    let mut st = conn.prepare_cached(&sql)?;
+    let rows = st.query_map(params![since, convs, fetch], |r| {
+        // The message's columns come first, as `row_to_msg` reads them.
+        let msg = row_to_msg(r)?;
+        let seq: i64 = r.get(10)?;
+        let kind: i64 = r.get(11)?;
+        let user: Option<String> = r.get(12)?;
+        let emoji: Option<String> = r.get(13)?;
+        let on: Option<bool> = r.get(14)?;
+        let kind = match kind {
+            EV_EDITED => ChangeKind::Edited,
+            EV_DELETED => ChangeKind::Deleted,
+            _ => ChangeKind::Reaction {
+                user: user.unwrap_or_default(),
+                emoji: emoji.unwrap_or_default(),
+                on: on.unwrap_or(false),
+            },
+        };
+        Ok(ChangeItem { seq, kind, msg })
+    })?;
+    for c in rows {
+        let c = c?;
+        // What a deleted message had before is gone: its edits and reactions are left out
+        // (its `deleted` event follows and says all there is).
+        if c.msg.deleted && c.kind != ChangeKind::Deleted {
+            continue;
+        }
+        changes.push(c);
+    }
+    // Merge by seq; each list is sorted and holds up to limit + 1, so the first `limit` of the
+    // merge are exact, and `more` is whether anything is left.
+    let mut items = Vec::with_capacity(limit + 1);
+    let (mut a, mut b) = (msgs.into_iter().peekable(), changes.into_iter().peekable());
+    loop {
+        let take_msg = match (a.peek(), b.peek()) {
+            (Some(m), Some(c)) => m.id < c.seq,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if take_msg {
+            let msg = a.next().expect("peeked");
+            items.push(ChangeItem {
+                seq: msg.id,
+                kind: ChangeKind::Message,
+                msg,
+            });
+        } else {
+            items.push(b.next().expect("peeked"));
+        }
+        if items.len() > limit {
+            break;
+        }
+    }
+    let more = items.len() > limit;
+    items.truncate(limit);
+    // Messages travel in their current state, reactions included.
+    let mut with_reactions: Vec<ChatMessage> = items
+        .iter()
+        .filter(|i| i.kind == ChangeKind::Message && !i.msg.deleted)
+        .map(|i| i.msg.clone())
+        .collect();
+    attach_reactions(conn, &mut with_reactions)?;
+    for it in items.iter_mut().filter(|i| i.kind == ChangeKind::Message) {
+        if let Some(m) = with_reactions.iter_mut().find(|m| m.id == it.msg.id) {
+            it.msg.reactions = std::mem::take(&mut m.reactions);
+        }
+    }
+    Ok((items, more, false))
+}
 
 /// Runs a query; returns messages oldest first and whether more exist in the paging
 /// direction. Fetches `limit + 1` rows so `more` costs no second query.
 fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>, bool)> {
     let (col, key, before, after, limit) = match q {
         Query::LoadRing { room, limit } => ("room", room.as_str(), None, None, *limit),
+        Query::Message { .. } | Query::Catchup { .. } => return Ok((Vec::new(), false)),
         Query::History {
             target,
             before,
@@ -620,6 +984,7 @@ fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>
         }
         let more = out.len() > limit;
         out.truncate(limit);
+        attach_reactions(conn, &mut out)?;
         Ok((out, more))
     } else {
         // Backward paging: the newest `limit` before `before` (scrolling up).
@@ -633,6 +998,7 @@ fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>
         let more = out.len() > limit;
         out.truncate(limit);
         out.reverse();
+        attach_reactions(conn, &mut out)?;
         Ok((out, more))
     }
 }
@@ -641,8 +1007,29 @@ fn is_cancelled(q: &Query) -> bool {
     match q {
         Query::History {
             cancelled: Some(c), ..
+        }
+        | Query::Catchup {
+            cancelled: Some(c), ..
         } => c.load(Ordering::Relaxed),
         _ => false,
+    }
+}
+
+/// The empty answer to a query that could not run (the batch's transaction did not start).
+fn unanswered(qid: u64, q: &Query) -> StoreEvent {
+    match q {
+        Query::LoadRing { .. } | Query::History { .. } => StoreEvent::QueryDone {
+            qid,
+            messages: Vec::new(),
+            more: false,
+        },
+        Query::Message { .. } => StoreEvent::MessageFound { qid, found: None },
+        Query::Catchup { .. } => StoreEvent::CatchupDone {
+            qid,
+            items: Vec::new(),
+            more: false,
+            reset: true,
+        },
     }
 }
 
@@ -672,6 +1059,7 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
         let mut failed = Vec::new();
         let mut writes = 0usize;
         let mut stop = false;
+        let mut deleted = false;
         let ok = match conn.transaction() {
             Ok(tx) => {
                 for req in batch {
@@ -679,6 +1067,7 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
                         StoreReq::Write(w) => {
                             seq += 1;
                             writes += 1;
+                            deleted |= matches!(w, Write::DeleteMessage { .. });
                             if let Err(e) = apply(&tx, &w) {
                                 // One bad row must not sink the batch (and every ack in it),
                                 // but its own reply must not claim it is stored.
@@ -686,21 +1075,7 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
                                 failed.push(seq);
                             }
                         }
-                        StoreReq::Query { qid, query } => {
-                            let (messages, more) = if is_cancelled(&query) {
-                                (Vec::new(), false)
-                            } else {
-                                run_query(&tx, &query).unwrap_or_else(|e| {
-                                    log::error!("store query {query:?}: {e}");
-                                    (Vec::new(), false)
-                                })
-                            };
-                            results.push(StoreEvent::QueryDone {
-                                qid,
-                                messages,
-                                more,
-                            });
-                        }
+                        StoreReq::Query { qid, query } => results.push(answer(&tx, qid, &query)),
                         StoreReq::Shutdown => stop = true,
                     }
                 }
@@ -720,11 +1095,7 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
                             seq += 1;
                             writes += 1;
                         }
-                        StoreReq::Query { qid, .. } => results.push(StoreEvent::QueryDone {
-                            qid,
-                            messages: Vec::new(),
-                            more: false,
-                        }),
+                        StoreReq::Query { qid, query } => results.push(unanswered(qid, &query)),
                         StoreReq::Shutdown => stop = true,
                     }
                 }
@@ -736,6 +1107,14 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
         // client sees does not depend on how the store happened to group its work.
         for r in results {
             let _ = events.send(r);
+        }
+        if ok && deleted {
+            // secure_delete zeroed the text in the pages this batch wrote, but the WAL still
+            // holds older copies of those pages (and the main file the pre-delete ones): copy
+            // the new pages home and empty the WAL, so the text is gone from the files.
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                log::warn!("store: checkpoint after a delete: {e}");
+            }
         }
         let _ = events.send(StoreEvent::Committed {
             upto: seq,
@@ -765,6 +1144,7 @@ mod tests {
             nick: "a".into(),
             text: format!("m{id}"),
             ts: id,
+            ..ChatMessage::default()
         }
     }
 
@@ -1069,6 +1449,7 @@ mod tests {
                 nick: s(&m["nick"]),
                 text: s(&m["text"]),
                 ts: m["ts"].as_i64().unwrap(),
+                ..ChatMessage::default()
             })
             .collect();
         assert_eq!(want_msgs.len(), 7);
@@ -1104,6 +1485,7 @@ mod tests {
             nick: "Ally".into(),
             text: "after migration".into(),
             ts: 2_000_000_000_000,
+            ..ChatMessage::default()
         };
         store.submit(vec![
             StoreReq::Write(Write::InsertMessage {

@@ -475,6 +475,7 @@ impl Hub {
             nick: &u.nick,
             token,
             rooms: u.rooms.iter().map(|s| s.as_str()).collect(),
+            seq: self.next_id - 1,
             reference,
         }
         .to_json();

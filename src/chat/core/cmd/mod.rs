@@ -2,6 +2,7 @@
 //! the results that complete them.
 
 pub mod auth;
+pub mod changes;
 pub mod history;
 pub mod messages;
 pub mod profile;
