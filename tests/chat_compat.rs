@@ -101,7 +101,17 @@ fn v1_database_from_an_old_build_is_migrated_and_served() {
     let version: i64 = db
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("user_version");
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
+    // Version 3: no account is disabled after the migration.
+    let enabled: i64 = db
+        .query_row("SELECT COUNT(*) FROM users WHERE disabled = 0", [], |r| {
+            r.get(0)
+        })
+        .expect("users.disabled");
+    assert_eq!(
+        enabled as usize,
+        want["users"].as_array().map_or(0, Vec::len)
+    );
     let stored: i64 = db
         .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
         .expect("count");

@@ -25,10 +25,13 @@ pub enum ErrorCode {
     Internal,
     /// `register` on a server started with `--registration closed`.
     RegistrationClosed,
+    /// `login` or `resume` of an account an operator disabled (`parlor user disable`); also
+    /// sent to its open connections before they are closed.
+    AccountDisabled,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::BadRequest,
@@ -44,6 +47,7 @@ impl ErrorCode {
         ErrorCode::NoSuchRoom,
         ErrorCode::Internal,
         ErrorCode::RegistrationClosed,
+        ErrorCode::AccountDisabled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +67,7 @@ impl ErrorCode {
             ErrorCode::NoSuchRoom => "no_such_room",
             ErrorCode::Internal => "internal",
             ErrorCode::RegistrationClosed => "registration_closed",
+            ErrorCode::AccountDisabled => "account_disabled",
         }
     }
 
