@@ -30,10 +30,13 @@ pub enum ErrorCode {
     NotFound,
     /// Extension: edit/delete of another user's message.
     Forbidden,
+    /// `login` or `resume` of an account an operator disabled (`parlor user disable`); also
+    /// sent to its open connections before they are closed.
+    AccountDisabled,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::BadRequest,
@@ -51,6 +54,7 @@ impl ErrorCode {
         ErrorCode::RegistrationClosed,
         ErrorCode::NotFound,
         ErrorCode::Forbidden,
+        ErrorCode::AccountDisabled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +76,7 @@ impl ErrorCode {
             ErrorCode::RegistrationClosed => "registration_closed",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::AccountDisabled => "account_disabled",
         }
     }
 

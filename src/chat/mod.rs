@@ -13,10 +13,13 @@
 //! - [`ratelimit`]: token bucket and login failure throttle; [`hashq`]: the fair queue in
 //!   front of the hashing threads.
 //! - [`service`]: [`ChatService`], the adapter: `impl Service`, carries out the hub's effects.
+//! - [`admin`]: `parlor user …`, the operator's account commands (another process, same
+//!   store).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+pub mod admin;
 pub mod auth;
 pub mod confusable;
 pub mod core;

@@ -1,6 +1,7 @@
 //! Replies that wait for the store: commit reports release acks, welcomes, logout closes and
 //! id reservations in write order; query results complete joins and history requests.
 
+use crate::chat::core::cmd::auth::{token_hash, ACCOUNT_DISABLED};
 use crate::chat::core::{Hub, Pending, QueryWaiter};
 use crate::chat::protocol::{ChatMessage, ErrorCode, ServerFrame};
 use crate::service::CloseCode;
@@ -80,10 +81,22 @@ impl Hub {
                     token,
                     reference,
                 } => {
-                    if ok {
+                    let hash = token_hash(&token);
+                    if ok && !self.sessions.contains_key(&hash) {
+                        // Revoked while it committed: an operator disabled the account or
+                        // changed its password (see `cmd/accounts.rs`).
+                        let disabled = self.users.get(&user).is_some_and(|u| u.disabled);
+                        let (code, message) = if disabled {
+                            (ErrorCode::AccountDisabled, ACCOUNT_DISABLED)
+                        } else {
+                            (ErrorCode::AuthFailed, "session revoked")
+                        };
+                        if self.conns.contains_key(&conn) {
+                            self.auth_failed(conn, code, message, reference.as_deref());
+                        }
+                    } else if ok {
                         self.authenticate(conn, &user, &token, reference.as_deref());
                     } else {
-                        let hash = crate::chat::core::cmd::auth::token_hash(&token);
                         self.forget_session(&user, hash);
                         self.auth_failed(
                             conn,
@@ -96,6 +109,16 @@ impl Hub {
                 Pending::Close { conns } => {
                     for c in conns {
                         self.close(c, CloseCode::Normal, "logged out");
+                    }
+                }
+                Pending::Account {
+                    conn,
+                    key,
+                    phc,
+                    reference,
+                } => {
+                    if !ok {
+                        self.account_not_stored(conn, key, &phc, reference);
                     }
                 }
                 Pending::Reserved { upto } => {

@@ -21,7 +21,7 @@ use super::frame::text_frame;
 use super::hashq::FairQueue;
 use super::protocol::{parse_client_frame, Command, ErrorCode, PresenceEvent, ServerFrame};
 use super::ratelimit::{FailureThrottle, TokenBucket};
-use super::store::{Loaded, Query, StoreEvent, StoreReq, Write};
+use super::store::{Loaded, LoadedUser, Query, StoreEvent, StoreReq, UserChange, Write};
 use super::ChatConfig;
 use crate::service::{CloseCode, ConnId};
 
@@ -47,6 +47,8 @@ const MAX_HISTORY_LIMIT: u32 = 200;
 const MAX_SESSIONS: usize = 64;
 /// How often expired sessions and dedup refs are swept from memory and the store.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// No connection: a broadcast that skips `NOBODY` reaches every recipient.
+const NOBODY: ConnId = ConnId(u64::MAX);
 
 /// Replaces `scratch` with the connections of the users `keys`, minus `skip_conn`. A free
 /// function over the two fields so callers can iterate another part of the hub (a room's
@@ -94,6 +96,15 @@ enum Pending {
     /// Logout: close these connections with 1000 once the revocation is durable.
     Close {
         conns: Vec<ConnId>,
+    },
+    /// A registration's account row. If it did not store (`parlor user add` took the name
+    /// meanwhile), the `Welcome` queued behind it is cancelled and the row is reloaded.
+    Account {
+        conn: ConnId,
+        key: String,
+        /// The registration's password hash, for as long as memory may still hold it.
+        phc: String,
+        reference: Option<String>,
     },
     Reserved {
         upto: i64,
@@ -145,6 +156,8 @@ enum AuthWaiter {
         key: String,
         ip: Option<IpAddr>,
         reference: Option<String>,
+        /// The account's `cred_epoch` when its hash was handed to the worker.
+        epoch: u64,
     },
 }
 
@@ -216,6 +229,8 @@ pub struct Hub {
     nick_skeletons: SkeletonIndex,
     users: HashMap<String, User>,
     sessions: HashMap<[u8; 32], Session>,
+    /// Registrations waiting for a `LoadUser` answer (their account did not store), by key.
+    reloads: HashMap<String, Vec<(ConnId, Option<String>)>>,
     /// Unauthenticated connections in order of their `--auth-timeout` deadline.
     auth_deadlines: VecDeque<(Instant, ConnId)>,
     /// When sessions and dedup refs were last swept (see `SWEEP_INTERVAL`).
@@ -258,6 +273,7 @@ impl Hub {
             nick_skeletons.insert(&skeleton_keys(&u.nick), &u.key);
             let mut user = User::new(u.key.clone(), u.name, u.nick, u.phc);
             user.last_seen = u.last_seen;
+            user.disabled = u.disabled;
             users.insert(u.key, user);
         }
         // Refs of messages committed before the restart: a client retrying one of them gets
@@ -348,6 +364,7 @@ impl Hub {
             nick_skeletons,
             users,
             sessions,
+            reloads: HashMap::new(),
             auth_deadlines: VecDeque::new(),
             last_sweep: None,
             rooms,
@@ -452,6 +469,9 @@ impl Hub {
                     self.on_catchup(conn, reference, (since, head), (items, more, reset));
                 }
             }
+            StoreEvent::UserChanged { change, key, user } => {
+                self.on_user_changed(change, key, user)
+            }
         }
     }
 
@@ -472,6 +492,20 @@ impl Hub {
             ));
         }
         Ok(())
+    }
+
+    /// An account changed outside the protocol (an operator command, reported by the store
+    /// with the row as it now is), or the answer to the hub's own `LoadUser`. The same as
+    /// `handle_store_event` with [`StoreEvent::UserChanged`].
+    pub fn handle_user_changed(
+        &mut self,
+        change: UserChange,
+        key: String,
+        user: Result<Option<LoadedUser>, String>,
+        now: Now,
+    ) {
+        self.now = now;
+        self.on_user_changed(change, key, user);
     }
 
     /// About once a second: expiries and housekeeping that are due by time.
@@ -793,6 +827,7 @@ impl Hub {
     #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
         self.pending.is_empty()
+            && self.reloads.is_empty()
             && self.queries.is_empty()
             && self.jobs.is_empty()
             && self.hash_queue.queued() == 0

@@ -17,6 +17,7 @@ use std::time::Duration;
 use super::protocol::ChatMessage;
 use super::Wake;
 
+pub mod accounts;
 pub mod sqlite;
 
 pub use sqlite::{backup, restore, verify_copy, CopySummary, SqliteStore};
@@ -205,8 +206,59 @@ pub enum Query {
 #[derive(Debug)]
 pub enum StoreReq {
     Write(Write),
-    Query { qid: u64, query: Query },
+    Query {
+        qid: u64,
+        query: Query,
+    },
+    /// Read one user's row as it is now; answered by [`StoreEvent::UserChanged`] with
+    /// [`UserChange::Reloaded`] (the hub's way back to the truth after its own write of that
+    /// user failed).
+    LoadUser {
+        key: String,
+    },
     Shutdown,
+}
+
+/// What an operator command (`parlor user …`, see [`accounts`]) did to an account. The
+/// command records it in the store's change log together with the change itself; the store of
+/// a running server notices it and reports [`StoreEvent::UserChanged`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserChange {
+    /// `parlor user add`: a new account.
+    Added,
+    /// `parlor user passwd`: a new password; every session was revoked.
+    Password,
+    /// `parlor user disable`: no sign-in any more; every session was revoked.
+    Disabled,
+    /// `parlor user enable`.
+    Enabled,
+    /// Not an operator command: the answer to [`StoreReq::LoadUser`].
+    Reloaded,
+}
+
+impl UserChange {
+    /// The change log's `kind` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserChange::Added => "add",
+            UserChange::Password => "passwd",
+            UserChange::Disabled => "disable",
+            UserChange::Enabled => "enable",
+            UserChange::Reloaded => "reload",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<UserChange> {
+        [
+            UserChange::Added,
+            UserChange::Password,
+            UserChange::Disabled,
+            UserChange::Enabled,
+            UserChange::Reloaded,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
 }
 
 #[derive(Debug)]
@@ -240,6 +292,14 @@ pub enum StoreEvent {
         more: bool,
         reset: bool,
     },
+    /// An account changed behind the hub's back (an operator command), or the answer to
+    /// [`StoreReq::LoadUser`]: `user` is its row as stored now (`Ok(None)`: there is no such
+    /// account; `Err`: it could not be read, which only a `LoadUser` answer can say).
+    UserChanged {
+        change: UserChange,
+        key: String,
+        user: Result<Option<LoadedUser>, String>,
+    },
 }
 
 /// The key of a DM conversation: both user keys, sorted, so either side finds it.
@@ -268,13 +328,15 @@ pub struct Loaded {
     pub next_id: i64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedUser {
     pub key: String,
     pub name: String,
     pub nick: String,
     pub phc: String,
     pub last_seen: Option<i64>,
+    /// `parlor user disable`: the account may not sign in.
+    pub disabled: bool,
 }
 
 /// A backend error, boxed so this module names no backend's types.

@@ -14,21 +14,32 @@
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     ChangeItem, ChangeKind, Durability, Loaded, LoadedUser, Query, Store, StoreError, StoreEvent,
-    StoreReq, StoredMessage, Target, Write,
+    StoreReq, StoredMessage, Target, UserChange, Write,
 };
 use crate::chat::protocol::ChatMessage;
 use crate::chat::Wake;
 
 /// Most requests folded into one transaction; bounds the latency of a batch under flood.
 const MAX_BATCH: usize = 4096;
+
+/// How often the store thread looks at `admin_changes` for accounts changed by an operator
+/// command (`parlor user …`) in another process. The bound on how long a disabled user or a
+/// changed password goes unnoticed by a running server; a poll with nothing new is one
+/// index lookup.
+pub const CHANGE_POLL: Duration = Duration::from_millis(250);
+
+/// How long a connection waits for another process's write lock before a statement fails
+/// with `SQLITE_BUSY`. The server and `parlor user …` both write; each holds the lock for one
+/// short transaction.
+pub const BUSY_WAIT: Duration = Duration::from_secs(10);
 
 /// Version 1: the schema as first shipped (commit e05a242), before versioning: such a
 /// database has `user_version` 0.
@@ -60,6 +71,15 @@ CREATE TABLE IF NOT EXISTS dedup (
     user_key TEXT NOT NULL, ref TEXT NOT NULL, id INTEGER NOT NULL, ts INTEGER NOT NULL,
     PRIMARY KEY (user_key, ref)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_ts ON dedup (ts);
+";
+
+/// Version 3: accounts an operator disabled (`parlor user disable`), and the log of operator
+/// account changes that a running server polls (see [`CHANGE_POLL`]).
+const SCHEMA_V3: &str = "
+ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE admin_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, user_key TEXT NOT NULL, kind TEXT NOT NULL,
+    ts INTEGER NOT NULL);
 ";
 
 /// Version 4 (after the users' `disabled` column of version 3): messages that change — replies,
@@ -108,9 +128,13 @@ fn to_v2(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+fn to_v3(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA_V3)
+}
+
 /// Forward migrations: `MIGRATIONS[i]` takes a database from version `i` to `i + 1`. Append
 /// only; a shipped step never changes.
-pub const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[to_v1, to_v2, to_v4];
+pub const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[to_v1, to_v2, to_v3, to_v4];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -124,7 +148,7 @@ fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<
     .map(|n| n > 0)
 }
 
-fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+pub(super) fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |e| StoreError::Sql {
         context,
         source: Box::new(e),
@@ -218,7 +242,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 }
 
 /// Opens (creating if needed) `dir/chat.db`, sets the pragmas and migrates the schema.
-fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError> {
+pub(super) fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
         path: dir.to_path_buf(),
         source: e,
@@ -228,6 +252,7 @@ fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError>
         path: path.clone(),
         source: Box::new(e),
     })?;
+    conn.busy_timeout(BUSY_WAIT).map_err(sql("busy_timeout"))?;
     // Refuse a newer schema before changing anything about the file (journal mode included).
     let found = schema_version(&conn, &path)?;
     if found > SCHEMA_VERSION {
@@ -261,17 +286,9 @@ fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError>
 fn load(conn: &Connection, reserve: i64, dedup_since: i64) -> Result<(Loaded, i64), StoreError> {
     let mut l = Loaded::default();
     let mut st = conn
-        .prepare("SELECT key, name, nick, phc, last_seen FROM users")
+        .prepare(&format!("SELECT {USER_COLS} FROM users"))
         .map_err(sql("load users"))?;
-    let rows = st.query_map([], |r| {
-        Ok(LoadedUser {
-            key: r.get(0)?,
-            name: r.get(1)?,
-            nick: r.get(2)?,
-            phc: r.get(3)?,
-            last_seen: r.get(4)?,
-        })
-    });
+    let rows = st.query_map([], |r| user_at(r, 0));
     l.users = rows
         .and_then(|rows| rows.collect::<Result<_, _>>())
         .map_err(sql("load users"))?;
@@ -331,6 +348,97 @@ fn load(conn: &Connection, reserve: i64, dedup_since: i64) -> Result<(Loaded, i6
     let upto = l.next_id + reserve;
     write_reservation(conn, upto).map_err(sql("write id reservation"))?;
     Ok((l, upto))
+}
+
+/// The columns [`user_at`] reads, in its order.
+const USER_COLS: &str = "key, name, nick, phc, last_seen, disabled";
+
+/// A user from the [`USER_COLS`] of a row, starting at column `at`.
+fn user_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<LoadedUser> {
+    Ok(LoadedUser {
+        key: r.get(at)?,
+        name: r.get(at + 1)?,
+        nick: r.get(at + 2)?,
+        phc: r.get(at + 3)?,
+        last_seen: r.get(at + 4)?,
+        disabled: r.get(at + 5)?,
+    })
+}
+
+/// One user's row as it is now (`None`: no such account).
+fn load_user(conn: &Connection, key: &str) -> rusqlite::Result<Option<LoadedUser>> {
+    conn.prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE key = ?1"))?
+        .query_row(params![key], |r| user_at(r, 0))
+        .optional()
+}
+
+/// The last entry of the operator change log: what a store opened now has already loaded.
+fn last_change(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM admin_changes", [], |r| {
+        r.get(0)
+    })
+}
+
+/// Operator changes logged after `after`, oldest first, each with its account's row as it is
+/// now.
+fn changes_since(conn: &Connection, after: i64) -> rusqlite::Result<Vec<(i64, StoreEvent)>> {
+    let cols = USER_COLS
+        .split(", ")
+        .map(|c| format!("u.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT c.seq, c.user_key, c.kind, {cols} FROM admin_changes c
+         LEFT JOIN users u ON u.key = c.user_key WHERE c.seq > ?1 ORDER BY c.seq"
+    ))?;
+    let rows = st.query_map(params![after], |r| {
+        let kind: String = r.get(2)?;
+        let present: Option<String> = r.get(3)?;
+        Ok((
+            r.get(0)?,
+            StoreEvent::UserChanged {
+                // A kind this build does not know: the row is still the truth to adopt.
+                change: UserChange::parse(&kind).unwrap_or(UserChange::Reloaded),
+                key: r.get(1)?,
+                user: Ok(present.map(|_| user_at(r, 3)).transpose()?),
+            },
+        ))
+    })?;
+    rows.collect()
+}
+
+/// The store thread's watch on `admin_changes`.
+struct ChangeWatch {
+    /// The last change reported (or loaded at startup).
+    seen: i64,
+    next: Instant,
+    /// The last poll failed (logged once, not every poll).
+    failing: bool,
+}
+
+impl ChangeWatch {
+    /// Reports changes made since the last poll; whether there were any.
+    fn poll(&mut self, conn: &Connection, events: &Sender<StoreEvent>) -> bool {
+        self.next = Instant::now() + CHANGE_POLL;
+        match changes_since(conn, self.seen) {
+            Ok(changes) => {
+                self.failing = false;
+                let any = !changes.is_empty();
+                for (seq, ev) in changes {
+                    self.seen = seq;
+                    let _ = events.send(ev);
+                }
+                any
+            }
+            Err(e) => {
+                if !self.failing {
+                    log::error!("store: reading operator account changes: {e}");
+                }
+                self.failing = true;
+                false
+            }
+        }
+    }
 }
 
 fn write_reservation(conn: &Connection, upto: i64) -> rusqlite::Result<()> {
@@ -473,13 +581,25 @@ impl SqliteStore {
         dedup_since: i64,
         wake: Wake,
     ) -> Result<(SqliteStore, Loaded, i64), StoreError> {
-        let conn = open_db(dir, durability)?;
-        let (loaded, reserved) = load(&conn, reserve, dedup_since)?;
+        let mut conn = open_db(dir, durability)?;
+        // Under the write lock, so that no operator change (`parlor user …`) can fall between
+        // what is loaded and the change log's position the store thread watches from.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin load"))?;
+        let (loaded, reserved) = load(&tx, reserve, dedup_since)?;
+        let seen = last_change(&tx).map_err(sql("read admin_changes"))?;
+        tx.commit().map_err(sql("commit load"))?;
+        let watch = ChangeWatch {
+            seen,
+            next: Instant::now() + CHANGE_POLL,
+            failing: false,
+        };
         let (tx, req_rx) = channel();
         let (ev_tx, rx) = channel();
         let thread = std::thread::Builder::new()
             .name("chat-store".into())
-            .spawn(move || run(conn, req_rx, ev_tx, wake))
+            .spawn(move || run(conn, req_rx, ev_tx, wake, watch))
             .map_err(StoreError::Thread)?;
         let store = SqliteStore {
             tx: Some(tx),
@@ -536,8 +656,10 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             phc,
             created,
         } => conn
+            // Never OR REPLACE: an account created meanwhile by `parlor user add` must make
+            // this write fail (the hub then reloads the row), not be overwritten by it.
             .prepare_cached(
-                "INSERT OR REPLACE INTO users (key, name, nick, phc, created) VALUES (?1,?2,?3,?4,?5)",
+                "INSERT INTO users (key, name, nick, phc, created) VALUES (?1,?2,?3,?4,?5)",
             )?
             .execute(params![key, name, nick, phc, created])
             .map(|_| ()),
@@ -1034,16 +1156,30 @@ fn unanswered(qid: u64, q: &Query) -> StoreEvent {
 }
 
 /// The store thread's body. Returns when it gets [`StoreReq::Shutdown`] (after committing
-/// everything before it) or when the loop side hangs up.
-fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEvent>, wake: Wake) {
+/// everything before it) or when the loop side hangs up. Between batches, and at least every
+/// [`CHANGE_POLL`] when idle, it reports operator account changes (`watch`).
+fn run(
+    mut conn: Connection,
+    rx: Receiver<Vec<StoreReq>>,
+    events: Sender<StoreEvent>,
+    wake: Wake,
+    mut watch: ChangeWatch,
+) {
     let mut seq: u64 = 0;
     // Requests arrive a loop turn's worth at a time; a transaction takes at most MAX_BATCH.
     let mut queued: VecDeque<StoreReq> = VecDeque::new();
     loop {
         if queued.is_empty() {
-            match rx.recv() {
+            let idle = watch.next.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(idle) {
                 Ok(reqs) => queued.extend(reqs),
-                Err(_) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    if watch.poll(&conn, &events) {
+                        wake.wake();
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
         while queued.len() < MAX_BATCH {
@@ -1060,7 +1196,10 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
         let mut writes = 0usize;
         let mut stop = false;
         let mut deleted = false;
-        let ok = match conn.transaction() {
+        // IMMEDIATE: take the write lock (waiting up to BUSY_WAIT for `parlor user …`) before
+        // the first read, so a write after a read cannot fail on a snapshot another process
+        // has moved past.
+        let ok = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => {
                 for req in batch {
                     match req {
@@ -1076,6 +1215,17 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
                             }
                         }
                         StoreReq::Query { qid, query } => results.push(answer(&tx, qid, &query)),
+                        StoreReq::LoadUser { key } => {
+                            let user = load_user(&tx, &key).map_err(|e| {
+                                log::error!("store: load user {key}: {e}");
+                                e.to_string()
+                            });
+                            results.push(StoreEvent::UserChanged {
+                                change: UserChange::Reloaded,
+                                key,
+                                user,
+                            });
+                        }
                         StoreReq::Shutdown => stop = true,
                     }
                 }
@@ -1096,6 +1246,11 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
                             writes += 1;
                         }
                         StoreReq::Query { qid, query } => results.push(unanswered(qid, &query)),
+                        StoreReq::LoadUser { key } => results.push(StoreEvent::UserChanged {
+                            change: UserChange::Reloaded,
+                            key,
+                            user: Err(format!("store unavailable: {e}")),
+                        }),
                         StoreReq::Shutdown => stop = true,
                     }
                 }
@@ -1123,6 +1278,9 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
             batch: writes,
             latency: start.elapsed(),
         });
+        if Instant::now() >= watch.next {
+            watch.poll(&conn, &events);
+        }
         wake.wake();
         if stop {
             return;
@@ -1217,6 +1375,8 @@ mod tests {
         assert!(table_exists(conn, "dedup"));
         assert!(table_exists(conn, "dedup_ts"));
         assert!(has_column(conn, "sessions", "last_used").unwrap());
+        assert!(has_column(conn, "users", "disabled").unwrap());
+        assert!(table_exists(conn, "admin_changes"));
     }
 
     const SESSION: &str = "INSERT INTO sessions (hash, user_key, created)
@@ -1333,6 +1493,73 @@ mod tests {
             !table_exists(&conn, "dedup"),
             "the step's CREATE TABLE rolled back"
         );
+    }
+
+    /// The hub's account write never replaces a row (`parlor user add` may have made it
+    /// meanwhile): it fails, and `LoadUser` then reports the stored row, or none.
+    #[test]
+    fn insert_user_never_overwrites_and_load_user_reports_the_row() {
+        let dir = TempDir::new("store-insert-user");
+        let (mut store, _, _) =
+            super::super::open_sqlite(dir.path(), Durability::Normal, 10, 0, Wake::default())
+                .unwrap();
+        let mut accounts = super::super::accounts::Accounts::open(dir.path(), false).unwrap();
+        let added = accounts.add("alice", "Alice", "operator", 1, |_| false);
+        assert_eq!(added.unwrap(), super::super::accounts::Added::Added);
+        let insert = |key: &str| {
+            StoreReq::Write(Write::InsertUser {
+                key: key.into(),
+                name: key.into(),
+                nick: key.into(),
+                phc: "racer".into(),
+                created: 2,
+            })
+        };
+        let load = |key: &str| StoreReq::LoadUser { key: key.into() };
+        store.submit(vec![
+            insert("alice"),
+            insert("bob"),
+            load("alice"),
+            load("nobody"),
+        ]);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (mut reloaded, mut committed, mut polled) = (Vec::new(), None, false);
+        while committed.is_none() || !polled {
+            match store.try_event() {
+                Some(StoreEvent::UserChanged {
+                    change: UserChange::Reloaded,
+                    key,
+                    user,
+                }) => reloaded.push((key, user.unwrap())),
+                Some(StoreEvent::UserChanged { change, key, user }) => {
+                    assert_eq!((change, key.as_str()), (UserChange::Added, "alice"));
+                    assert_eq!(user.unwrap().unwrap().phc, "operator");
+                    polled = true;
+                }
+                Some(StoreEvent::Committed { upto, failed, .. }) => {
+                    committed = Some((upto, failed))
+                }
+                Some(_) => {}
+                None => {
+                    assert!(Instant::now() < deadline, "{reloaded:?} {committed:?}");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+        assert_eq!(
+            committed,
+            Some((2, vec![1])),
+            "alice's insert failed, bob's did not"
+        );
+        assert_eq!(reloaded.len(), 2);
+        let alice = reloaded[0].1.as_ref().unwrap();
+        assert_eq!(
+            (alice.name.as_str(), alice.phc.as_str()),
+            ("Alice", "operator")
+        );
+        assert!(!alice.disabled);
+        assert_eq!(reloaded[1], ("nobody".to_string(), None));
+        store.shutdown();
     }
 
     /// Waits for the store thread's answer to query `qid` (nobody wakes a test).

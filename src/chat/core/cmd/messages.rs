@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use crate::chat::core::cmd::changes::Conv;
 use crate::chat::core::state::DedupEntry;
-use crate::chat::core::{Hub, Pending, ID_RESERVE};
+use crate::chat::core::{Hub, Pending, ID_RESERVE, NOBODY};
 use crate::chat::protocol::{ChatMessage, ErrorCode, ServerFrame};
 use crate::chat::store::{self, Write};
 use crate::chat::validate;
@@ -181,10 +181,7 @@ impl Hub {
             }
             (None, Some(tk)) => {
                 let pair = [key.to_string(), tk.to_string()];
-                self.collect_conns(
-                    pair.iter().take(if tk == key { 1 } else { 2 }),
-                    ConnId(u64::MAX),
-                );
+                self.collect_conns(pair.iter().take(if tk == key { 1 } else { 2 }), NOBODY);
                 self.broadcast(&json, true);
                 self.note_dm_pair(key, tk);
                 Some(store::dm_key(key, tk))
