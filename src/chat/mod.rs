@@ -28,6 +28,7 @@ pub mod frame;
 pub mod hashq;
 pub mod protocol;
 pub mod ratelimit;
+pub mod search;
 pub mod service;
 pub mod store;
 pub mod validate;

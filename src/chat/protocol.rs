@@ -68,6 +68,33 @@ pub enum Command {
         #[serde(default)]
         limit: Option<u32>,
     },
+    Read {
+        #[serde(default)]
+        room: Option<String>,
+        #[serde(default)]
+        with: Option<String>,
+        id: i64,
+    },
+    Notify {
+        #[serde(default)]
+        room: Option<String>,
+        #[serde(default)]
+        with: Option<String>,
+        level: String,
+    },
+    Search {
+        q: String,
+        #[serde(default)]
+        room: Option<String>,
+        #[serde(default)]
+        with: Option<String>,
+        #[serde(default)]
+        from: Option<String>,
+        #[serde(default)]
+        before: Option<i64>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     History {
         #[serde(default)]
         room: Option<String>,
@@ -92,9 +119,9 @@ pub enum Command {
 }
 
 /// The `type` values [`Command`] knows; anything else is `unknown_type`.
-const KNOWN_TYPES: [&str; 17] = [
+const KNOWN_TYPES: [&str; 20] = [
     "register", "login", "resume", "logout", "join", "leave", "rooms", "who", "say", "dm",
-    "history", "nick", "typing", "edit", "delete", "react", "catchup",
+    "history", "nick", "typing", "edit", "delete", "react", "catchup", "read", "notify", "search",
 ];
 
 /// A parsed client frame: the command plus the optional `ref` to echo.
@@ -202,6 +229,23 @@ pub fn check_client_frame(bytes: &[u8]) {
                 | Command::Rooms {}
                 | Command::Delete { .. }
                 | Command::Catchup { .. } => Vec::new(),
+                Command::Read { room, with, .. } | Command::Notify { room, with, .. } => {
+                    room.iter().chain(with.iter()).map(|s| s.as_str()).collect()
+                }
+                Command::Search {
+                    q,
+                    room,
+                    with,
+                    from,
+                    ..
+                } => {
+                    let _ = super::search::fts_query(q);
+                    [Some(q), room.as_ref(), with.as_ref(), from.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .map(|s| s.as_str())
+                        .collect()
+                }
             };
             for s in strings {
                 let _ = super::validate::user_name(s);
@@ -371,6 +415,19 @@ pub enum PresenceEvent {
     Leave,
 }
 
+/// One conversation in `welcome`: a room, or a DM conversation `with` someone.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct ConvInfo<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub with: Option<&'a str>,
+    pub read: i64,
+    pub unread: u32,
+    pub mentions: u32,
+    pub notify: &'a str,
+}
+
 /// Where a change frame belongs: `room`, or for a DM its author (`from`) and the other person
 /// (`to`), as in the message itself.
 #[derive(Serialize, Debug, Clone, Copy, PartialEq)]
@@ -411,6 +468,8 @@ pub enum ServerFrame<'a> {
         rooms: Vec<&'a str>,
         /// The newest change-log number handed out (see `catchup`).
         seq: i64,
+        /// Read state and counts of every room and DM conversation of the user.
+        conversations: Vec<ConvInfo<'a>>,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a str>,
     },
@@ -478,6 +537,28 @@ pub enum ServerFrame<'a> {
         emoji: &'a str,
         on: bool,
         seq: i64,
+    },
+    Read {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        with: Option<&'a str>,
+        id: i64,
+    },
+    Notify {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        with: Option<&'a str>,
+        level: &'a str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+    },
+    Search {
+        results: Vec<&'a ChatMessage>,
+        more: bool,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
     },
     Catchup {
         /// The events, each already a complete frame (JSON object).
@@ -556,6 +637,9 @@ mod tests {
             r#"{"type":"delete","id":4}"#,
             r#"{"type":"react","id":4,"emoji":"👍","on":true}"#,
             r#"{"type":"catchup","since":0,"limit":10}"#,
+            r#"{"type":"read","room":"r","id":4}"#,
+            r#"{"type":"notify","with":"b","level":"none"}"#,
+            r#"{"type":"search","q":"x y","from":"a","limit":5}"#,
         ];
         for c in cases {
             assert!(parse_client_frame(c.as_bytes()).is_ok(), "{c}");

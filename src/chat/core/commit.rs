@@ -201,7 +201,13 @@ impl Hub {
                 self.send_json(conn, json);
             }
             // Answered by their own store events.
-            Some(QueryWaiter::Lookup { .. } | QueryWaiter::Catchup { .. }) | None => {}
+            Some(
+                QueryWaiter::Lookup { .. }
+                | QueryWaiter::Catchup { .. }
+                | QueryWaiter::Welcome { .. }
+                | QueryWaiter::Search { .. },
+            )
+            | None => {}
         }
     }
 }

@@ -134,6 +134,19 @@ enum QueryWaiter {
         /// The newest seq handed out when the query was sent.
         head: i64,
     },
+    /// A sign-in whose `welcome` waits for its unread counts.
+    Welcome {
+        conn: ConnId,
+        key: String,
+        token: String,
+        reference: Option<String>,
+        /// The conversations counted, in order.
+        convs: Vec<String>,
+    },
+    Search {
+        conn: ConnId,
+        reference: Option<String>,
+    },
     History {
         conn: ConnId,
         reference: Option<String>,
@@ -313,6 +326,11 @@ impl Hub {
                 u.dm_partners.insert(a);
             }
         }
+        for (key, conv, read, notify) in loaded.conv_state {
+            if let Some(u) = users.get_mut(&key) {
+                u.convs.insert(conv, state::ConvPrefs { read, notify });
+            }
+        }
         let mut sessions = HashMap::with_capacity(loaded.sessions.len());
         for (hash, key, last_used) in loaded.sessions {
             if let Some(u) = users.get_mut(&key) {
@@ -451,6 +469,23 @@ impl Hub {
             StoreEvent::MessageFound { qid, found } => {
                 if let Some(QueryWaiter::Lookup { id }) = self.queries.remove(&qid) {
                     self.on_lookup(id, found);
+                }
+            }
+            StoreEvent::UnreadDone { qid, counts } => {
+                if let Some(QueryWaiter::Welcome {
+                    conn,
+                    key,
+                    token,
+                    reference,
+                    convs,
+                }) = self.queries.remove(&qid)
+                {
+                    self.finish_welcome(conn, &key, &token, reference.as_deref(), &convs, &counts);
+                }
+            }
+            StoreEvent::SearchDone { qid, results, more } => {
+                if let Some(QueryWaiter::Search { conn, reference }) = self.queries.remove(&qid) {
+                    self.on_search(conn, reference, results, more);
                 }
             }
             StoreEvent::CatchupDone {
@@ -862,6 +897,16 @@ impl Hub {
             Command::Delete { id } => self.delete(conn, &key, id, r),
             Command::React { id, emoji, on } => self.react(conn, &key, id, emoji, on, r),
             Command::Catchup { since, limit } => self.catchup(conn, &key, since, limit, r),
+            Command::Read { room, with, id } => self.read(conn, &key, room, with, id, r),
+            Command::Notify { room, with, level } => self.notify(conn, &key, room, with, level, r),
+            Command::Search {
+                q,
+                room,
+                with,
+                from,
+                before,
+                limit,
+            } => self.search(conn, &key, q, (room, with, from), before, limit, r),
             Command::History {
                 room,
                 with,

@@ -30,6 +30,8 @@ pub struct User {
     pub dedup: Dedup,
     /// Token hashes of this user's sessions, oldest first (bounded; see `MAX_SESSIONS`).
     pub sessions: VecDeque<[u8; 32]>,
+    /// Read marker and notification level per conversation (room name or DM pair key).
+    pub convs: HashMap<String, ConvPrefs>,
     /// An operator disabled the account (`parlor user disable`): no login, no resume.
     pub disabled: bool,
     /// Bumped whenever the credentials change under a sign-in in flight (a new password, a
@@ -53,6 +55,7 @@ impl User {
             query_bucket: None,
             dedup: Dedup::default(),
             sessions: VecDeque::new(),
+            convs: HashMap::new(),
             disabled: false,
             cred_epoch: 0,
         }
@@ -61,6 +64,15 @@ impl User {
     pub fn online(&self) -> bool {
         !self.conns.is_empty()
     }
+}
+
+/// What a user set for one conversation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConvPrefs {
+    /// Read up to this message id.
+    pub read: i64,
+    /// `all`, `mentions` or `none`; `None` is the default (all for DMs, mentions for rooms).
+    pub notify: Option<String>,
 }
 
 pub struct Conn {

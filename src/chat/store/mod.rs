@@ -133,6 +133,51 @@ pub enum Write {
         before_ts: i64,
         keep: usize,
     },
+    /// The user read conversation `conv` up to `id` (only ever moves forward).
+    SetRead {
+        user_key: String,
+        conv: String,
+        id: i64,
+    },
+    /// The user's notification level for `conv`.
+    SetNotify {
+        user_key: String,
+        conv: String,
+        level: String,
+    },
+}
+
+/// One conversation whose unread counts `welcome` needs.
+#[derive(Debug, Clone)]
+pub struct UnreadQuery {
+    /// Room name or DM pair key ([`conv_key`]).
+    pub conv: String,
+    pub dm: bool,
+    pub read: i64,
+}
+
+/// Unread messages by others after the read marker, and how many of them mention the user
+/// (every DM message counts as a mention), each at most [`MAX_UNREAD`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Unread {
+    pub unread: u32,
+    pub mentions: u32,
+}
+
+/// Unread counts stop here ("999+"): counting further would read the whole backlog.
+pub const MAX_UNREAD: u32 = 999;
+
+/// What to search (see `docs/PROTOCOL.md`, "search").
+#[derive(Debug, Clone)]
+pub struct SearchQuery {
+    /// The FTS5 expression ([`crate::chat::search::fts_query`]).
+    pub fts: String,
+    /// Conversations to look in (room names and DM pair keys): the user's, or the one asked.
+    pub convs: Vec<String>,
+    /// Only messages by this account name.
+    pub from: Option<String>,
+    pub before: Option<i64>,
+    pub limit: usize,
 }
 
 /// The conversation a message belongs to, as change events are filed: the room's name, or the
@@ -193,6 +238,17 @@ pub enum Query {
     },
     /// One message in its current state, for an edit, delete, reaction or reply check.
     Message { id: i64 },
+    /// Unread counts for `welcome`: `names` are the user's account name and nick (mentions),
+    /// `user` the account name (their own messages are not unread).
+    Unread {
+        user: String,
+        names: Vec<String>,
+        convs: Vec<UnreadQuery>,
+    },
+    Search {
+        search: SearchQuery,
+        cancelled: Option<Arc<AtomicBool>>,
+    },
     /// Messages and change events with `seq > since` in the conversations `convs` (room names
     /// and DM pair keys), oldest first, at most `limit`.
     Catchup {
@@ -284,6 +340,14 @@ pub enum StoreEvent {
         qid: u64,
         found: Option<StoredMessage>,
     },
+    /// The answer to [`Query::Unread`], in the order asked.
+    UnreadDone { qid: u64, counts: Vec<Unread> },
+    /// The answer to [`Query::Search`]: matches newest first.
+    SearchDone {
+        qid: u64,
+        results: Vec<ChatMessage>,
+        more: bool,
+    },
     /// The answer to [`Query::Catchup`]: `reset` when `since` is older than the oldest change
     /// event kept.
     CatchupDone {
@@ -324,6 +388,9 @@ pub struct Loaded {
     pub rooms: Vec<String>,
     pub members: Vec<(String, String)>,
     pub dm_pairs: Vec<(String, String)>,
+    /// Read markers and notification levels: user key, conversation key ([`conv_key`]), read
+    /// up to this id, level (`None`: the default).
+    pub conv_state: Vec<(String, String, i64, Option<String>)>,
     /// First id free for use: above every stored id and every reservation ever made.
     pub next_id: i64,
 }

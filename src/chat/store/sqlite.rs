@@ -116,6 +116,40 @@ fn to_v4(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA_V4)
 }
 
+/// Version 5: read markers and notification levels per user and conversation, and full-text
+/// search. Existing memberships start read up to their room's newest message (nothing old is
+/// suddenly "unread"). `messages_fts` is an external-content FTS5 index of `messages.text`,
+/// kept by triggers (an edit or delete rewrites `text`, so the index follows), with
+/// diacritics-insensitive tokens and FTS5's `secure-delete` so a deleted text's words leave the
+/// index at once rather than at the next segment merge.
+const SCHEMA_V5: &str = "
+CREATE TABLE conv_state (
+    user_key TEXT NOT NULL, conv TEXT NOT NULL, read_id INTEGER NOT NULL DEFAULT 0, notify TEXT,
+    PRIMARY KEY (user_key, conv)) WITHOUT ROWID;
+INSERT INTO conv_state (user_key, conv, read_id)
+    SELECT m.user_key, m.room, COALESCE((SELECT MAX(id) FROM messages WHERE room = m.room), 0)
+    FROM members m;
+CREATE VIRTUAL TABLE messages_fts USING fts5(
+    text, content='messages', content_rowid='id',
+    tokenize='unicode61 remove_diacritics 2', prefix='2 3');
+INSERT INTO messages_fts (messages_fts, rank) VALUES ('secure-delete', 1);
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts (rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+CREATE TRIGGER messages_fts_update AFTER UPDATE OF text ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    INSERT INTO messages_fts (rowid, text) VALUES (new.id, new.text);
+END;
+INSERT INTO messages_fts (messages_fts) VALUES ('rebuild');
+";
+
+fn to_v5(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA_V5)
+}
+
 fn to_v1(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA_V1)
 }
@@ -134,7 +168,8 @@ fn to_v3(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Forward migrations: `MIGRATIONS[i]` takes a database from version `i` to `i + 1`. Append
 /// only; a shipped step never changes.
-pub const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[to_v1, to_v2, to_v3, to_v4];
+pub const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] =
+    &[to_v1, to_v2, to_v3, to_v4, to_v5];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -334,6 +369,13 @@ fn load(conn: &Connection, reserve: i64, dedup_since: i64) -> Result<(Loaded, i6
         .prepare("SELECT a, b FROM dm_pairs")
         .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
         .map_err(sql("load dm pairs"))?;
+    l.conv_state = conn
+        .prepare("SELECT user_key, conv, read_id, notify FROM conv_state")
+        .and_then(|mut st| {
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect()
+        })
+        .map_err(sql("load read state"))?;
     // MAX on the rowid is answered from the b-tree's right edge: O(log n), not a scan.
     let max_id: Option<i64> = conn
         .query_row("SELECT MAX(id) FROM messages", [], |r| r.get(0))
@@ -789,7 +831,97 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             insert_event(conn, *seq, conv, EV_REACTION, *id, r, *ts)
         }
         Write::PruneEvents { before_ts, keep } => prune_events(conn, *before_ts, *keep),
+        Write::SetRead { user_key, conv, id } => conn
+            .prepare_cached(
+                "INSERT INTO conv_state (user_key, conv, read_id) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_key, conv) DO UPDATE SET read_id = MAX(read_id, excluded.read_id)",
+            )?
+            .execute(params![user_key, conv, id])
+            .map(|_| ()),
+        Write::SetNotify {
+            user_key,
+            conv,
+            level,
+        } => conn
+            .prepare_cached(
+                "INSERT INTO conv_state (user_key, conv, notify) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_key, conv) DO UPDATE SET notify = excluded.notify",
+            )?
+            .execute(params![user_key, conv, level])
+            .map(|_| ()),
     }
+}
+
+/// Unread messages (by others, not deleted) after each conversation's read marker, and the
+/// mentions among them. Reads at most `MAX_UNREAD + 1` rows per conversation: the counts stop
+/// at the cap.
+fn unread(
+    conn: &Connection,
+    user: &str,
+    names: &[String],
+    convs: &[super::UnreadQuery],
+) -> rusqlite::Result<Vec<super::Unread>> {
+    use super::MAX_UNREAD;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut out = Vec::with_capacity(convs.len());
+    for c in convs {
+        let col = if c.dm { "dm" } else { "room" };
+        let sql = format!(
+            "SELECT text FROM messages WHERE {col} = ?1 AND id > ?2 AND from_name <> ?3
+             AND deleted = 0 ORDER BY id LIMIT ?4"
+        );
+        let mut st = conn.prepare_cached(&sql)?;
+        let mut counts = super::Unread::default();
+        let rows = st.query_map(params![c.conv, c.read, user, MAX_UNREAD + 1], |r| {
+            r.get::<_, String>(0)
+        })?;
+        for text in rows {
+            let text = text?;
+            counts.unread += 1;
+            if c.dm || crate::chat::search::mentions(&text, &names) {
+                counts.mentions += 1;
+            }
+        }
+        counts.unread = counts.unread.min(MAX_UNREAD);
+        counts.mentions = counts.mentions.min(MAX_UNREAD);
+        out.push(counts);
+    }
+    Ok(out)
+}
+
+/// Full-text search in the given conversations, newest first (see [`super::SearchQuery`]).
+fn search(conn: &Connection, q: &super::SearchQuery) -> rusqlite::Result<(Vec<ChatMessage>, bool)> {
+    let convs = serde_json::to_string(&q.convs).unwrap_or_else(|_| "[]".into());
+    let cols = COLS
+        .split(", ")
+        .map(|c| format!("m.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // FTS5 walks the matches from the highest rowid (= id) down, so `LIMIT` stops early; the
+    // conversation, author and deletion filters apply per match.
+    let sql = format!(
+        "SELECT {cols} FROM messages_fts f JOIN messages m ON m.id = f.rowid
+         WHERE messages_fts MATCH ?1 AND f.rowid < ?2
+           AND (m.room IN (SELECT value FROM json_each(?3)) OR m.dm IN (SELECT value FROM json_each(?3)))
+           AND m.deleted = 0 AND (?4 IS NULL OR m.from_name = ?4 COLLATE NOCASE)
+         ORDER BY f.rowid DESC LIMIT ?5"
+    );
+    let mut st = conn.prepare_cached(&sql)?;
+    let before = q.before.unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    for m in st.query_map(
+        params![q.fts, before, convs, q.from, q.limit as i64 + 1],
+        row_to_msg,
+    )? {
+        out.push(m?);
+    }
+    let more = out.len() > q.limit;
+    out.truncate(q.limit);
+    // Reactions as everywhere else (attach_reactions wants ascending ids).
+    out.reverse();
+    attach_reactions(conn, &mut out)?;
+    out.reverse();
+    Ok((out, more))
 }
 
 fn insert_event(
@@ -903,6 +1035,24 @@ fn answer(conn: &Connection, qid: u64, q: &Query) -> StoreEvent {
                 messages,
                 more,
             }
+        }
+        Query::Unread { user, names, convs } => StoreEvent::UnreadDone {
+            qid,
+            counts: unread(conn, user, names, convs).unwrap_or_else(|e| {
+                log::error!("store unread counts: {e}");
+                vec![super::Unread::default(); convs.len()]
+            }),
+        },
+        Query::Search { search: sq, .. } => {
+            let (results, more) = if is_cancelled(q) {
+                (Vec::new(), false)
+            } else {
+                search(conn, sq).unwrap_or_else(|e| {
+                    log::error!("store search {sq:?}: {e}");
+                    (Vec::new(), false)
+                })
+            };
+            StoreEvent::SearchDone { qid, results, more }
         }
         Query::Message { id } => StoreEvent::MessageFound {
             qid,
@@ -1077,7 +1227,10 @@ fn catchup(
 fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>, bool)> {
     let (col, key, before, after, limit) = match q {
         Query::LoadRing { room, limit } => ("room", room.as_str(), None, None, *limit),
-        Query::Message { .. } | Query::Catchup { .. } => return Ok((Vec::new(), false)),
+        Query::Message { .. }
+        | Query::Catchup { .. }
+        | Query::Unread { .. }
+        | Query::Search { .. } => return Ok((Vec::new(), false)),
         Query::History {
             target,
             before,
@@ -1132,6 +1285,9 @@ fn is_cancelled(q: &Query) -> bool {
         }
         | Query::Catchup {
             cancelled: Some(c), ..
+        }
+        | Query::Search {
+            cancelled: Some(c), ..
         } => c.load(Ordering::Relaxed),
         _ => false,
     }
@@ -1146,6 +1302,15 @@ fn unanswered(qid: u64, q: &Query) -> StoreEvent {
             more: false,
         },
         Query::Message { .. } => StoreEvent::MessageFound { qid, found: None },
+        Query::Unread { convs, .. } => StoreEvent::UnreadDone {
+            qid,
+            counts: vec![super::Unread::default(); convs.len()],
+        },
+        Query::Search { .. } => StoreEvent::SearchDone {
+            qid,
+            results: Vec::new(),
+            more: false,
+        },
         Query::Catchup { .. } => StoreEvent::CatchupDone {
             qid,
             items: Vec::new(),

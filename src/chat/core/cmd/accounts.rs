@@ -94,7 +94,9 @@ impl Hub {
                 self.rooms
                     .insert(GENERAL.to_string(), Room::new(Ring::Cold));
             }
-            self.enter_room(NOBODY, &key, GENERAL);
+            if self.enter_room(NOBODY, &key, GENERAL) {
+                self.read_on_join(&key, GENERAL);
+            }
         }
     }
 

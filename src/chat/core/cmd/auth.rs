@@ -471,6 +471,8 @@ impl Hub {
 
     /// Marks `conn` as `key`'s, announces the user online if this is its first connection,
     /// and sends `welcome`.
+    /// A sign-in succeeded: `welcome` follows once its unread counts are in (the connection
+    /// waits, blocked, and is not yet a recipient of anything).
     pub(in crate::chat::core) fn authenticate(
         &mut self,
         conn: ConnId,
@@ -478,9 +480,31 @@ impl Hub {
         token: &str,
         reference: Option<&str>,
     ) {
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        self.count_unread_then_welcome(conn, key, token, reference);
+    }
+
+    /// The connection becomes the user's (presence, fan-out lists) and gets `welcome`.
+    pub(in crate::chat::core) fn finish_welcome(
+        &mut self,
+        conn: ConnId,
+        key: &str,
+        token: &str,
+        reference: Option<&str>,
+        convs: &[String],
+        counts: &[crate::chat::store::Unread],
+    ) {
+        let session_alive = self.sessions.contains_key(&token_hash(token));
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        if !session_alive {
+            // Revoked (logout everywhere, a new password) while the counts were read.
+            c.backlog = None;
+            return self.auth_failed(conn, ErrorCode::AuthFailed, "session revoked", reference);
+        }
         c.user = Some(key.to_string());
         c.auth_pending = false;
         c.token_hash = Some(token_hash(token));
@@ -511,6 +535,7 @@ impl Hub {
             token,
             rooms: u.rooms.iter().map(|s| s.as_str()).collect(),
             seq: self.next_id - 1,
+            conversations: self.conversations_info(key, convs, counts),
             reference,
         }
         .to_json();

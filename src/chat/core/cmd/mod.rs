@@ -7,6 +7,7 @@ pub mod changes;
 pub mod history;
 pub mod messages;
 pub mod profile;
+pub mod reading;
 pub mod rooms;
 pub mod sessions;
 pub mod typing;

@@ -88,6 +88,7 @@ impl Hub {
                 room: room.to_string(),
                 user_key: key.to_string(),
             });
+            self.read_on_join(key, room);
         }
     }
 
