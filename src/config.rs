@@ -175,6 +175,39 @@ pub enum Admin {
     /// Put the backup FILE in --data as its chat store. --data must not hold one yet; the
     /// server must not be running on it.
     Restore { file: PathBuf },
+    /// Manage accounts in --data's chat store, whether the server runs or not: a running
+    /// server applies each change within a second (a disabled user's connections close, a
+    /// new password ends every session).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+}
+
+/// `parlor user …`. Passwords are never taken from the command line (other users could read
+/// them in the process list or the shell's history): on a terminal they are asked twice
+/// without echo, otherwise one line is read from standard input.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum UserCmd {
+    /// Create the account NAME, a member of `general`, with the rules of `register`: 1-32 of
+    /// A-Z a-z 0-9 _ . -, not taken in any case, not looking like another account's name or
+    /// nick; a password of 8-1024 bytes. Hashed with --argon2-memory / --argon2-iterations.
+    Add { name: String },
+    /// Set a new password for NAME; every session (token) of the account ends.
+    Passwd { name: String },
+    /// Forbid NAME to sign in (`account_disabled`); every session ends and its connections
+    /// are closed.
+    Disable { name: String },
+    /// Allow a disabled NAME to sign in again.
+    Enable { name: String },
+    /// One line per account, tab-separated: name, nick, created, last seen (RFC 3339 UTC, `-`
+    /// for never), `enabled` or `disabled`.
+    List {
+        /// A JSON array of {name, nick, created, last_seen, disabled} instead (times in ms
+        /// since the Unix epoch).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Config {

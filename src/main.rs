@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use parlor::config::{Admin, Config};
+use parlor::config::{Admin, Config, UserCmd};
 use parlor::net::{Endpoint, Server};
 
 /// Exit codes an operator (or systemd's `RestartPreventExitStatus=`) can act on; clap exits
@@ -183,11 +183,12 @@ fn where_to_look(config: &Config, addr: std::net::SocketAddr) -> String {
     )
 }
 
-/// `parlor backup FILE` / `parlor restore FILE`: one line of result on stdout, or the reason on
-/// stderr and exit code 1.
+/// `parlor backup FILE` / `parlor restore FILE` / `parlor user …`: one line of result on stdout,
+/// or the reason on stderr and exit code 1.
 fn run_admin(cmd: &Admin, config: &Config) -> ExitCode {
     use parlor::chat::store;
     let (what, result) = match cmd {
+        Admin::User { cmd } => return run_user(cmd, config),
         Admin::Backup { file } => (
             format!("backed up {} to {}", config.data.display(), file.display()),
             store::backup(&config.data, file),
@@ -210,6 +211,65 @@ fn run_admin(cmd: &Admin, config: &Config) -> ExitCode {
             ExitCode::from(exit::FAILURE)
         }
     }
+}
+
+/// `parlor user …` (see `chat::admin`).
+fn run_user(cmd: &UserCmd, config: &Config) -> ExitCode {
+    use parlor::chat::admin;
+    let dir = &config.data;
+    let cost = admin::HashCost {
+        memory_kib: config.chat.argon2_memory,
+        iterations: config.chat.argon2_iterations,
+    };
+    let result = match cmd {
+        UserCmd::Add { name } => {
+            read_password(name).and_then(|pw| Ok(admin::add_user(dir, name, &pw, cost)?))
+        }
+        UserCmd::Passwd { name } => {
+            read_password(name).and_then(|pw| Ok(admin::set_password(dir, name, &pw, cost)?))
+        }
+        UserCmd::Disable { name } => admin::set_disabled(dir, name, true).map_err(Into::into),
+        UserCmd::Enable { name } => admin::set_disabled(dir, name, false).map_err(Into::into),
+        UserCmd::List { json } => admin::list_users(dir)
+            .map(|list| match json {
+                true => admin::list_json(&list),
+                false => admin::list_text(&list),
+            })
+            .map_err(Into::into),
+    };
+    match result {
+        Ok(out) => {
+            // `user list` of no accounts prints nothing.
+            if !out.is_empty() {
+                println!("{}", out.trim_end_matches('\n'));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("parlor: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The password for `user add` / `passwd`: asked twice without echo when standard input is a
+/// terminal, otherwise the first line of standard input (a script's pipe). Never an argument.
+fn read_password(name: &str) -> Result<String, Box<dyn std::error::Error>> {
+    use std::io::{BufRead, IsTerminal};
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("password for {name}: "))?;
+        let again = rpassword::prompt_password("again: ")?;
+        if first != again {
+            return Err("the passwords differ".into());
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line)? == 0 {
+        return Err("no password on standard input (one line expected)".into());
+    }
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    Ok(password.strip_suffix('\r').unwrap_or(password).to_string())
 }
 
 /// Whether the static directory `www` holds the data directory (or is it): its files, the

@@ -34,7 +34,18 @@ fn v1_database_from_an_old_build_is_migrated_and_served() {
     // have not expired whenever this runs.
     let srv = Server::spawn(&dir.0, &["--session-ttl", "1000000000"]);
 
-    let msgs = want["messages"].as_array().expect("messages");
+    // Served messages carry `seq` (their id; added with message changes) besides what the
+    // old build stored.
+    let msgs: Vec<Value> = want["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            m["seq"] = m["id"].clone();
+            m
+        })
+        .collect();
     let in_room =
         |r: &str| -> Vec<Value> { msgs.iter().filter(|m| m["room"] == r).cloned().collect() };
     let between = |a: &str, b: &str| -> Vec<Value> {
@@ -101,7 +112,17 @@ fn v1_database_from_an_old_build_is_migrated_and_served() {
     let version: i64 = db
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("user_version");
-    assert_eq!(version, 2);
+    assert_eq!(version, 4);
+    // Version 3: no account is disabled after the migration.
+    let enabled: i64 = db
+        .query_row("SELECT COUNT(*) FROM users WHERE disabled = 0", [], |r| {
+            r.get(0)
+        })
+        .expect("users.disabled");
+    assert_eq!(
+        enabled as usize,
+        want["users"].as_array().map_or(0, Vec::len)
+    );
     let stored: i64 = db
         .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
         .expect("count");

@@ -188,6 +188,13 @@ impl Drop for AuthPool {
     }
 }
 
+/// A PHC string for `password`, made exactly as the hashing workers make it (argon2id with
+/// `memory_kib` and `iterations`, parallelism 1), for `parlor user add` / `passwd`, which hash
+/// in their own process.
+pub fn hash_password(password: &str, memory_kib: u32, iterations: u32) -> Result<String, String> {
+    Hasher::new(hasher(memory_kib, iterations)?).hash(password)
+}
+
 /// A new session token: 128 bits from the OS RNG, hex-encoded (32 characters).
 pub fn new_token() -> Result<String, String> {
     let mut b = [0u8; 16];
@@ -242,6 +249,20 @@ mod tests {
         let mut h = Hasher::new(hasher(64, 1).unwrap());
         assert!(h.verify(&phc, "pw123456"));
         assert!(!h.verify(&phc, "pw1234567"));
+    }
+
+    /// What `parlor user add` stores verifies like what `register` stores.
+    #[test]
+    fn hash_password_matches_the_workers() {
+        let phc = hash_password("correct horse", 64, 1).unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{phc}");
+        let mut h = Hasher::new(hasher(19456, 2).unwrap());
+        assert!(h.verify(&phc, "correct horse"));
+        assert!(!h.verify(&phc, "correct horsf"));
+        assert!(
+            hash_password("x", 1, 1).is_err(),
+            "argon2 refuses m < 8p KiB"
+        );
     }
 
     #[test]

@@ -25,10 +25,18 @@ pub enum ErrorCode {
     Internal,
     /// `register` on a server started with `--registration closed`.
     RegistrationClosed,
+    /// Extension: edit/delete/react of a message that does not exist, cannot be seen by the
+    /// asker, or was deleted (one answer for all, so nothing leaks).
+    NotFound,
+    /// Extension: edit/delete of another user's message.
+    Forbidden,
+    /// `login` or `resume` of an account an operator disabled (`parlor user disable`); also
+    /// sent to its open connections before they are closed.
+    AccountDisabled,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::BadRequest,
@@ -44,6 +52,9 @@ impl ErrorCode {
         ErrorCode::NoSuchRoom,
         ErrorCode::Internal,
         ErrorCode::RegistrationClosed,
+        ErrorCode::NotFound,
+        ErrorCode::Forbidden,
+        ErrorCode::AccountDisabled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +74,9 @@ impl ErrorCode {
             ErrorCode::NoSuchRoom => "no_such_room",
             ErrorCode::Internal => "internal",
             ErrorCode::RegistrationClosed => "registration_closed",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::AccountDisabled => "account_disabled",
         }
     }
 

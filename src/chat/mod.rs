@@ -13,10 +13,13 @@
 //! - [`ratelimit`]: token bucket and login failure throttle; [`hashq`]: the fair queue in
 //!   front of the hashing threads.
 //! - [`service`]: [`ChatService`], the adapter: `impl Service`, carries out the hub's effects.
+//! - [`admin`]: `parlor user …`, the operator's account commands (another process, same
+//!   store).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+pub mod admin;
 pub mod auth;
 pub mod confusable;
 pub mod core;
@@ -172,6 +175,19 @@ pub struct ChatConfig {
     /// Refs remembered per user for deduplication (oldest forgotten first).
     #[arg(long, env = "PARLOR_DEDUP_MAX_REFS", default_value_t = 1000)]
     pub dedup_max_refs: usize,
+
+    /// Times one message may be edited (more gets `bad_request`).
+    #[arg(long, env = "PARLOR_MAX_EDITS", default_value_t = 100)]
+    pub max_edits: u32,
+
+    /// Seconds change events (edits, deletes, reactions) are kept for `catchup`; a client
+    /// away longer gets `reset` and reloads its conversations.
+    #[arg(long, env = "PARLOR_EVENT_RETENTION", default_value = "604800", value_parser = crate::units::parse_secs)]
+    pub event_retention: Duration,
+
+    /// Change events kept for `catchup` whatever their age (the newest ones).
+    #[arg(long, env = "PARLOR_EVENT_RETENTION_COUNT", default_value_t = 100_000)]
+    pub event_retention_count: usize,
 
     /// Seconds between two `typing` frames forwarded for the same user and target.
     #[arg(long, env = "PARLOR_TYPING_INTERVAL", default_value = "2", value_parser = crate::units::parse_secs)]

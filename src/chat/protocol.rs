@@ -42,10 +42,31 @@ pub enum Command {
     Say {
         room: String,
         text: String,
+        #[serde(default)]
+        reply_to: Option<i64>,
     },
     Dm {
         to: String,
         text: String,
+        #[serde(default)]
+        reply_to: Option<i64>,
+    },
+    Edit {
+        id: i64,
+        text: String,
+    },
+    Delete {
+        id: i64,
+    },
+    React {
+        id: i64,
+        emoji: String,
+        on: bool,
+    },
+    Catchup {
+        since: i64,
+        #[serde(default)]
+        limit: Option<u32>,
     },
     History {
         #[serde(default)]
@@ -71,9 +92,9 @@ pub enum Command {
 }
 
 /// The `type` values [`Command`] knows; anything else is `unknown_type`.
-const KNOWN_TYPES: [&str; 13] = [
+const KNOWN_TYPES: [&str; 17] = [
     "register", "login", "resume", "logout", "join", "leave", "rooms", "who", "say", "dm",
-    "history", "nick", "typing",
+    "history", "nick", "typing", "edit", "delete", "react", "catchup",
 ];
 
 /// A parsed client frame: the command plus the optional `ref` to echo.
@@ -163,8 +184,13 @@ pub fn check_client_frame(bytes: &[u8]) {
                 Command::Join { room } | Command::Leave { room } | Command::Who { room } => {
                     vec![room.as_str()]
                 }
-                Command::Say { room, text } => vec![room.as_str(), text.as_str()],
-                Command::Dm { to, text } => vec![to.as_str(), text.as_str()],
+                Command::Say { room, text, .. } => vec![room.as_str(), text.as_str()],
+                Command::Dm { to, text, .. } => vec![to.as_str(), text.as_str()],
+                Command::Edit { text, .. } => vec![text.as_str()],
+                Command::React { emoji, .. } => {
+                    let _ = super::validate::emoji(emoji);
+                    vec![emoji.as_str()]
+                }
                 Command::Nick { nick } => vec![nick.as_str()],
                 Command::History { room, with, .. } => {
                     room.iter().chain(with.iter()).map(|s| s.as_str()).collect()
@@ -172,7 +198,10 @@ pub fn check_client_frame(bytes: &[u8]) {
                 Command::Typing { room, to } => {
                     room.iter().chain(to.iter()).map(|s| s.as_str()).collect()
                 }
-                Command::Logout { .. } | Command::Rooms {} => Vec::new(),
+                Command::Logout { .. }
+                | Command::Rooms {}
+                | Command::Delete { .. }
+                | Command::Catchup { .. } => Vec::new(),
             };
             for s in strings {
                 let _ = super::validate::user_name(s);
@@ -210,19 +239,104 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// A chat message as stored and as sent (`message` frames, `history`, `joined.history`).
-/// Exactly one of `room` / `to` is set.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+/// A chat message as stored and as sent (`message` frames, `history`, `joined.history`,
+/// `catchup`), in its current state. Exactly one of `room` / `to` is set.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ChatMessage {
     pub id: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub room: Option<String>,
     pub from: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
     pub nick: String,
+    /// Empty once deleted (and then not serialized): a live message's text is never empty.
     pub text: String,
     pub ts: i64,
+    pub reply_to: Option<i64>,
+    pub edited_ts: Option<i64>,
+    pub deleted: bool,
+    /// Emoji in the order first used, each with its users in the order they reacted.
+    pub reactions: Vec<Reaction>,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct Reaction {
+    pub emoji: String,
+    pub users: Vec<String>,
+}
+
+impl ChatMessage {
+    /// Adds or removes `user`'s `emoji`; returns whether anything changed.
+    pub fn set_reaction(&mut self, user: &str, emoji: &str, on: bool) -> bool {
+        let pos = self.reactions.iter().position(|r| r.emoji == emoji);
+        match (pos, on) {
+            (Some(i), true) => {
+                let users = &mut self.reactions[i].users;
+                if users.iter().any(|u| u == user) {
+                    return false;
+                }
+                users.push(user.to_string());
+            }
+            (None, true) => self.reactions.push(Reaction {
+                emoji: emoji.to_string(),
+                users: vec![user.to_string()],
+            }),
+            (Some(i), false) => {
+                let users = &mut self.reactions[i].users;
+                let Some(u) = users.iter().position(|u| u == user) else {
+                    return false;
+                };
+                users.remove(u);
+                if users.is_empty() {
+                    self.reactions.remove(i);
+                }
+            }
+            (None, false) => return false,
+        }
+        true
+    }
+
+    /// The message as deleted: no text, no reactions.
+    pub fn mark_deleted(&mut self) {
+        self.deleted = true;
+        self.text = String::new();
+        self.reactions.clear();
+    }
+}
+
+/// The wire form. `seq` is the message's place in the change log, which for a message is its
+/// `id` (see `docs/PROTOCOL.md`, "seq"); optional fields appear only when set.
+impl Serialize for ChatMessage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &self.id)?;
+        if let Some(room) = &self.room {
+            m.serialize_entry("room", room)?;
+        }
+        m.serialize_entry("from", &self.from)?;
+        if let Some(to) = &self.to {
+            m.serialize_entry("to", to)?;
+        }
+        m.serialize_entry("nick", &self.nick)?;
+        if !self.deleted {
+            m.serialize_entry("text", &self.text)?;
+        }
+        m.serialize_entry("ts", &self.ts)?;
+        m.serialize_entry("seq", &self.id)?;
+        if let Some(r) = self.reply_to {
+            m.serialize_entry("reply_to", &r)?;
+        }
+        if let Some(e) = self.edited_ts {
+            m.serialize_entry("edited_ts", &e)?;
+        }
+        if self.deleted {
+            m.serialize_entry("deleted", &true)?;
+        }
+        if !self.reactions.is_empty() {
+            m.serialize_entry("reactions", &self.reactions)?;
+        }
+        m.end()
+    }
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -257,6 +371,35 @@ pub enum PresenceEvent {
     Leave,
 }
 
+/// Where a change frame belongs: `room`, or for a DM its author (`from`) and the other person
+/// (`to`), as in the message itself.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq)]
+pub struct ConvRef<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<&'a str>,
+}
+
+impl<'a> ConvRef<'a> {
+    pub fn of(msg: &'a ChatMessage) -> ConvRef<'a> {
+        match &msg.room {
+            Some(room) => ConvRef {
+                room: Some(room),
+                from: None,
+                to: None,
+            },
+            None => ConvRef {
+                room: None,
+                from: Some(&msg.from),
+                to: msg.to.as_deref(),
+            },
+        }
+    }
+}
+
 /// Every frame the server sends. Borrowed so building a frame never clones state.
 #[derive(Serialize, Debug)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -266,6 +409,8 @@ pub enum ServerFrame<'a> {
         nick: &'a str,
         token: &'a str,
         rooms: Vec<&'a str>,
+        /// The newest change-log number handed out (see `catchup`).
+        seq: i64,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a str>,
     },
@@ -307,6 +452,42 @@ pub enum ServerFrame<'a> {
         reference: Option<&'a str>,
         id: i64,
         ts: i64,
+        /// The change's place in the log (edits, deletes, reactions that changed something).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<i64>,
+    },
+    Edited {
+        id: i64,
+        #[serde(flatten)]
+        conv: ConvRef<'a>,
+        text: &'a str,
+        edited_ts: i64,
+        seq: i64,
+    },
+    Deleted {
+        id: i64,
+        #[serde(flatten)]
+        conv: ConvRef<'a>,
+        seq: i64,
+    },
+    Reaction {
+        id: i64,
+        #[serde(flatten)]
+        conv: ConvRef<'a>,
+        user: &'a str,
+        emoji: &'a str,
+        on: bool,
+        seq: i64,
+    },
+    Catchup {
+        /// The events, each already a complete frame (JSON object).
+        events: Vec<&'a serde_json::value::RawValue>,
+        seq: i64,
+        more: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        reset: bool,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
     },
     History {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -370,6 +551,11 @@ mod tests {
             r#"{"type":"history","room":"r","before":3,"limit":2}"#,
             r#"{"type":"nick","nick":"N"}"#,
             r#"{"type":"typing","to":"b"}"#,
+            r#"{"type":"say","room":"r","text":"x","reply_to":4}"#,
+            r#"{"type":"edit","id":4,"text":"y"}"#,
+            r#"{"type":"delete","id":4}"#,
+            r#"{"type":"react","id":4,"emoji":"👍","on":true}"#,
+            r#"{"type":"catchup","since":0,"limit":10}"#,
         ];
         for c in cases {
             assert!(parse_client_frame(c.as_bytes()).is_ok(), "{c}");
@@ -401,7 +587,7 @@ mod tests {
 
     #[test]
     fn message_frame_shape() {
-        let m = ChatMessage {
+        let mut m = ChatMessage {
             id: 42,
             room: Some("rust".into()),
             from: "alice".into(),
@@ -409,11 +595,44 @@ mod tests {
             nick: "Ally".into(),
             text: "hi".into(),
             ts: 7,
+            ..ChatMessage::default()
         };
         let json = ServerFrame::Message(&m).to_json();
         assert_eq!(
             json,
-            r#"{"type":"message","id":42,"room":"rust","from":"alice","nick":"Ally","text":"hi","ts":7}"#
+            r#"{"type":"message","id":42,"room":"rust","from":"alice","nick":"Ally","text":"hi","ts":7,"seq":42}"#
+        );
+        m.reply_to = Some(41);
+        m.edited_ts = Some(9);
+        assert!(m.set_reaction("bob", "👍", true));
+        assert!(!m.set_reaction("bob", "👍", true), "idempotent");
+        assert!(m.set_reaction("carol", "👍", true));
+        assert!(m.set_reaction("bob", "🎉", true));
+        assert!(m.set_reaction("bob", "🎉", false));
+        assert!(!m.set_reaction("bob", "🎉", false));
+        assert_eq!(
+            ServerFrame::Message(&m).to_json(),
+            r#"{"type":"message","id":42,"room":"rust","from":"alice","nick":"Ally","text":"hi","ts":7,"seq":42,"reply_to":41,"edited_ts":9,"reactions":[{"emoji":"👍","users":["bob","carol"]}]}"#
+        );
+        m.mark_deleted();
+        assert_eq!(
+            ServerFrame::Message(&m).to_json(),
+            r#"{"type":"message","id":42,"room":"rust","from":"alice","nick":"Ally","ts":7,"seq":42,"reply_to":41,"edited_ts":9,"deleted":true}"#
+        );
+        let dm = ChatMessage {
+            id: 5,
+            from: "alice".into(),
+            to: Some("bob".into()),
+            ..ChatMessage::default()
+        };
+        assert_eq!(
+            ServerFrame::Deleted {
+                id: 5,
+                conv: ConvRef::of(&dm),
+                seq: 6
+            }
+            .to_json(),
+            r#"{"type":"deleted","id":5,"from":"alice","to":"bob","seq":6}"#
         );
     }
 

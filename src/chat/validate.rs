@@ -93,9 +93,36 @@ pub fn text(s: &str, max: usize) -> Check {
     Ok(())
 }
 
+/// Longest emoji a reaction may carry, in Unicode scalar values (flags and skin-toned or
+/// joined sequences take several).
+pub const MAX_EMOJI_CHARS: usize = 8;
+
+/// A reaction's emoji: 1–8 scalar values, no whitespace or control characters. Which
+/// sequences are "really" emoji is left to the clients: the bound is what protects the server.
+pub fn emoji(s: &str) -> Check {
+    let n = s.chars().count();
+    if n == 0 || n > MAX_EMOJI_CHARS {
+        return bad("emoji must be 1 to 8 characters");
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("emoji must not contain whitespace or control characters");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emoji_rules() {
+        for ok in ["👍", "🎉", "👍🏽", "🏳️‍🌈", "x", "+1"] {
+            assert!(emoji(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "👍 ", "a\nb", "123456789", "\u{7}"] {
+            assert!(emoji(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn names() {

@@ -14,6 +14,7 @@ import { UI } from './ui.js';
 
 const PAGE = 50;
 const MAX_TEXT = 4000;
+const DISABLED = 'This account has been disabled. Ask the server\u2019s administrator.';
 // Frames that are events of the server's ordered log (they carry `seq`; see `catchup`).
 const LOG_EVENTS = new Set(['message', 'edited', 'deleted', 'reaction']);
 
@@ -949,10 +950,13 @@ class App {
     const info = f.ref ? this.requests.get(f.ref) : null;
     const msg = f.message || f.code;
     if (!info) {
-      if (f.code === 'unauthenticated') {
+      if (f.code === 'unauthenticated' || f.code === 'account_disabled') {
+        // account_disabled: an administrator disabled this account; the server closes the
+        // connection next and would refuse the token anyway.
         store.remove('token');
         this.resetSession();
         this.ui.showLogin();
+        if (f.code === 'account_disabled') this.ui.loginError(DISABLED);
       } else if (f.code === 'rate_limited') {
         this.ui.toast('Slow down a little — too many messages.', 'error');
       } else {
@@ -965,7 +969,7 @@ class App {
       case 'auth': {
         this.authPending = false;
         this.ui.loginBusy(false);
-        if (info.how === 'resume' && f.code !== 'auth_failed') {
+        if (info.how === 'resume' && f.code !== 'auth_failed' && f.code !== 'account_disabled') {
           // Not a verdict on the token (too many sign-ins from this address, the server could
           // not answer, …): keep it and try again later; the person stays signed in.
           this.retryResumeLater(f.code);
@@ -975,7 +979,7 @@ class App {
           this.resetSession();
           this.ui.showLogin();
           this.ui.loginStatus('');
-          this.ui.loginError('Your session has ended. Please log in again.');
+          this.ui.loginError(f.code === 'account_disabled' ? DISABLED : 'Your session has ended. Please log in again.');
         } else {
           this.ui.loginStatus('');
           const text = {
@@ -984,6 +988,7 @@ class App {
             weak_password: 'That password is too weak: use at least 8 characters.',
             rate_limited: 'Too many attempts. Wait a little and try again.',
             registration_closed: 'This server does not accept new accounts. Ask its administrator for one.',
+            account_disabled: DISABLED,
             bad_request: msg,
           }[f.code] || msg;
           if (f.code === 'registration_closed') this.ui.setRegistrationOpen(false);

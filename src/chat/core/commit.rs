@@ -1,6 +1,7 @@
 //! Replies that wait for the store: commit reports release acks, welcomes, logout closes and
 //! id reservations in write order; query results complete joins and history requests.
 
+use crate::chat::core::cmd::auth::{token_hash, ACCOUNT_DISABLED};
 use crate::chat::core::{Hub, Pending, QueryWaiter};
 use crate::chat::protocol::{ChatMessage, ErrorCode, ServerFrame};
 use crate::service::CloseCode;
@@ -53,6 +54,7 @@ impl Hub {
                             reference: reference.as_deref(),
                             id,
                             ts,
+                            seq: None,
                         }
                         .to_json();
                         // Usually one waiter: the last one takes the string itself.
@@ -79,10 +81,22 @@ impl Hub {
                     token,
                     reference,
                 } => {
-                    if ok {
+                    let hash = token_hash(&token);
+                    if ok && !self.sessions.contains_key(&hash) {
+                        // Revoked while it committed: an operator disabled the account or
+                        // changed its password (see `cmd/accounts.rs`).
+                        let disabled = self.users.get(&user).is_some_and(|u| u.disabled);
+                        let (code, message) = if disabled {
+                            (ErrorCode::AccountDisabled, ACCOUNT_DISABLED)
+                        } else {
+                            (ErrorCode::AuthFailed, "session revoked")
+                        };
+                        if self.conns.contains_key(&conn) {
+                            self.auth_failed(conn, code, message, reference.as_deref());
+                        }
+                    } else if ok {
                         self.authenticate(conn, &user, &token, reference.as_deref());
                     } else {
-                        let hash = crate::chat::core::cmd::auth::token_hash(&token);
                         self.forget_session(&user, hash);
                         self.auth_failed(
                             conn,
@@ -97,12 +111,47 @@ impl Hub {
                         self.close(c, CloseCode::Normal, "logged out");
                     }
                 }
+                Pending::Account {
+                    conn,
+                    key,
+                    phc,
+                    reference,
+                } => {
+                    if !ok {
+                        self.account_not_stored(conn, key, &phc, reference);
+                    }
+                }
                 Pending::Reserved { upto } => {
                     if ok {
                         self.id_durable = self.id_durable.max(upto);
                     } else {
                         // Ask again at the next message.
                         self.id_requested = self.id_durable;
+                    }
+                }
+                Pending::ChangeAck {
+                    conn,
+                    reference,
+                    id,
+                    seq,
+                    ts,
+                } => {
+                    if ok {
+                        let ack = ServerFrame::Ack {
+                            reference: reference.as_deref(),
+                            id,
+                            ts,
+                            seq,
+                        };
+                        self.send(conn, &ack);
+                    } else {
+                        self.change_failed(id);
+                        self.error(
+                            conn,
+                            ErrorCode::Internal,
+                            "change could not be stored",
+                            reference.as_deref(),
+                        );
                     }
                 }
             }
@@ -151,7 +200,8 @@ impl Hub {
                 .to_json();
                 self.send_json(conn, json);
             }
-            None => {}
+            // Answered by their own store events.
+            Some(QueryWaiter::Lookup { .. } | QueryWaiter::Catchup { .. }) | None => {}
         }
     }
 }

@@ -21,7 +21,7 @@ use super::frame::text_frame;
 use super::hashq::FairQueue;
 use super::protocol::{parse_client_frame, Command, ErrorCode, PresenceEvent, ServerFrame};
 use super::ratelimit::{FailureThrottle, TokenBucket};
-use super::store::{Loaded, Query, StoreEvent, StoreReq, Write};
+use super::store::{Loaded, LoadedUser, Query, StoreEvent, StoreReq, UserChange, Write};
 use super::ChatConfig;
 use crate::service::{CloseCode, ConnId};
 
@@ -47,6 +47,8 @@ const MAX_HISTORY_LIMIT: u32 = 200;
 const MAX_SESSIONS: usize = 64;
 /// How often expired sessions and dedup refs are swept from memory and the store.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// No connection: a broadcast that skips `NOBODY` reaches every recipient.
+const NOBODY: ConnId = ConnId(u64::MAX);
 
 /// Replaces `scratch` with the connections of the users `keys`, minus `skip_conn`. A free
 /// function over the two fields so callers can iterate another part of the hub (a room's
@@ -95,14 +97,42 @@ enum Pending {
     Close {
         conns: Vec<ConnId>,
     },
+    /// A registration's account row. If it did not store (`parlor user add` took the name
+    /// meanwhile), the `Welcome` queued behind it is cancelled and the row is reloaded.
+    Account {
+        conn: ConnId,
+        key: String,
+        /// The registration's password hash, for as long as memory may still hold it.
+        phc: String,
+        reference: Option<String>,
+    },
     Reserved {
         upto: i64,
+    },
+    /// An edit, delete or reaction (`seq` is `None` when it changed nothing).
+    ChangeAck {
+        conn: ConnId,
+        reference: Option<String>,
+        id: i64,
+        seq: Option<i64>,
+        ts: i64,
     },
 }
 
 enum QueryWaiter {
     Ring {
         room: String,
+    },
+    /// Changes (or a reply) waiting for message `id`'s state.
+    Lookup {
+        id: i64,
+    },
+    Catchup {
+        conn: ConnId,
+        reference: Option<String>,
+        since: i64,
+        /// The newest seq handed out when the query was sent.
+        head: i64,
     },
     History {
         conn: ConnId,
@@ -126,6 +156,8 @@ enum AuthWaiter {
         key: String,
         ip: Option<IpAddr>,
         reference: Option<String>,
+        /// The account's `cred_epoch` when its hash was handed to the worker.
+        epoch: u64,
     },
 }
 
@@ -142,6 +174,8 @@ pub use crate::prom::Summary as Stat;
 #[derive(Default, Debug)]
 pub struct Counters {
     pub messages_in: u64,
+    /// Edits, deletes and reactions that changed something.
+    pub changes_in: u64,
     pub store_batch_seconds: Stat,
     pub store_batch_writes: Stat,
     pub ack_seconds: Stat,
@@ -176,6 +210,8 @@ pub struct Hub {
     membership_epoch: u64,
     /// Sequence number of the last write sent to the store.
     write_seq: u64,
+    /// Messages' state for edits, deletes and reactions (see `cmd::changes`).
+    changes: cmd::changes::Changes,
     /// What `/healthz` says of the store (see [`Hub::store_health`]).
     store_state: StoreState,
     pending: VecDeque<(u64, Pending)>,
@@ -193,6 +229,8 @@ pub struct Hub {
     nick_skeletons: SkeletonIndex,
     users: HashMap<String, User>,
     sessions: HashMap<[u8; 32], Session>,
+    /// Registrations waiting for a `LoadUser` answer (their account did not store), by key.
+    reloads: HashMap<String, Vec<(ConnId, Option<String>)>>,
     /// Unauthenticated connections in order of their `--auth-timeout` deadline.
     auth_deadlines: VecDeque<(Instant, ConnId)>,
     /// When sessions and dedup refs were last swept (see `SWEEP_INTERVAL`).
@@ -235,6 +273,7 @@ impl Hub {
             nick_skeletons.insert(&skeleton_keys(&u.nick), &u.key);
             let mut user = User::new(u.key.clone(), u.name, u.nick, u.phc);
             user.last_seen = u.last_seen;
+            user.disabled = u.disabled;
             users.insert(u.key, user);
         }
         // Refs of messages committed before the restart: a client retrying one of them gets
@@ -309,6 +348,7 @@ impl Hub {
             now,
             fx: Effects::default(),
             write_seq: 0,
+            changes: Default::default(),
             store_state: StoreState {
                 committed: 0,
                 failing: false,
@@ -324,6 +364,7 @@ impl Hub {
             nick_skeletons,
             users,
             sessions,
+            reloads: HashMap::new(),
             auth_deadlines: VecDeque::new(),
             last_sweep: None,
             rooms,
@@ -407,6 +448,30 @@ impl Hub {
                 messages,
                 more,
             } => self.on_query(qid, messages, more),
+            StoreEvent::MessageFound { qid, found } => {
+                if let Some(QueryWaiter::Lookup { id }) = self.queries.remove(&qid) {
+                    self.on_lookup(id, found);
+                }
+            }
+            StoreEvent::CatchupDone {
+                qid,
+                items,
+                more,
+                reset,
+            } => {
+                if let Some(QueryWaiter::Catchup {
+                    conn,
+                    reference,
+                    since,
+                    head,
+                }) = self.queries.remove(&qid)
+                {
+                    self.on_catchup(conn, reference, (since, head), (items, more, reset));
+                }
+            }
+            StoreEvent::UserChanged { change, key, user } => {
+                self.on_user_changed(change, key, user)
+            }
         }
     }
 
@@ -427,6 +492,20 @@ impl Hub {
             ));
         }
         Ok(())
+    }
+
+    /// An account changed outside the protocol (an operator command, reported by the store
+    /// with the row as it now is), or the answer to the hub's own `LoadUser`. The same as
+    /// `handle_store_event` with [`StoreEvent::UserChanged`].
+    pub fn handle_user_changed(
+        &mut self,
+        change: UserChange,
+        key: String,
+        user: Result<Option<LoadedUser>, String>,
+        now: Now,
+    ) {
+        self.now = now;
+        self.on_user_changed(change, key, user);
     }
 
     /// About once a second: expiries and housekeeping that are due by time.
@@ -607,6 +686,16 @@ impl Hub {
         self.pending.push_back((self.write_seq, p));
     }
 
+    /// [`Self::after_commit`], or at once when nothing written is still waiting (no commit
+    /// report would come to release it).
+    pub(in crate::chat::core) fn after_commit_or_now(&mut self, p: Pending) {
+        self.after_commit(p);
+        if self.write_seq <= self.store_state.committed {
+            let upto = self.store_state.committed;
+            self.on_committed(upto, true, &[]);
+        }
+    }
+
     pub(in crate::chat::core) fn query(&mut self, q: Query, waiter: QueryWaiter) {
         self.next_qid += 1;
         self.queries.insert(self.next_qid, waiter);
@@ -738,6 +827,7 @@ impl Hub {
     #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
         self.pending.is_empty()
+            && self.reloads.is_empty()
             && self.queries.is_empty()
             && self.jobs.is_empty()
             && self.hash_queue.queued() == 0
@@ -760,8 +850,18 @@ impl Hub {
             Command::Leave { room } => self.leave(conn, &key, &room, r),
             Command::Rooms {} => self.list_rooms(conn, r),
             Command::Who { room } => self.who(conn, &room, r),
-            Command::Say { room, text } => self.say(conn, &key, Some(room), None, text, r),
-            Command::Dm { to, text } => self.say(conn, &key, None, Some(to), text, r),
+            Command::Say {
+                room,
+                text,
+                reply_to,
+            } => self.say(conn, &key, Some(room), None, text, reply_to, r),
+            Command::Dm { to, text, reply_to } => {
+                self.say(conn, &key, None, Some(to), text, reply_to, r)
+            }
+            Command::Edit { id, text } => self.edit(conn, &key, id, text, r),
+            Command::Delete { id } => self.delete(conn, &key, id, r),
+            Command::React { id, emoji, on } => self.react(conn, &key, id, emoji, on, r),
+            Command::Catchup { since, limit } => self.catchup(conn, &key, since, limit, r),
             Command::History {
                 room,
                 with,

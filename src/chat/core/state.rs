@@ -30,6 +30,12 @@ pub struct User {
     pub dedup: Dedup,
     /// Token hashes of this user's sessions, oldest first (bounded; see `MAX_SESSIONS`).
     pub sessions: VecDeque<[u8; 32]>,
+    /// An operator disabled the account (`parlor user disable`): no login, no resume.
+    pub disabled: bool,
+    /// Bumped whenever the credentials change under a sign-in in flight (a new password, a
+    /// disable, the account's own write failing): a login verified against the old ones is
+    /// refused.
+    pub cred_epoch: u64,
 }
 
 impl User {
@@ -47,6 +53,8 @@ impl User {
             query_bucket: None,
             dedup: Dedup::default(),
             sessions: VecDeque::new(),
+            disabled: false,
+            cred_epoch: 0,
         }
     }
 

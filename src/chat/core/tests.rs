@@ -12,7 +12,7 @@ use super::cmd::auth::token_hash;
 use super::{AuthJob, AuthResult, Effect, Hub, Now};
 use crate::chat::frame::decode_text_frame;
 use crate::chat::protocol::ChatMessage;
-use crate::chat::store::{Loaded, LoadedUser, Query, StoreEvent, StoreReq, Write};
+use crate::chat::store::{Loaded, LoadedUser, Query, StoreEvent, StoreReq, UserChange, Write};
 use crate::service::ConnId;
 
 struct T {
@@ -26,6 +26,8 @@ struct T {
     seq: u64,
     jobs: Vec<AuthJob>,
     tokens: u32,
+    /// Keys of `LoadUser` requests not yet answered.
+    reloads: Vec<String>,
 }
 
 /// The fake hashing worker's "hash": deterministic and checkable.
@@ -40,6 +42,7 @@ fn user(key: &str) -> LoadedUser {
         nick: key.into(),
         phc: fake_phc("password123"),
         last_seen: None,
+        disabled: false,
     }
 }
 
@@ -61,6 +64,7 @@ impl T {
             seq: 0,
             jobs: Vec::new(),
             tokens: 0,
+            reloads: Vec::new(),
         }
     }
 
@@ -196,6 +200,7 @@ impl T {
                     messages: answer(&query),
                     more: false,
                 }),
+                StoreReq::LoadUser { key } => self.reloads.push(key),
                 StoreReq::Shutdown => {}
             }
         }
@@ -225,6 +230,19 @@ impl T {
         self.drain();
     }
 
+    /// The position among the pending writes (as `run_store`'s `fail` counts them) of the
+    /// first one `is` picks.
+    fn write_position(&self, is: impl Fn(&Write) -> bool) -> usize {
+        self.store
+            .iter()
+            .filter_map(|r| match r {
+                StoreReq::Write(w) => Some(w),
+                _ => None,
+            })
+            .position(is)
+            .expect("no such write pending")
+    }
+
     fn resume(&mut self, n: u64, token: &str) -> ConnId {
         let c = self.open(n);
         self.send(c, json!({"type":"resume","token":token}));
@@ -237,6 +255,15 @@ impl T {
 
 fn no_answer(_: &Query) -> Vec<ChatMessage> {
     Vec::new()
+}
+
+/// The string `field` of every object in the array `list`.
+fn each<'a>(list: &'a Value, field: &str) -> Vec<&'a str> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| m[field].as_str().unwrap_or_default())
+        .collect()
 }
 
 /// A client may pipeline register, join and say without waiting: they take effect in order
@@ -304,6 +331,7 @@ fn join_while_the_ring_loads_meets_the_live_stream_exactly() {
         nick: "bob".into(),
         text: "before".into(),
         ts: 1,
+        ..ChatMessage::default()
     };
     t.run_store(&[], move |q| match q {
         Query::LoadRing { .. } => vec![old.clone()],
@@ -311,13 +339,7 @@ fn join_while_the_ring_loads_meets_the_live_stream_exactly() {
     });
     let joined = t.take(a);
     assert_eq!(joined[0]["type"], "joined", "{joined:?}");
-    let texts: Vec<&str> = joined[0]["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["text"].as_str().unwrap())
-        .collect();
-    assert_eq!(texts, ["before", "during"]);
+    assert_eq!(each(&joined[0]["history"], "text"), ["before", "during"]);
     t.send(
         b,
         json!({"type":"say","room":"rust","text":"after","ref":"b2"}),
@@ -366,12 +388,7 @@ fn commit_reports_release_acks_in_order_and_a_store_failure_is_internal() {
         json!({"type":"say","room":"general","text":"lost","ref":"a2"}),
     );
     t.take(a);
-    let pos = t
-        .store
-        .iter()
-        .filter(|r| matches!(r, StoreReq::Write(_)))
-        .position(|r| matches!(r, StoreReq::Write(Write::InsertMessage { .. })))
-        .unwrap();
+    let pos = t.write_position(|w| matches!(w, Write::InsertMessage { .. }));
     t.run_store(&[pos], no_answer);
     let f = t.take(a);
     assert_eq!(f[0]["code"], "internal", "{f:?}");
@@ -479,4 +496,271 @@ fn store_health_follows_commit_reports() {
     assert!(e.contains("no commit"), "{e}");
     t.run_store(&[], no_answer);
     assert_eq!(t.hub.store_health(t.now.mono + super::STORE_STALL), Ok(()));
+}
+
+// ----- accounts changed by an operator (`parlor user …`, cmd/accounts.rs) -------------------
+
+/// `welcome`, or the code of each `error`, of these frames (presence aside).
+fn outcomes(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|v| v["type"] != "presence")
+        .map(|v| match v["type"].as_str() {
+            Some("error") => v["code"].as_str().unwrap_or_default().to_string(),
+            t => t.unwrap_or_default().to_string(),
+        })
+        .collect()
+}
+
+fn row(key: &str, password: &str, disabled: bool) -> LoadedUser {
+    LoadedUser {
+        phc: fake_phc(password),
+        disabled,
+        ..user(key)
+    }
+}
+
+impl T {
+    /// The store reports an operator's change of `row.key`.
+    fn changed(&mut self, change: UserChange, row: LoadedUser) {
+        let key = row.key.clone();
+        self.hub
+            .handle_user_changed(change, key, Ok(Some(row)), self.now);
+        self.drain();
+    }
+
+    fn login(&mut self, n: u64, user: &str, password: &str) -> ConnId {
+        let c = self.open(n);
+        self.send(
+            c,
+            json!({"type":"login","user":user,"password":password,"ref":"l"}),
+        );
+        c
+    }
+
+    /// Errors and welcomes `c` got, as `welcome` or the error code.
+    fn outcome(&mut self, c: ConnId) -> Vec<String> {
+        let frames = self.take(c);
+        outcomes(&frames)
+    }
+
+    /// A login on a new connection `n`, run to its end (its hash, if one was queued, and the
+    /// store): the frames it got, presence aside.
+    fn sign_in(&mut self, n: u64, user: &str, password: &str) -> Vec<Value> {
+        let c = self.login(n, user, password);
+        if !self.jobs.is_empty() {
+            self.finish_one_job();
+        }
+        self.run_store(&[], no_answer);
+        let mut frames = self.take(c);
+        frames.retain(|v| v["type"] != "presence");
+        frames
+    }
+
+    fn wrote(&self, f: impl Fn(&Write) -> bool) -> bool {
+        self.store
+            .iter()
+            .any(|r| matches!(r, StoreReq::Write(w) if f(w)))
+    }
+}
+
+/// `parlor user disable`: every connection of the account gets `account_disabled` and close
+/// 1008, its tokens are forgotten, and sign-ins are refused until `enable`.
+#[test]
+fn operator_disable_closes_connections_and_refuses_sign_in() {
+    let mut t = T::with_alice_and_bob(&[]);
+    let a1 = t.resume(1, "tok-alice");
+    let a2 = t.resume(2, "tok-alice");
+    let b = t.resume(3, "tok-bob");
+    t.take(a1);
+    t.take(a2);
+    t.take(b);
+    assert_eq!(t.hub.session_count(), 2);
+    t.changed(UserChange::Disabled, row("alice", "password123", true));
+    for c in [a1, a2] {
+        let f = t.take(c);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0]["code"], "account_disabled");
+        assert_eq!(t.closed.get(&c), Some(&1008));
+    }
+    assert!(!t.closed.contains_key(&b));
+    assert_eq!(t.hub.session_count(), 1, "alice's token is forgotten");
+    assert!(t.wrote(|w| matches!(w, Write::DeleteUserSessions { user_key } if user_key == "alice")));
+    // A closing connection's frames are ignored.
+    t.send(a1, json!({"type":"say","room":"general","text":"x"}));
+    assert!(t.take(a1).is_empty());
+    t.run_store(&[], no_answer);
+
+    let l = t.login(4, "alice", "password123");
+    assert!(t.jobs.is_empty(), "refused before any hashing");
+    assert_eq!(t.outcome(l), ["account_disabled"]);
+    let r = t.open(5);
+    t.send(r, json!({"type":"resume","token":"tok-alice"}));
+    assert_eq!(t.outcome(r), ["auth_failed"], "the token was revoked");
+
+    t.changed(UserChange::Enabled, row("alice", "password123", false));
+    assert!(!t.closed.contains_key(&b) && t.take(b).is_empty());
+    assert_eq!(outcomes(&t.sign_in(6, "alice", "password123")), ["welcome"]);
+}
+
+/// `parlor user passwd`: connections close with 1000, a login verified against the old
+/// password (in flight, or waiting for its commit) is refused, the new password works.
+#[test]
+fn operator_password_change_ends_sessions_and_sign_ins_in_flight() {
+    let mut t = T::with_alice_and_bob(&[]);
+    let a = t.resume(1, "tok-alice");
+    t.take(a);
+    // One login hashing, one verified and waiting for its session to commit.
+    let waiting = t.login(2, "alice", "password123");
+    t.finish_one_job();
+    assert!(t.take(waiting).is_empty());
+    let hashing = t.login(3, "alice", "password123");
+    assert_eq!(t.jobs.len(), 1);
+
+    t.changed(UserChange::Password, row("alice", "new password", false));
+    assert!(t.take(a).is_empty(), "no error frame, only the close");
+    assert_eq!(t.closed.get(&a), Some(&1000));
+    t.run_store(&[], no_answer);
+    assert_eq!(
+        t.outcome(waiting),
+        ["auth_failed"],
+        "its session was revoked"
+    );
+    t.finish_one_job();
+    assert_eq!(
+        t.outcome(hashing),
+        ["auth_failed"],
+        "checked the old password"
+    );
+    assert_eq!(t.hub.session_count(), 1, "only bob's");
+
+    let old = t.sign_in(4, "alice", "password123");
+    assert_eq!(outcomes(&old), ["auth_failed"]);
+    assert_eq!(
+        outcomes(&t.sign_in(5, "alice", "new password")),
+        ["welcome"]
+    );
+}
+
+/// `parlor user add`: the account can sign in at once, joins `general` in front of its
+/// members, and its name (and look-alikes) can no longer be registered.
+#[test]
+fn operator_added_account_signs_in_and_holds_its_name() {
+    let mut t = T::with_alice_and_bob(&[]);
+    let a = t.resume(1, "tok-alice");
+    t.take(a);
+    t.changed(UserChange::Added, row("carol", "carol pass", false));
+    let f = t.take(a);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(
+        (&f[0]["event"], &f[0]["room"], &f[0]["user"]),
+        (&json!("join"), &json!("general"), &json!("carol"))
+    );
+    assert!(t.store.is_empty(), "the command stored it already");
+    let w = t.sign_in(2, "carol", "carol pass");
+    assert_eq!(w[0]["type"], "welcome");
+    assert_eq!(w[0]["rooms"], json!(["general"]));
+    for name in ["Carol", "caro1"] {
+        let r = t.open(3);
+        t.send(
+            r,
+            json!({"type":"register","user":name,"password":"password123"}),
+        );
+        assert_eq!(t.outcome(r), ["user_taken"], "{name}");
+    }
+}
+
+/// A `register` checked before `parlor user add` of the same name committed: its account row
+/// fails to store (no INSERT OR REPLACE), so it gets no token, its session row is deleted,
+/// the hub reloads the row and adopts the operator's account, and the client is told
+/// `user_taken`. Both orders of the operator's change report and the failed commit.
+#[test]
+fn registration_racing_an_operator_add_gets_user_taken() {
+    for change_first in [false, true] {
+        let mut t = T::with_alice_and_bob(&[]);
+        let c = t.open(1);
+        t.send(
+            c,
+            json!({"type":"register","user":"Dave","password":"racer pass","ref":"r"}),
+        );
+        t.finish_one_job();
+        if change_first {
+            t.changed(UserChange::Added, row("dave", "operator pass", false));
+        }
+        let insert = t.write_position(|w| matches!(w, Write::InsertUser { .. }));
+        t.run_store(&[insert], no_answer);
+        assert!(
+            t.take(c).is_empty(),
+            "no welcome, no verdict before the reload"
+        );
+        assert!(t
+            .store
+            .iter()
+            .any(|r| matches!(r, StoreReq::LoadUser { key } if key == "dave")));
+        assert!(t.wrote(|w| matches!(w, Write::DeleteSession { .. })));
+        assert_eq!(t.hub.session_count(), 2, "the racer's session is gone");
+        if !change_first {
+            // Until the reload answers, the racer's password is worth nothing.
+            let l = t.login(2, "dave", "racer pass");
+            t.finish_one_job();
+            assert_eq!(t.outcome(l), ["auth_failed"]);
+        }
+        let stored = row("dave", "operator pass", false);
+        t.hub
+            .handle_user_changed(UserChange::Reloaded, "dave".into(), Ok(Some(stored)), t.now);
+        t.drain();
+        let f = t.take(c);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(
+            (&f[0]["code"], &f[0]["ref"]),
+            (&json!("user_taken"), &json!("r"))
+        );
+        t.run_store(&[], no_answer);
+        let racer = t.sign_in(3, "dave", "racer pass");
+        assert_eq!(
+            outcomes(&racer),
+            ["auth_failed"],
+            "change_first {change_first}"
+        );
+        let w = t.sign_in(4, "dave", "operator pass");
+        assert_eq!(outcomes(&w), ["welcome"]);
+        assert_eq!(w[0]["user"], "dave", "the operator's spelling");
+        assert!(t.hub.is_idle());
+    }
+}
+
+/// A registration whose row did not store and that no one else holds (a store failure): the
+/// reload finds nothing, the client gets `internal`, and nothing of the name is left.
+#[test]
+fn registration_whose_row_never_stored_leaves_nothing_behind() {
+    let mut t = T::with_alice_and_bob(&[]);
+    let a = t.resume(9, "tok-alice");
+    let c = t.open(1);
+    t.send(
+        c,
+        json!({"type":"register","user":"erin","password":"password123"}),
+    );
+    t.finish_one_job();
+    let insert = t.write_position(|w| matches!(w, Write::InsertUser { .. }));
+    t.run_store(&[insert], no_answer);
+    t.hub
+        .handle_user_changed(UserChange::Reloaded, "erin".into(), Ok(None), t.now);
+    t.drain();
+    assert_eq!(t.outcome(c), ["internal"]);
+    assert!(t.wrote(
+        |w| matches!(w, Write::RemoveMember { room, user_key } if room == "general" && user_key == "erin")
+    ));
+    t.run_store(&[], no_answer);
+    t.take(a);
+    t.send(a, json!({"type":"who","room":"general","ref":"w"}));
+    let who = t.take(a);
+    assert_eq!(each(&who[0]["members"], "user"), ["alice", "bob"]);
+    // The name is free again.
+    t.send(
+        c,
+        json!({"type":"register","user":"erin","password":"password123"}),
+    );
+    t.finish_one_job();
+    t.run_store(&[], no_answer);
+    assert_eq!(t.outcome(c), ["welcome"]);
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use super::protocol::ChatMessage;
 use super::Wake;
 
+pub mod accounts;
 pub mod sqlite;
 
 pub use sqlite::{backup, restore, verify_copy, CopySummary, SqliteStore};
@@ -100,6 +101,74 @@ pub enum Write {
     ReserveIds {
         upto: i64,
     },
+    /// A new text for message `id`; the old one goes to its edit history. `conv` is the
+    /// conversation key ([`conv_key`]), `seq` the change's place in the log.
+    EditMessage {
+        id: i64,
+        text: String,
+        edited_ts: i64,
+        seq: i64,
+        conv: String,
+    },
+    /// Message `id` loses its text, edit history and reactions for good.
+    DeleteMessage {
+        id: i64,
+        seq: i64,
+        conv: String,
+        ts: i64,
+    },
+    /// `user` (an account name) adds (`on`) or removes a reaction. Only sent for a change.
+    SetReaction {
+        id: i64,
+        user: String,
+        emoji: String,
+        on: bool,
+        seq: i64,
+        conv: String,
+        ts: i64,
+    },
+    /// Forgets change events older than `before_ts`, except the newest `keep`; catch-up from
+    /// before the oldest kept one is answered with a reset.
+    PruneEvents {
+        before_ts: i64,
+        keep: usize,
+    },
+}
+
+/// The conversation a message belongs to, as change events are filed: the room's name, or the
+/// DM pair key ([`dm_key`], which contains a newline and so never looks like a room).
+pub fn conv_key(room: Option<&str>, dm: Option<&str>) -> String {
+    room.or(dm).unwrap_or_default().to_string()
+}
+
+/// A message with what only the store knows about it, for edits, deletes and reactions.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub msg: ChatMessage,
+    /// The DM pair key, for a DM.
+    pub dm: Option<String>,
+    /// How many times it was edited.
+    pub edits: u32,
+}
+
+/// One entry of a catch-up: what changed, and the message as it is now.
+#[derive(Debug, Clone)]
+pub struct ChangeItem {
+    pub seq: i64,
+    pub kind: ChangeKind,
+    pub msg: ChatMessage,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChangeKind {
+    Message,
+    Edited,
+    Deleted,
+    Reaction {
+        user: String,
+        emoji: String,
+        on: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -122,13 +191,74 @@ pub enum Query {
         /// yet, so a flood of queries does not outlive its sender.
         cancelled: Option<Arc<AtomicBool>>,
     },
+    /// One message in its current state, for an edit, delete, reaction or reply check.
+    Message { id: i64 },
+    /// Messages and change events with `seq > since` in the conversations `convs` (room names
+    /// and DM pair keys), oldest first, at most `limit`.
+    Catchup {
+        since: i64,
+        convs: Vec<String>,
+        limit: usize,
+        cancelled: Option<Arc<AtomicBool>>,
+    },
 }
 
 #[derive(Debug)]
 pub enum StoreReq {
     Write(Write),
-    Query { qid: u64, query: Query },
+    Query {
+        qid: u64,
+        query: Query,
+    },
+    /// Read one user's row as it is now; answered by [`StoreEvent::UserChanged`] with
+    /// [`UserChange::Reloaded`] (the hub's way back to the truth after its own write of that
+    /// user failed).
+    LoadUser {
+        key: String,
+    },
     Shutdown,
+}
+
+/// What an operator command (`parlor user …`, see [`accounts`]) did to an account. The
+/// command records it in the store's change log together with the change itself; the store of
+/// a running server notices it and reports [`StoreEvent::UserChanged`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserChange {
+    /// `parlor user add`: a new account.
+    Added,
+    /// `parlor user passwd`: a new password; every session was revoked.
+    Password,
+    /// `parlor user disable`: no sign-in any more; every session was revoked.
+    Disabled,
+    /// `parlor user enable`.
+    Enabled,
+    /// Not an operator command: the answer to [`StoreReq::LoadUser`].
+    Reloaded,
+}
+
+impl UserChange {
+    /// The change log's `kind` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserChange::Added => "add",
+            UserChange::Password => "passwd",
+            UserChange::Disabled => "disable",
+            UserChange::Enabled => "enable",
+            UserChange::Reloaded => "reload",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<UserChange> {
+        [
+            UserChange::Added,
+            UserChange::Password,
+            UserChange::Disabled,
+            UserChange::Enabled,
+            UserChange::Reloaded,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
 }
 
 #[derive(Debug)]
@@ -148,6 +278,27 @@ pub enum StoreEvent {
         qid: u64,
         messages: Vec<ChatMessage>,
         more: bool,
+    },
+    /// The answer to [`Query::Message`].
+    MessageFound {
+        qid: u64,
+        found: Option<StoredMessage>,
+    },
+    /// The answer to [`Query::Catchup`]: `reset` when `since` is older than the oldest change
+    /// event kept.
+    CatchupDone {
+        qid: u64,
+        items: Vec<ChangeItem>,
+        more: bool,
+        reset: bool,
+    },
+    /// An account changed behind the hub's back (an operator command), or the answer to
+    /// [`StoreReq::LoadUser`]: `user` is its row as stored now (`Ok(None)`: there is no such
+    /// account; `Err`: it could not be read, which only a `LoadUser` answer can say).
+    UserChanged {
+        change: UserChange,
+        key: String,
+        user: Result<Option<LoadedUser>, String>,
     },
 }
 
@@ -177,13 +328,15 @@ pub struct Loaded {
     pub next_id: i64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedUser {
     pub key: String,
     pub name: String,
     pub nick: String,
     pub phc: String,
     pub last_seen: Option<i64>,
+    /// `parlor user disable`: the account may not sign in.
+    pub disabled: bool,
 }
 
 /// A backend error, boxed so this module names no backend's types.

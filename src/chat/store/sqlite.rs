@@ -14,20 +14,32 @@
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    Durability, Loaded, LoadedUser, Query, Store, StoreError, StoreEvent, StoreReq, Target, Write,
+    ChangeItem, ChangeKind, Durability, Loaded, LoadedUser, Query, Store, StoreError, StoreEvent,
+    StoreReq, StoredMessage, Target, UserChange, Write,
 };
 use crate::chat::protocol::ChatMessage;
 use crate::chat::Wake;
 
 /// Most requests folded into one transaction; bounds the latency of a batch under flood.
 const MAX_BATCH: usize = 4096;
+
+/// How often the store thread looks at `admin_changes` for accounts changed by an operator
+/// command (`parlor user …`) in another process. The bound on how long a disabled user or a
+/// changed password goes unnoticed by a running server; a poll with nothing new is one
+/// index lookup.
+pub const CHANGE_POLL: Duration = Duration::from_millis(250);
+
+/// How long a connection waits for another process's write lock before a statement fails
+/// with `SQLITE_BUSY`. The server and `parlor user …` both write; each holds the lock for one
+/// short transaction.
+pub const BUSY_WAIT: Duration = Duration::from_secs(10);
 
 /// Version 1: the schema as first shipped (commit e05a242), before versioning: such a
 /// database has `user_version` 0.
@@ -61,6 +73,49 @@ CREATE TABLE IF NOT EXISTS dedup (
 CREATE INDEX IF NOT EXISTS dedup_ts ON dedup (ts);
 ";
 
+/// Version 3: accounts an operator disabled (`parlor user disable`), and the log of operator
+/// account changes that a running server polls (see [`CHANGE_POLL`]).
+const SCHEMA_V3: &str = "
+ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE admin_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, user_key TEXT NOT NULL, kind TEXT NOT NULL,
+    ts INTEGER NOT NULL);
+";
+
+/// Version 4 (after the users' `disabled` column of version 3): messages that change — replies,
+/// edits with their history, deletes, reactions — and the change-event log `catchup` reads.
+/// `events` holds edits, deletes and reactions only: a new message's event is its row in
+/// `messages` (its `seq` is its `id`).
+const SCHEMA_V4: &str = "
+ALTER TABLE messages ADD COLUMN reply_to INTEGER;
+ALTER TABLE messages ADD COLUMN edited_ts INTEGER;
+ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN edits INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE edits (msg_id INTEGER NOT NULL, text TEXT NOT NULL, ts INTEGER NOT NULL);
+CREATE INDEX edits_msg ON edits (msg_id);
+CREATE TABLE reactions (
+    msg_id INTEGER NOT NULL, emoji TEXT NOT NULL, user TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (msg_id, emoji, user)) WITHOUT ROWID;
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY, conv TEXT NOT NULL, kind INTEGER NOT NULL, msg_id INTEGER NOT NULL,
+    user TEXT, emoji TEXT, on_ INTEGER, ts INTEGER NOT NULL);
+CREATE INDEX events_conv ON events (conv, seq);
+CREATE INDEX events_ts ON events (ts);
+";
+
+/// `events.kind`.
+const EV_EDITED: i64 = 1;
+const EV_DELETED: i64 = 2;
+const EV_REACTION: i64 = 3;
+
+/// `meta` key: the highest `seq` of a change event that was pruned (catch-up from before it
+/// is a reset).
+const EVENTS_HORIZON: &str = "events_horizon";
+
+fn to_v4(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA_V4)
+}
+
 fn to_v1(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA_V1)
 }
@@ -73,9 +128,13 @@ fn to_v2(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+fn to_v3(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA_V3)
+}
+
 /// Forward migrations: `MIGRATIONS[i]` takes a database from version `i` to `i + 1`. Append
 /// only; a shipped step never changes.
-pub const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[to_v1, to_v2];
+pub const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[to_v1, to_v2, to_v3, to_v4];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -89,7 +148,7 @@ fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<
     .map(|n| n > 0)
 }
 
-fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+pub(super) fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |e| StoreError::Sql {
         context,
         source: Box::new(e),
@@ -183,7 +242,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 }
 
 /// Opens (creating if needed) `dir/chat.db`, sets the pragmas and migrates the schema.
-fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError> {
+pub(super) fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
         path: dir.to_path_buf(),
         source: e,
@@ -193,6 +252,7 @@ fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError>
         path: path.clone(),
         source: Box::new(e),
     })?;
+    conn.busy_timeout(BUSY_WAIT).map_err(sql("busy_timeout"))?;
     // Refuse a newer schema before changing anything about the file (journal mode included).
     let found = schema_version(&conn, &path)?;
     if found > SCHEMA_VERSION {
@@ -210,6 +270,9 @@ fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError>
     };
     conn.pragma_update(None, "synchronous", sync)
         .map_err(sql("synchronous"))?;
+    // A deleted message's text must not stay behind in free space of the file.
+    conn.pragma_update(None, "secure_delete", "ON")
+        .map_err(sql("secure_delete"))?;
     conn.pragma_update(None, "foreign_keys", "OFF")
         .map_err(sql("foreign_keys"))?;
     migrate(&mut conn, &path)?;
@@ -223,17 +286,9 @@ fn open_db(dir: &Path, durability: Durability) -> Result<Connection, StoreError>
 fn load(conn: &Connection, reserve: i64, dedup_since: i64) -> Result<(Loaded, i64), StoreError> {
     let mut l = Loaded::default();
     let mut st = conn
-        .prepare("SELECT key, name, nick, phc, last_seen FROM users")
+        .prepare(&format!("SELECT {USER_COLS} FROM users"))
         .map_err(sql("load users"))?;
-    let rows = st.query_map([], |r| {
-        Ok(LoadedUser {
-            key: r.get(0)?,
-            name: r.get(1)?,
-            nick: r.get(2)?,
-            phc: r.get(3)?,
-            last_seen: r.get(4)?,
-        })
-    });
+    let rows = st.query_map([], |r| user_at(r, 0));
     l.users = rows
         .and_then(|rows| rows.collect::<Result<_, _>>())
         .map_err(sql("load users"))?;
@@ -293,6 +348,97 @@ fn load(conn: &Connection, reserve: i64, dedup_since: i64) -> Result<(Loaded, i6
     let upto = l.next_id + reserve;
     write_reservation(conn, upto).map_err(sql("write id reservation"))?;
     Ok((l, upto))
+}
+
+/// The columns [`user_at`] reads, in its order.
+const USER_COLS: &str = "key, name, nick, phc, last_seen, disabled";
+
+/// A user from the [`USER_COLS`] of a row, starting at column `at`.
+fn user_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<LoadedUser> {
+    Ok(LoadedUser {
+        key: r.get(at)?,
+        name: r.get(at + 1)?,
+        nick: r.get(at + 2)?,
+        phc: r.get(at + 3)?,
+        last_seen: r.get(at + 4)?,
+        disabled: r.get(at + 5)?,
+    })
+}
+
+/// One user's row as it is now (`None`: no such account).
+fn load_user(conn: &Connection, key: &str) -> rusqlite::Result<Option<LoadedUser>> {
+    conn.prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE key = ?1"))?
+        .query_row(params![key], |r| user_at(r, 0))
+        .optional()
+}
+
+/// The last entry of the operator change log: what a store opened now has already loaded.
+fn last_change(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM admin_changes", [], |r| {
+        r.get(0)
+    })
+}
+
+/// Operator changes logged after `after`, oldest first, each with its account's row as it is
+/// now.
+fn changes_since(conn: &Connection, after: i64) -> rusqlite::Result<Vec<(i64, StoreEvent)>> {
+    let cols = USER_COLS
+        .split(", ")
+        .map(|c| format!("u.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT c.seq, c.user_key, c.kind, {cols} FROM admin_changes c
+         LEFT JOIN users u ON u.key = c.user_key WHERE c.seq > ?1 ORDER BY c.seq"
+    ))?;
+    let rows = st.query_map(params![after], |r| {
+        let kind: String = r.get(2)?;
+        let present: Option<String> = r.get(3)?;
+        Ok((
+            r.get(0)?,
+            StoreEvent::UserChanged {
+                // A kind this build does not know: the row is still the truth to adopt.
+                change: UserChange::parse(&kind).unwrap_or(UserChange::Reloaded),
+                key: r.get(1)?,
+                user: Ok(present.map(|_| user_at(r, 3)).transpose()?),
+            },
+        ))
+    })?;
+    rows.collect()
+}
+
+/// The store thread's watch on `admin_changes`.
+struct ChangeWatch {
+    /// The last change reported (or loaded at startup).
+    seen: i64,
+    next: Instant,
+    /// The last poll failed (logged once, not every poll).
+    failing: bool,
+}
+
+impl ChangeWatch {
+    /// Reports changes made since the last poll; whether there were any.
+    fn poll(&mut self, conn: &Connection, events: &Sender<StoreEvent>) -> bool {
+        self.next = Instant::now() + CHANGE_POLL;
+        match changes_since(conn, self.seen) {
+            Ok(changes) => {
+                self.failing = false;
+                let any = !changes.is_empty();
+                for (seq, ev) in changes {
+                    self.seen = seq;
+                    let _ = events.send(ev);
+                }
+                any
+            }
+            Err(e) => {
+                if !self.failing {
+                    log::error!("store: reading operator account changes: {e}");
+                }
+                self.failing = true;
+                false
+            }
+        }
+    }
 }
 
 fn write_reservation(conn: &Connection, upto: i64) -> rusqlite::Result<()> {
@@ -435,13 +581,25 @@ impl SqliteStore {
         dedup_since: i64,
         wake: Wake,
     ) -> Result<(SqliteStore, Loaded, i64), StoreError> {
-        let conn = open_db(dir, durability)?;
-        let (loaded, reserved) = load(&conn, reserve, dedup_since)?;
+        let mut conn = open_db(dir, durability)?;
+        // Under the write lock, so that no operator change (`parlor user …`) can fall between
+        // what is loaded and the change log's position the store thread watches from.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin load"))?;
+        let (loaded, reserved) = load(&tx, reserve, dedup_since)?;
+        let seen = last_change(&tx).map_err(sql("read admin_changes"))?;
+        tx.commit().map_err(sql("commit load"))?;
+        let watch = ChangeWatch {
+            seen,
+            next: Instant::now() + CHANGE_POLL,
+            failing: false,
+        };
         let (tx, req_rx) = channel();
         let (ev_tx, rx) = channel();
         let thread = std::thread::Builder::new()
             .name("chat-store".into())
-            .spawn(move || run(conn, req_rx, ev_tx, wake))
+            .spawn(move || run(conn, req_rx, ev_tx, wake, watch))
             .map_err(StoreError::Thread)?;
         let store = SqliteStore {
             tx: Some(tx),
@@ -498,8 +656,10 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             phc,
             created,
         } => conn
+            // Never OR REPLACE: an account created meanwhile by `parlor user add` must make
+            // this write fail (the hub then reloads the row), not be overwritten by it.
             .prepare_cached(
-                "INSERT OR REPLACE INTO users (key, name, nick, phc, created) VALUES (?1,?2,?3,?4,?5)",
+                "INSERT INTO users (key, name, nick, phc, created) VALUES (?1,?2,?3,?4,?5)",
             )?
             .execute(params![key, name, nick, phc, created])
             .map(|_| ()),
@@ -539,11 +699,19 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             .map(|_| ()),
         Write::InsertMessage { msg, dm, dedup } => {
             conn.prepare_cached(
-                "INSERT INTO messages (id, room, dm, from_name, to_name, nick, text, ts)
-                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                "INSERT INTO messages (id, room, dm, from_name, to_name, nick, text, ts, reply_to)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
             )?
             .execute(params![
-                msg.id, msg.room, dm, msg.from, msg.to, msg.nick, msg.text, msg.ts
+                msg.id,
+                msg.room,
+                dm,
+                msg.from,
+                msg.to,
+                msg.nick,
+                msg.text,
+                msg.ts,
+                msg.reply_to
             ])?;
             if let Some((user_key, reference)) = dedup {
                 conn.prepare_cached(
@@ -570,7 +738,108 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             .execute(params![a, b])
             .map(|_| ()),
         Write::ReserveIds { upto } => write_reservation(conn, *upto),
+        Write::EditMessage {
+            id,
+            text,
+            edited_ts,
+            seq,
+            conv,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO edits (msg_id, text, ts)
+                 SELECT id, text, COALESCE(edited_ts, ts) FROM messages WHERE id = ?1",
+            )?
+            .execute(params![id])?;
+            conn.prepare_cached(
+                "UPDATE messages SET text = ?2, edited_ts = ?3, edits = edits + 1 WHERE id = ?1",
+            )?
+            .execute(params![id, text, edited_ts])?;
+            insert_event(conn, *seq, conv, EV_EDITED, *id, None, *edited_ts)
+        }
+        Write::DeleteMessage { id, seq, conv, ts } => {
+            conn.prepare_cached("UPDATE messages SET text = '', deleted = 1 WHERE id = ?1")?
+                .execute(params![id])?;
+            conn.prepare_cached("DELETE FROM edits WHERE msg_id = ?1")?
+                .execute(params![id])?;
+            conn.prepare_cached("DELETE FROM reactions WHERE msg_id = ?1")?
+                .execute(params![id])?;
+            insert_event(conn, *seq, conv, EV_DELETED, *id, None, *ts)
+        }
+        Write::SetReaction {
+            id,
+            user,
+            emoji,
+            on,
+            seq,
+            conv,
+            ts,
+        } => {
+            if *on {
+                conn.prepare_cached(
+                    "INSERT OR IGNORE INTO reactions (msg_id, emoji, user, seq) VALUES (?1,?2,?3,?4)",
+                )?
+                .execute(params![id, emoji, user, seq])?;
+            } else {
+                conn.prepare_cached(
+                    "DELETE FROM reactions WHERE msg_id = ?1 AND emoji = ?2 AND user = ?3",
+                )?
+                .execute(params![id, emoji, user])?;
+            }
+            let r = Some((user.as_str(), emoji.as_str(), *on));
+            insert_event(conn, *seq, conv, EV_REACTION, *id, r, *ts)
+        }
+        Write::PruneEvents { before_ts, keep } => prune_events(conn, *before_ts, *keep),
     }
+}
+
+fn insert_event(
+    conn: &Connection,
+    seq: i64,
+    conv: &str,
+    kind: i64,
+    msg_id: i64,
+    reaction: Option<(&str, &str, bool)>,
+    ts: i64,
+) -> rusqlite::Result<()> {
+    let (user, emoji, on) = match reaction {
+        Some((u, e, on)) => (Some(u), Some(e), Some(on)),
+        None => (None, None, None),
+    };
+    conn.prepare_cached(
+        "INSERT INTO events (seq, conv, kind, msg_id, user, emoji, on_, ts)
+         VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+    )?
+    .execute(params![seq, conv, kind, msg_id, user, emoji, on, ts])
+    .map(|_| ())
+}
+
+/// Deletes change events older than `before_ts` that are not among the newest `keep`, and
+/// moves the catch-up horizon up to the newest one deleted.
+fn prune_events(conn: &Connection, before_ts: i64, keep: usize) -> rusqlite::Result<()> {
+    let floor: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?1",
+            params![keep as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(floor) = floor else {
+        return Ok(()); // no more than `keep` events
+    };
+    let top: Option<i64> = conn.query_row(
+        "SELECT MAX(seq) FROM events WHERE ts < ?1 AND seq <= ?2",
+        params![before_ts, floor],
+        |r| r.get(0),
+    )?;
+    let Some(top) = top else { return Ok(()) };
+    conn.prepare_cached("DELETE FROM events WHERE seq <= ?1")?
+        .execute(params![top])?;
+    conn.prepare_cached(
+        "INSERT INTO meta (k, v) VALUES (?1, ?2)
+         ON CONFLICT (k) DO UPDATE SET v = MAX(v, excluded.v)",
+    )?
+    .execute(params![EVENTS_HORIZON, top])
+    .map(|_| ())
 }
 
 fn row_to_msg(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
@@ -582,16 +851,233 @@ fn row_to_msg(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
         nick: r.get(4)?,
         text: r.get(5)?,
         ts: r.get(6)?,
+        reply_to: r.get(7)?,
+        edited_ts: r.get(8)?,
+        deleted: r.get::<_, i64>(9)? != 0,
+        reactions: Vec::new(),
     })
 }
 
-const COLS: &str = "id, room, from_name, to_name, nick, text, ts";
+const COLS: &str = "id, room, from_name, to_name, nick, text, ts, reply_to, edited_ts, deleted";
+
+/// Fills in the reactions of `msgs` (ordered by id): emoji in the order of their earliest
+/// current reaction, users in the order they reacted — the order the hub keeps in memory.
+fn attach_reactions(conn: &Connection, msgs: &mut [ChatMessage]) -> rusqlite::Result<()> {
+    let (Some(first), Some(last)) = (msgs.first(), msgs.last()) else {
+        return Ok(());
+    };
+    let (lo, hi) = (first.id.min(last.id), first.id.max(last.id));
+    let mut st = conn.prepare_cached(
+        "SELECT msg_id, emoji, user FROM reactions WHERE msg_id BETWEEN ?1 AND ?2 ORDER BY seq",
+    )?;
+    let rows = st.query_map(params![lo, hi], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (id, emoji, user) = row?;
+        if let Some(m) = msgs.iter_mut().find(|m| m.id == id) {
+            m.set_reaction(&user, &emoji, true);
+        }
+    }
+    Ok(())
+}
+
+/// Runs a query into the event that answers it.
+fn answer(conn: &Connection, qid: u64, q: &Query) -> StoreEvent {
+    match q {
+        Query::LoadRing { .. } | Query::History { .. } => {
+            let (messages, more) = if is_cancelled(q) {
+                (Vec::new(), false)
+            } else {
+                run_query(conn, q).unwrap_or_else(|e| {
+                    log::error!("store query {q:?}: {e}");
+                    (Vec::new(), false)
+                })
+            };
+            StoreEvent::QueryDone {
+                qid,
+                messages,
+                more,
+            }
+        }
+        Query::Message { id } => StoreEvent::MessageFound {
+            qid,
+            found: find_message(conn, *id).unwrap_or_else(|e| {
+                log::error!("store query {q:?}: {e}");
+                None
+            }),
+        },
+        Query::Catchup {
+            since,
+            convs,
+            limit,
+            ..
+        } => {
+            let (items, more, reset) = if is_cancelled(q) {
+                (Vec::new(), false, false)
+            } else {
+                catchup(conn, *since, convs, *limit).unwrap_or_else(|e| {
+                    log::error!("store catchup from {since}: {e}");
+                    (Vec::new(), false, true)
+                })
+            };
+            StoreEvent::CatchupDone {
+                qid,
+                items,
+                more,
+                reset,
+            }
+        }
+    }
+}
+
+fn find_message(conn: &Connection, id: i64) -> rusqlite::Result<Option<StoredMessage>> {
+    let sql = format!("SELECT {COLS}, dm, edits FROM messages WHERE id = ?1");
+    let found = conn
+        .prepare_cached(&sql)?
+        .query_row(params![id], |r| {
+            Ok(StoredMessage {
+                msg: row_to_msg(r)?,
+                dm: r.get(10)?,
+                edits: r.get::<_, i64>(11)? as u32,
+            })
+        })
+        .optional()?;
+    let Some(mut found) = found else {
+        return Ok(None);
+    };
+    attach_reactions(conn, std::slice::from_mut(&mut found.msg))?;
+    Ok(Some(found))
+}
+
+/// New messages and change events after `since` in `convs`, merged in `seq` order, at most
+/// `limit`; messages in their current state. Returns (items, more, reset).
+fn catchup(
+    conn: &Connection,
+    since: i64,
+    convs: &[String],
+    limit: usize,
+) -> rusqlite::Result<(Vec<ChangeItem>, bool, bool)> {
+    let horizon: i64 = conn
+        .query_row(
+            "SELECT v FROM meta WHERE k = ?1",
+            params![EVENTS_HORIZON],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    if since < horizon {
+        return Ok((Vec::new(), false, true));
+    }
+    let convs = serde_json::to_string(convs).unwrap_or_else(|_| "[]".into());
+    let fetch = limit as i64 + 1;
+    // New messages of those conversations (their seq is their id).
+    let sql = format!(
+        "SELECT {COLS} FROM messages
+         WHERE id > ?1 AND (room IN (SELECT value FROM json_each(?2))
+                            OR dm IN (SELECT value FROM json_each(?2)))
+         ORDER BY id LIMIT ?3"
+    );
+    let mut msgs = Vec::new();
+    for m in conn
+        .prepare_cached(&sql)?
+        .query_map(params![since, convs, fetch], row_to_msg)?
+    {
+        msgs.push(m?);
+    }
+    // Change events, with the message each is about as it is now.
+    let sql = format!(
+        "SELECT {}, e.seq, e.kind, e.user, e.emoji, e.on_
+         FROM events e JOIN messages m ON m.id = e.msg_id
+         WHERE e.seq > ?1 AND e.conv IN (SELECT value FROM json_each(?2))
+         ORDER BY e.seq LIMIT ?3",
+        COLS.split(", ")
+            .map(|c| format!("m.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut changes = Vec::new();
+    let mut st = conn.prepare_cached(&sql)?;
+    let rows = st.query_map(params![since, convs, fetch], |r| {
+        // The message's columns come first, as `row_to_msg` reads them.
+        let msg = row_to_msg(r)?;
+        let seq: i64 = r.get(10)?;
+        let kind: i64 = r.get(11)?;
+        let user: Option<String> = r.get(12)?;
+        let emoji: Option<String> = r.get(13)?;
+        let on: Option<bool> = r.get(14)?;
+        let kind = match kind {
+            EV_EDITED => ChangeKind::Edited,
+            EV_DELETED => ChangeKind::Deleted,
+            _ => ChangeKind::Reaction {
+                user: user.unwrap_or_default(),
+                emoji: emoji.unwrap_or_default(),
+                on: on.unwrap_or(false),
+            },
+        };
+        Ok(ChangeItem { seq, kind, msg })
+    })?;
+    for c in rows {
+        let c = c?;
+        // What a deleted message had before is gone: its edits and reactions are left out
+        // (its `deleted` event follows and says all there is).
+        if c.msg.deleted && c.kind != ChangeKind::Deleted {
+            continue;
+        }
+        changes.push(c);
+    }
+    // Merge by seq; each list is sorted and holds up to limit + 1, so the first `limit` of the
+    // merge are exact, and `more` is whether anything is left.
+    let mut items = Vec::with_capacity(limit + 1);
+    let (mut a, mut b) = (msgs.into_iter().peekable(), changes.into_iter().peekable());
+    loop {
+        let take_msg = match (a.peek(), b.peek()) {
+            (Some(m), Some(c)) => m.id < c.seq,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if take_msg {
+            let msg = a.next().expect("peeked");
+            items.push(ChangeItem {
+                seq: msg.id,
+                kind: ChangeKind::Message,
+                msg,
+            });
+        } else {
+            items.push(b.next().expect("peeked"));
+        }
+        if items.len() > limit {
+            break;
+        }
+    }
+    let more = items.len() > limit;
+    items.truncate(limit);
+    // Messages travel in their current state, reactions included.
+    let mut with_reactions: Vec<ChatMessage> = items
+        .iter()
+        .filter(|i| i.kind == ChangeKind::Message && !i.msg.deleted)
+        .map(|i| i.msg.clone())
+        .collect();
+    attach_reactions(conn, &mut with_reactions)?;
+    for it in items.iter_mut().filter(|i| i.kind == ChangeKind::Message) {
+        if let Some(m) = with_reactions.iter_mut().find(|m| m.id == it.msg.id) {
+            it.msg.reactions = std::mem::take(&mut m.reactions);
+        }
+    }
+    Ok((items, more, false))
+}
 
 /// Runs a query; returns messages oldest first and whether more exist in the paging
 /// direction. Fetches `limit + 1` rows so `more` costs no second query.
 fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>, bool)> {
     let (col, key, before, after, limit) = match q {
         Query::LoadRing { room, limit } => ("room", room.as_str(), None, None, *limit),
+        Query::Message { .. } | Query::Catchup { .. } => return Ok((Vec::new(), false)),
         Query::History {
             target,
             before,
@@ -620,6 +1106,7 @@ fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>
         }
         let more = out.len() > limit;
         out.truncate(limit);
+        attach_reactions(conn, &mut out)?;
         Ok((out, more))
     } else {
         // Backward paging: the newest `limit` before `before` (scrolling up).
@@ -633,6 +1120,7 @@ fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>
         let more = out.len() > limit;
         out.truncate(limit);
         out.reverse();
+        attach_reactions(conn, &mut out)?;
         Ok((out, more))
     }
 }
@@ -641,22 +1129,57 @@ fn is_cancelled(q: &Query) -> bool {
     match q {
         Query::History {
             cancelled: Some(c), ..
+        }
+        | Query::Catchup {
+            cancelled: Some(c), ..
         } => c.load(Ordering::Relaxed),
         _ => false,
     }
 }
 
+/// The empty answer to a query that could not run (the batch's transaction did not start).
+fn unanswered(qid: u64, q: &Query) -> StoreEvent {
+    match q {
+        Query::LoadRing { .. } | Query::History { .. } => StoreEvent::QueryDone {
+            qid,
+            messages: Vec::new(),
+            more: false,
+        },
+        Query::Message { .. } => StoreEvent::MessageFound { qid, found: None },
+        Query::Catchup { .. } => StoreEvent::CatchupDone {
+            qid,
+            items: Vec::new(),
+            more: false,
+            reset: true,
+        },
+    }
+}
+
 /// The store thread's body. Returns when it gets [`StoreReq::Shutdown`] (after committing
-/// everything before it) or when the loop side hangs up.
-fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEvent>, wake: Wake) {
+/// everything before it) or when the loop side hangs up. Between batches, and at least every
+/// [`CHANGE_POLL`] when idle, it reports operator account changes (`watch`).
+fn run(
+    mut conn: Connection,
+    rx: Receiver<Vec<StoreReq>>,
+    events: Sender<StoreEvent>,
+    wake: Wake,
+    mut watch: ChangeWatch,
+) {
     let mut seq: u64 = 0;
     // Requests arrive a loop turn's worth at a time; a transaction takes at most MAX_BATCH.
     let mut queued: VecDeque<StoreReq> = VecDeque::new();
     loop {
         if queued.is_empty() {
-            match rx.recv() {
+            let idle = watch.next.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(idle) {
                 Ok(reqs) => queued.extend(reqs),
-                Err(_) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    if watch.poll(&conn, &events) {
+                        wake.wake();
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
         while queued.len() < MAX_BATCH {
@@ -672,13 +1195,18 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
         let mut failed = Vec::new();
         let mut writes = 0usize;
         let mut stop = false;
-        let ok = match conn.transaction() {
+        let mut deleted = false;
+        // IMMEDIATE: take the write lock (waiting up to BUSY_WAIT for `parlor user …`) before
+        // the first read, so a write after a read cannot fail on a snapshot another process
+        // has moved past.
+        let ok = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => {
                 for req in batch {
                     match req {
                         StoreReq::Write(w) => {
                             seq += 1;
                             writes += 1;
+                            deleted |= matches!(w, Write::DeleteMessage { .. });
                             if let Err(e) = apply(&tx, &w) {
                                 // One bad row must not sink the batch (and every ack in it),
                                 // but its own reply must not claim it is stored.
@@ -686,19 +1214,16 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
                                 failed.push(seq);
                             }
                         }
-                        StoreReq::Query { qid, query } => {
-                            let (messages, more) = if is_cancelled(&query) {
-                                (Vec::new(), false)
-                            } else {
-                                run_query(&tx, &query).unwrap_or_else(|e| {
-                                    log::error!("store query {query:?}: {e}");
-                                    (Vec::new(), false)
-                                })
-                            };
-                            results.push(StoreEvent::QueryDone {
-                                qid,
-                                messages,
-                                more,
+                        StoreReq::Query { qid, query } => results.push(answer(&tx, qid, &query)),
+                        StoreReq::LoadUser { key } => {
+                            let user = load_user(&tx, &key).map_err(|e| {
+                                log::error!("store: load user {key}: {e}");
+                                e.to_string()
+                            });
+                            results.push(StoreEvent::UserChanged {
+                                change: UserChange::Reloaded,
+                                key,
+                                user,
                             });
                         }
                         StoreReq::Shutdown => stop = true,
@@ -720,10 +1245,11 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
                             seq += 1;
                             writes += 1;
                         }
-                        StoreReq::Query { qid, .. } => results.push(StoreEvent::QueryDone {
-                            qid,
-                            messages: Vec::new(),
-                            more: false,
+                        StoreReq::Query { qid, query } => results.push(unanswered(qid, &query)),
+                        StoreReq::LoadUser { key } => results.push(StoreEvent::UserChanged {
+                            change: UserChange::Reloaded,
+                            key,
+                            user: Err(format!("store unavailable: {e}")),
                         }),
                         StoreReq::Shutdown => stop = true,
                     }
@@ -737,6 +1263,14 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
         for r in results {
             let _ = events.send(r);
         }
+        if ok && deleted {
+            // secure_delete zeroed the text in the pages this batch wrote, but the WAL still
+            // holds older copies of those pages (and the main file the pre-delete ones): copy
+            // the new pages home and empty the WAL, so the text is gone from the files.
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                log::warn!("store: checkpoint after a delete: {e}");
+            }
+        }
         let _ = events.send(StoreEvent::Committed {
             upto: seq,
             ok,
@@ -744,6 +1278,9 @@ fn run(mut conn: Connection, rx: Receiver<Vec<StoreReq>>, events: Sender<StoreEv
             batch: writes,
             latency: start.elapsed(),
         });
+        if Instant::now() >= watch.next {
+            watch.poll(&conn, &events);
+        }
         wake.wake();
         if stop {
             return;
@@ -765,6 +1302,7 @@ mod tests {
             nick: "a".into(),
             text: format!("m{id}"),
             ts: id,
+            ..ChatMessage::default()
         }
     }
 
@@ -837,6 +1375,8 @@ mod tests {
         assert!(table_exists(conn, "dedup"));
         assert!(table_exists(conn, "dedup_ts"));
         assert!(has_column(conn, "sessions", "last_used").unwrap());
+        assert!(has_column(conn, "users", "disabled").unwrap());
+        assert!(table_exists(conn, "admin_changes"));
     }
 
     const SESSION: &str = "INSERT INTO sessions (hash, user_key, created)
@@ -955,6 +1495,73 @@ mod tests {
         );
     }
 
+    /// The hub's account write never replaces a row (`parlor user add` may have made it
+    /// meanwhile): it fails, and `LoadUser` then reports the stored row, or none.
+    #[test]
+    fn insert_user_never_overwrites_and_load_user_reports_the_row() {
+        let dir = TempDir::new("store-insert-user");
+        let (mut store, _, _) =
+            super::super::open_sqlite(dir.path(), Durability::Normal, 10, 0, Wake::default())
+                .unwrap();
+        let mut accounts = super::super::accounts::Accounts::open(dir.path(), false).unwrap();
+        let added = accounts.add("alice", "Alice", "operator", 1, |_| false);
+        assert_eq!(added.unwrap(), super::super::accounts::Added::Added);
+        let insert = |key: &str| {
+            StoreReq::Write(Write::InsertUser {
+                key: key.into(),
+                name: key.into(),
+                nick: key.into(),
+                phc: "racer".into(),
+                created: 2,
+            })
+        };
+        let load = |key: &str| StoreReq::LoadUser { key: key.into() };
+        store.submit(vec![
+            insert("alice"),
+            insert("bob"),
+            load("alice"),
+            load("nobody"),
+        ]);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (mut reloaded, mut committed, mut polled) = (Vec::new(), None, false);
+        while committed.is_none() || !polled {
+            match store.try_event() {
+                Some(StoreEvent::UserChanged {
+                    change: UserChange::Reloaded,
+                    key,
+                    user,
+                }) => reloaded.push((key, user.unwrap())),
+                Some(StoreEvent::UserChanged { change, key, user }) => {
+                    assert_eq!((change, key.as_str()), (UserChange::Added, "alice"));
+                    assert_eq!(user.unwrap().unwrap().phc, "operator");
+                    polled = true;
+                }
+                Some(StoreEvent::Committed { upto, failed, .. }) => {
+                    committed = Some((upto, failed))
+                }
+                Some(_) => {}
+                None => {
+                    assert!(Instant::now() < deadline, "{reloaded:?} {committed:?}");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+        assert_eq!(
+            committed,
+            Some((2, vec![1])),
+            "alice's insert failed, bob's did not"
+        );
+        assert_eq!(reloaded.len(), 2);
+        let alice = reloaded[0].1.as_ref().unwrap();
+        assert_eq!(
+            (alice.name.as_str(), alice.phc.as_str()),
+            ("Alice", "operator")
+        );
+        assert!(!alice.disabled);
+        assert_eq!(reloaded[1], ("nobody".to_string(), None));
+        store.shutdown();
+    }
+
     /// Waits for the store thread's answer to query `qid` (nobody wakes a test).
     fn query(store: &mut dyn Store, qid: u64, target: Target) -> Vec<ChatMessage> {
         store.submit(vec![StoreReq::Query {
@@ -1069,6 +1676,7 @@ mod tests {
                 nick: s(&m["nick"]),
                 text: s(&m["text"]),
                 ts: m["ts"].as_i64().unwrap(),
+                ..ChatMessage::default()
             })
             .collect();
         assert_eq!(want_msgs.len(), 7);
@@ -1104,6 +1712,7 @@ mod tests {
             nick: "Ally".into(),
             text: "after migration".into(),
             ts: 2_000_000_000_000,
+            ..ChatMessage::default()
         };
         store.submit(vec![
             StoreReq::Write(Write::InsertMessage {

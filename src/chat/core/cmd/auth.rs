@@ -16,6 +16,10 @@ use crate::chat::Registration;
 use crate::service::ConnId;
 use sha2::{Digest, Sha256};
 
+/// The message of `account_disabled`.
+pub(in crate::chat::core) const ACCOUNT_DISABLED: &str =
+    "this account is disabled; ask the server's administrator";
+
 /// What the store keeps instead of a session token. A fast hash is right here: the token
 /// already has 128 bits of entropy, so there is nothing to brute-force that slowing down would
 /// protect.
@@ -159,6 +163,11 @@ impl Hub {
             return self.error(conn, ErrorCode::BadRequest, "password too long", r);
         }
         let key = validate::user_key(&user);
+        // Said before any hashing: that the account exists is no secret (`register` says
+        // `user_taken`), and a password check would tell a guesser when it was right.
+        if self.users.get(&key).is_some_and(|u| u.disabled) {
+            return self.error(conn, ErrorCode::AccountDisabled, ACCOUNT_DISABLED, r);
+        }
         // Attempts still being hashed count as failures until they are known not to
         // be, so parallel guesses cannot all slip past the limit.
         let pair = (key.clone(), ip);
@@ -175,7 +184,10 @@ impl Hub {
         }
         // Unknown users are verified against a dummy hash (phc None) so that the
         // answer takes as long as for a wrong password.
-        let phc = self.users.get(&key).map(|u| u.phc.clone());
+        let (phc, epoch) = match self.users.get(&key) {
+            Some(u) => (Some(u.phc.clone()), u.cred_epoch),
+            None => (None, 0),
+        };
         let make = |job| AuthJob::Verify { job, phc, password };
         let Some(job) = self.queue_hash(conn, ip, r, make) else {
             return;
@@ -190,6 +202,7 @@ impl Hub {
             key,
             ip,
             reference,
+            epoch,
         };
         self.wait_for_hash(conn, job, waiter);
     }
@@ -208,7 +221,15 @@ impl Hub {
             }
             _ => (None, false),
         };
+        let disabled = key
+            .as_ref()
+            .is_some_and(|k| self.users.get(k).is_some_and(|u| u.disabled));
         match key {
+            // Disabling revokes every token, so this is only a safety net.
+            Some(_) if disabled => {
+                self.m.logins_failed += 1;
+                self.error(conn, ErrorCode::AccountDisabled, ACCOUNT_DISABLED, r);
+            }
             Some(key) if !expired => {
                 self.touch_session(hash, now_ms);
                 self.authenticate(conn, &key, token, reference.as_deref());
@@ -331,6 +352,12 @@ impl Hub {
                     phc: phc.clone(),
                     created,
                 });
+                self.after_commit(Pending::Account {
+                    conn,
+                    key: key.clone(),
+                    phc: phc.clone(),
+                    reference: reference.clone(),
+                });
                 self.name_skeletons.insert(&skeleton, &key);
                 self.nick_skeletons.insert(&skeleton, &key);
                 self.users
@@ -353,12 +380,20 @@ impl Hub {
                     key,
                     ip,
                     reference,
+                    epoch,
                 }) = self.jobs.remove(&job)
                 else {
                     return;
                 };
                 self.finish_login_attempt(key.clone(), ip);
-                if ok && self.users.contains_key(&key) {
+                let account = self.users.get(&key).map(|u| (u.disabled, u.cred_epoch));
+                if account.is_some_and(|(disabled, _)| disabled) {
+                    // Disabled while its hash was checked.
+                    if self.conns.contains_key(&conn) {
+                        let r = reference.as_deref();
+                        self.auth_failed(conn, ErrorCode::AccountDisabled, ACCOUNT_DISABLED, r);
+                    }
+                } else if ok && account.is_some_and(|(_, now)| now == epoch) {
                     if self.conns.contains_key(&conn) {
                         self.m.logins_ok += 1;
                         self.issue_token(conn, key, token, reference);
@@ -475,6 +510,7 @@ impl Hub {
             nick: &u.nick,
             token,
             rooms: u.rooms.iter().map(|s| s.as_str()).collect(),
+            seq: self.next_id - 1,
             reference,
         }
         .to_json();

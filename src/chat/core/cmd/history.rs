@@ -8,6 +8,38 @@ use crate::chat::validate;
 use crate::service::ConnId;
 
 impl Hub {
+    /// Queries (`history`, `catchup`) cost the store real work: a few in flight per connection
+    /// and a rate per user, so one client pipelining thousands cannot queue seconds of work
+    /// ahead of everyone's messages. Answers `rate_limited` and returns false past either.
+    pub(in crate::chat::core) fn admit_query(
+        &mut self,
+        conn: ConnId,
+        key: &str,
+        r: Option<&str>,
+    ) -> bool {
+        let in_flight = self.conns.get(&conn).map_or(0, |c| c.queries);
+        if in_flight >= self.cfg.queries_in_flight {
+            self.error(
+                conn,
+                ErrorCode::RateLimited,
+                "too many history requests in flight; wait for the replies",
+                r,
+            );
+            return false;
+        }
+        let (rate, burst) = (self.cfg.query_rate, self.cfg.query_burst);
+        let now = self.now.mono;
+        let allowed = self.users.get_mut(key).is_some_and(|u| {
+            u.query_bucket
+                .get_or_insert_with(|| TokenBucket::new(burst, now))
+                .try_take(rate, burst, now)
+        });
+        if !allowed {
+            self.error(conn, ErrorCode::RateLimited, "history requests too fast", r);
+        }
+        allowed
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(in crate::chat::core) fn history(
         &mut self,
@@ -24,27 +56,8 @@ impl Hub {
         if limit == 0 || limit > MAX_HISTORY_LIMIT {
             return self.error(conn, ErrorCode::BadRequest, "limit must be 1-200", r);
         }
-        // Queries cost the store real work: a few in flight per connection, and a rate per
-        // user, so one client pipelining thousands cannot queue seconds of work ahead of
-        // everyone's messages.
-        let in_flight = self.conns.get(&conn).map_or(0, |c| c.queries);
-        if in_flight >= self.cfg.queries_in_flight {
-            return self.error(
-                conn,
-                ErrorCode::RateLimited,
-                "too many history requests in flight; wait for the replies",
-                r,
-            );
-        }
-        let (rate, burst) = (self.cfg.query_rate, self.cfg.query_burst);
-        let now = self.now.mono;
-        let allowed = self.users.get_mut(key).is_some_and(|u| {
-            u.query_bucket
-                .get_or_insert_with(|| TokenBucket::new(burst, now))
-                .try_take(rate, burst, now)
-        });
-        if !allowed {
-            return self.error(conn, ErrorCode::RateLimited, "history requests too fast", r);
+        if !self.admit_query(conn, key, r) {
+            return;
         }
         let (target, room, with) = match (room, with) {
             (Some(room), None) => {

@@ -3,15 +3,17 @@
 
 use std::rc::Rc;
 
+use crate::chat::core::cmd::changes::Conv;
 use crate::chat::core::state::DedupEntry;
-use crate::chat::core::{Hub, Pending, ID_RESERVE};
+use crate::chat::core::{Hub, Pending, ID_RESERVE, NOBODY};
 use crate::chat::protocol::{ChatMessage, ErrorCode, ServerFrame};
 use crate::chat::store::{self, Write};
 use crate::chat::validate;
 use crate::service::ConnId;
 
 impl Hub {
-    /// `say` (room set) and `dm` (to set).
+    /// `say` (room set) and `dm` (to set). With `reply_to`, the message replied to must be of
+    /// the same conversation; if the hub does not know it, the say waits for its lookup.
     #[allow(clippy::too_many_arguments)]
     pub(in crate::chat::core) fn say(
         &mut self,
@@ -20,6 +22,47 @@ impl Hub {
         room: Option<String>,
         to: Option<String>,
         text: String,
+        reply_to: Option<i64>,
+        r: Option<&str>,
+    ) {
+        if let Some(rt) = reply_to {
+            let conv = match (&room, &to) {
+                (Some(room), _) => Conv::Room(room.clone()),
+                (_, to) => {
+                    let tk = validate::user_key(to.as_deref().unwrap_or_default());
+                    Conv::Dm {
+                        pair: store::dm_key(key, &tk),
+                        a: key.to_string(),
+                        b: tk,
+                    }
+                }
+            };
+            match self.check_reply(conn, key, rt, &conv, &room, &to, &text, r) {
+                Some(true) => {}
+                Some(false) => {
+                    return self.error(
+                        conn,
+                        ErrorCode::BadRequest,
+                        "reply_to: no such message in this conversation",
+                        r,
+                    )
+                }
+                None => return, // continues in `say_checked` once the message is looked up
+            }
+        }
+        self.say_checked(conn, key, room, to, text, reply_to, r);
+    }
+
+    /// `say`/`dm` once `reply_to` (if any) is known to be of the same conversation.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::chat::core) fn say_checked(
+        &mut self,
+        conn: ConnId,
+        key: &str,
+        room: Option<String>,
+        to: Option<String>,
+        text: String,
+        reply_to: Option<i64>,
         r: Option<&str>,
     ) {
         let check = match (&room, &to) {
@@ -61,16 +104,14 @@ impl Hub {
                 r,
             );
         }
-        if self.next_id >= self.id_durable {
+        let Some(id) = self.take_id() else {
             return self.error(
                 conn,
                 ErrorCode::RateLimited,
                 "server busy; message not stored",
                 r,
             );
-        }
-        let id = self.next_id;
-        self.next_id += 1;
+        };
         let u = &self.users[key];
         let msg = Rc::new(ChatMessage {
             id,
@@ -80,6 +121,8 @@ impl Hub {
             nick: u.nick.clone(),
             text,
             ts: self.now.wall_ms,
+            reply_to,
+            ..ChatMessage::default()
         });
         self.m.messages_in += 1;
         let Some(dm) = self.deliver(key, &msg, to_key.as_deref()) else {
@@ -107,6 +150,7 @@ impl Hub {
                 reference: Some(reference),
                 id,
                 ts,
+                seq: None,
             };
             self.send(conn, &ack);
         } else if !e.waiters.contains(&conn) {
@@ -130,33 +174,14 @@ impl Hub {
                 let cap = self.cfg.history_on_join;
                 let rm = self.rooms.get_mut(room)?;
                 rm.remember(msg, cap);
-                // The recipients of a room change rarely and its messages often: rebuild the
-                // list (a hash lookup per member) only when membership changed since.
-                if rm.fanout_epoch != Some(self.membership_epoch) {
-                    rm.fanout.clear();
-                    for m in &rm.members {
-                        if let Some(u) = self.users.get(m) {
-                            rm.fanout.extend(
-                                u.conns
-                                    .iter()
-                                    .copied()
-                                    .filter(|c| !rm.pending_joins.iter().any(|(p, _)| p == c)),
-                            );
-                        }
-                    }
-                    rm.fanout_epoch = Some(self.membership_epoch);
-                }
                 let from = self.fx.recipients.len();
-                self.fx.recipients.extend_from_slice(&rm.fanout);
+                self.append_room_fanout(room);
                 self.broadcast_appended(&json, true, from);
                 None
             }
             (None, Some(tk)) => {
                 let pair = [key.to_string(), tk.to_string()];
-                self.collect_conns(
-                    pair.iter().take(if tk == key { 1 } else { 2 }),
-                    ConnId(u64::MAX),
-                );
+                self.collect_conns(pair.iter().take(if tk == key { 1 } else { 2 }), NOBODY);
                 self.broadcast(&json, true);
                 self.note_dm_pair(key, tk);
                 Some(store::dm_key(key, tk))
@@ -225,11 +250,51 @@ impl Hub {
                 self.dedup_users.insert(key.to_string());
             }
         }
+        self.reserve_ids_if_low();
+    }
+
+    /// The next number of the one sequence of message ids and change `seq`s, if the durable
+    /// reservation covers it (else the caller answers "busy" until it does).
+    pub(in crate::chat::core) fn take_id(&mut self) -> Option<i64> {
+        if self.next_id >= self.id_durable {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        Some(id)
+    }
+
+    /// Persists a new id reservation when half of the current one is used.
+    pub(in crate::chat::core) fn reserve_ids_if_low(&mut self) {
         if self.next_id + ID_RESERVE / 2 > self.id_requested {
             self.id_requested = self.next_id + ID_RESERVE;
             let upto = self.id_requested;
             self.write(Write::ReserveIds { upto });
             self.after_commit(Pending::Reserved { upto });
         }
+    }
+
+    /// Appends the connections a message to `room` goes to, from the room's cached list. The
+    /// recipients of a room change rarely and its messages often: the list is rebuilt (a hash
+    /// lookup per member) only when membership changed since.
+    pub(in crate::chat::core) fn append_room_fanout(&mut self, room: &str) {
+        let Some(rm) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if rm.fanout_epoch != Some(self.membership_epoch) {
+            rm.fanout.clear();
+            for m in &rm.members {
+                if let Some(u) = self.users.get(m) {
+                    rm.fanout.extend(
+                        u.conns
+                            .iter()
+                            .copied()
+                            .filter(|c| !rm.pending_joins.iter().any(|(p, _)| p == c)),
+                    );
+                }
+            }
+            rm.fanout_epoch = Some(self.membership_epoch);
+        }
+        self.fx.recipients.extend_from_slice(&rm.fanout);
     }
 }

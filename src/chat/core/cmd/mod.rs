@@ -1,7 +1,9 @@
 //! One file per command family. Each is an `impl Hub` block: the commands of that family and
 //! the results that complete them.
 
+pub mod accounts;
 pub mod auth;
+pub mod changes;
 pub mod history;
 pub mod messages;
 pub mod profile;

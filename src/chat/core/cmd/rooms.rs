@@ -83,20 +83,33 @@ impl Hub {
 
     /// Makes `key` a member of `room` (if it is not already) and tells the room.
     pub(in crate::chat::core) fn add_member(&mut self, conn: ConnId, key: &str, room: &str) {
+        if self.enter_room(conn, key, room) {
+            self.write(Write::AddMember {
+                room: room.to_string(),
+                user_key: key.to_string(),
+            });
+        }
+    }
+
+    /// Makes `key` a member of `room` in memory (the store is the caller's business) and tells
+    /// the members' connections, except `conn`, with `presence` `join`. False if `key` already
+    /// was a member (or the room does not exist).
+    pub(in crate::chat::core) fn enter_room(
+        &mut self,
+        conn: ConnId,
+        key: &str,
+        room: &str,
+    ) -> bool {
         let Some(rm) = self.rooms.get_mut(room) else {
-            return;
+            return false;
         };
         if !rm.members.insert(key.to_string()) {
-            return;
+            return false;
         }
         self.membership_epoch += 1;
         if let Some(u) = self.users.get_mut(key) {
             u.rooms.insert(room.to_string());
         }
-        self.write(Write::AddMember {
-            room: room.to_string(),
-            user_key: key.to_string(),
-        });
         let members: Vec<String> = self.rooms[room].members.iter().cloned().collect();
         self.collect_conns(members.iter(), conn);
         let u = &self.users[key];
@@ -109,6 +122,7 @@ impl Hub {
         }
         .to_json();
         self.broadcast(&json, false);
+        true
     }
 
     /// Sends `joined` with the ring as snapshot. Runs in one step of the single-threaded loop

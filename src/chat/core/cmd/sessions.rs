@@ -131,5 +131,8 @@ impl Hub {
         }
         let before_ts = now_ms - self.cfg.dedup_window.as_millis() as i64;
         self.write(Write::PruneDedup { before_ts });
+        let before_ts = now_ms - self.cfg.event_retention.as_millis() as i64;
+        let keep = self.cfg.event_retention_count;
+        self.write(Write::PruneEvents { before_ts, keep });
     }
 }
