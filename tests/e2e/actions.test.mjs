@@ -22,10 +22,10 @@ let roomN = 0;
 const roomName = (base) => { roomN += 1; return `${base}${roomN}-${process.pid % 10000}`; };
 
 /** A browser user registered as a fresh name (via `via`: another server-like {url}, e.g. a proxy). */
-async function person(base, opts = {}, via = server) {
+async function person(base, opts = {}, via = server, name = uname(base)) {
   const u = await launchUser(via, opts);
   open.push(u);
-  u.name = uname(base);
+  u.name = name;
   await register(u.page, u.name);
   return u;
 }
@@ -284,7 +284,7 @@ test('edit: the text changes at bob with "(edited)"; Esc gives the draft back', 
     assert.equal(await mark.textContent(), '(edited)');
     assert.match(await mark.getAttribute('title'), /^Edited \S/);
   }
-  assert.equal(await bob.page.getByText('teh quick fix').count(), 0, 'the old text is gone');
+  assert.equal(await bob.page.locator('#message-list').getByText('teh quick fix').count(), 0, 'the old text is gone');
   assert.equal(await messages(bob.page).count(), 1, 'edited in place, not a new message');
   alice.assertClean();
   bob.assertClean();
@@ -333,7 +333,7 @@ test('delete: asks in the page, bob sees "message deleted" in place; only own me
   for (const u of [alice, bob]) {
     const m = messages(u.page).and(u.page.locator(`[data-id="${id}"]`));
     await m.locator('.msg-body', { hasText: 'message deleted' }).waitFor();
-    assert.equal(await u.page.getByText('something regrettable').count(), 0, 'the text is gone');
+    assert.equal(await u.page.locator('#message-list').getByText('something regrettable').count(), 0, 'the text is gone');
     assert.equal(await m.getByTestId('message-actions').count(), 0, 'no actions on a deleted message');
     // In place: still between its neighbours.
     const order = await messages(u.page).evaluateAll((els) => els.map((e) => e.dataset.id));
@@ -429,7 +429,7 @@ test('catch-up: after a dropped connection bob sees every edit, deletion and rea
     await byBody(bob.page, 'm1 was edited while bob was away').getByTestId('edited-mark').waitFor();
     await byBody(bob.page, 'm5 said while bob was away').waitFor();
     await byBody(bob.page, 'message deleted').waitFor();
-    assert.equal(await bob.page.getByText('m2 will be deleted').count(), 0, 'deleted at bob');
+    assert.equal(await bob.page.locator('#message-list').getByText('m2 will be deleted').count(), 0, 'deleted at bob');
     await until(() => chipCount(bob.page, 'm3 gets reactions', '👀'), 0, '👀 removed at bob');
     await until(() => chipCount(bob.page, 'm3 gets reactions', '🚀'), 1, '🚀 at bob');
     await until(() => chipCount(bob.page, 'm4 bob reacted first', '👍'), 2, '👍 2 at bob');
@@ -546,12 +546,16 @@ test('keyboard: ↑ focuses a message, Tab reaches its labelled actions, the pic
 });
 
 test('phone: a long press shows the actions; react and reply by touch (screenshot)', { timeout: 90000 }, async () => {
-  const room = roomName('phone');
-  const alice = await person('alice', { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
-  const bob = await rawUser(server, uname('bob'));
+  // (Plain names: this picture is in docs/screenshots. Names are unique within this file's server.)
+  const room = 'lunch';
+  const alice = await person('erin', { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true }, server, 'erin');
+  const bob = await rawUser(server, 'dave');
   raws.push(bob);
   await joinRoom(alice.page, room);
   await bob.call({ type: 'join', room });
+  await bob.call({ type: 'say', room, text: 'Morning! Anyone up for lunch today?' });
+  await say(alice.page, 'Yes please, I skipped breakfast.');
+  await byBody(alice.page, 'skipped breakfast').waitFor();
   await bob.call({ type: 'say', room, text: 'Lunch at noon? The new place on 5th.' });
   const page = alice.page;
   const m = byBody(page, 'Lunch at noon');
@@ -602,15 +606,14 @@ test('phone: a long press shows the actions; react and reply by touch (screensho
 });
 
 test('screenshots: message actions with the picker open; a conversation with replies, reactions, edits and a deletion', { timeout: 120000 }, async () => {
+  // (Plain names: these pictures are in docs/screenshots. Names are unique within this file's server.)
   const room = 'launch';
-  const alice = await person('alice');
+  const alice = await person('alice', {}, server, 'alice');
   const ben = await rawUser(server, 'ben');
   const chloe = await rawUser(server, 'chloe');
   raws.push(ben, chloe);
-  // Nice names for the pictures: nicks (the account names are unique per run).
   await ben.call({ type: 'nick', nick: 'Ben' });
   await chloe.call({ type: 'nick', nick: 'Chloe' });
-  await alice.page.evaluate(() => window.parlor.setNick('Alice'));
   await joinRoom(alice.page, room);
   await ben.call({ type: 'join', room });
   await chloe.call({ type: 'join', room });

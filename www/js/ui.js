@@ -378,6 +378,7 @@ export class UI {
     if (!mode || !m) {
       banner.hidden = true;
       banner.dataset.mode = '';
+      $('compose-banner-text').replaceChildren();
       $('composer').setAttribute('aria-describedby', 'composer-hint');
       return;
     }
@@ -452,6 +453,18 @@ export class UI {
         const li = e.target.closest('li.msg[data-id]');
         if (!li || Number(li.dataset.id) !== this.actionsFor) this.closeActions();
       }
+    });
+    // Keyboard focus in a message shows its actions (hidden ones are not focusable, so they
+    // must stay shown while focus moves from one of them to the next).
+    list.addEventListener('focusin', (e) => {
+      const li = e.target.closest('li.msg[data-id]');
+      if (!li || !e.target.matches(':focus-visible')) return;
+      for (const other of list.querySelectorAll('li.kbd-actions')) if (other !== li) other.classList.remove('kbd-actions');
+      li.classList.add('kbd-actions');
+    });
+    list.addEventListener('focusout', (e) => {
+      const li = e.target.closest('li.msg[data-id]');
+      if (li && !(e.relatedTarget && li.contains(e.relatedTarget))) li.classList.remove('kbd-actions');
     });
     // Keyboard: ↑/↓ move between messages when the log or a message has focus; Tab then
     // reaches the focused message's actions.
@@ -537,7 +550,7 @@ export class UI {
   messageActions(conv, m, own) {
     const key = conv.key;
     const id = m.id;
-    const bar = h('div', { class: 'msg-actions', role: 'toolbar', 'aria-label': 'Message actions', 'data-testid': 'message-actions' });
+    const bar = h('div', { class: 'msg-actions', role: 'group', 'aria-label': 'Message actions', 'data-testid': 'message-actions' });
     bar.append(
       this.actionButton('react', 'Add a reaction', 'react-button', (e) => this.togglePicker(key, id, e.currentTarget),
         { 'aria-haspopup': 'dialog', 'aria-expanded': 'false', 'aria-controls': 'emoji-picker' }),
