@@ -47,7 +47,6 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 mkdir -p "$OUT_DIR"
 rm -f "$OUT_DIR"/*.json
 DATA=$(mktemp -d)
-TOKENS=$DATA/bench-tokens.txt
 SERVER_PID=""
 SERVER_LOG=$(mktemp)
 cleanup() {
@@ -81,7 +80,7 @@ start_server() {
       [ "$t" = parlor-old ] && exe=${OLD_BIN:?OLD_BIN must name the other parlor binary}
       [ "$HAS_CHAT" = 1 ] && extra+=(--rate-limit 0)
       [ "$t" = parlor-tls ] && extra+=(--tls-cert "$DATA/cert.pem" --tls-key "$DATA/key.pem")
-      taskset -c "$SERVER_CPU" "$exe" --listen 127.0.0.1:0 --data "$DATA/parlor" \
+      taskset -c "$SERVER_CPU" "$exe" --listen 127.0.0.1:0 --data "$(data_of "$t")" \
         --log-level warn --max-connections $((IDLE_CONNS + 1000)) "${extra[@]}" >"$SERVER_LOG" 2>&1 &
       SERVER_PID=$!
       for _ in $(seq 300); do grep -q 'listening on' "$SERVER_LOG" && break; sleep 0.05; done
@@ -107,6 +106,15 @@ start_server() {
   sleep 0.3
 }
 
+# data_of TARGET: a parlor target's data directory. parlor-old gets its own: an older binary
+# refuses a store the newer one migrated. parlor-tls shares parlor's (same binary).
+data_of() {
+  case $1 in
+    parlor-old) echo "$DATA/parlor-old" ;;
+    *) echo "$DATA/parlor" ;;
+  esac
+}
+
 # args_for SCENARIO TARGET: prints the parlor-bench arguments, or nothing if not applicable.
 args_for() {
   local s=$1 t=$2 fan
@@ -114,7 +122,7 @@ args_for() {
   [ "$t" = parlor-tls ] && common="$common --tls-ca $DATA/cert.pem"
   if [[ $t == parlor* ]]; then
     [ "$HAS_CHAT" = 1 ] || fan=""
-    [ "$HAS_CHAT" = 1 ] && fan="chat --url $BASE/ws --room bench --tokens $TOKENS"
+    [ "$HAS_CHAT" = 1 ] && fan="chat --url $BASE/ws --room bench --tokens $(data_of "$t")/bench-tokens.txt"
   else
     fan="broadcast --url $BASE/broadcast"
   fi
@@ -132,14 +140,17 @@ args_for() {
   return 0
 }
 
-if [ "$HAS_CHAT" = 1 ] && [[ " $TARGETS " == *" parlor "* ]]; then
-  # Create the 1001 bench accounts once (argon2 per account), so measured runs resume sessions.
-  echo "== parlor: creating bench accounts (once)" >&2
-  start_server parlor
-  taskset -c "$BENCH_CPU" "$BIN/parlor-bench" chat --url "$BASE/ws" --room bench --tokens "$TOKENS" \
-    --subscribers 1000 --publishers 1 --rate 10 --duration 1 --warmup 0 -q >/dev/null
-  stop_server
-fi
+for t in parlor parlor-old; do
+  if [ "$HAS_CHAT" = 1 ] && [[ " $TARGETS " == *" $t "* ]]; then
+    # Create the 1001 bench accounts once (argon2 per account), so measured runs resume sessions.
+    echo "== $t: creating bench accounts (once)" >&2
+    start_server "$t"
+    taskset -c "$BENCH_CPU" "$BIN/parlor-bench" chat --url "$BASE/ws" --room bench \
+      --tokens "$(data_of "$t")/bench-tokens.txt" \
+      --subscribers 1000 --publishers 1 --rate 10 --duration 1 --warmup 0 -q >/dev/null
+    stop_server
+  fi
+done
 
 if [[ " $TARGETS " == *" parlor-tls "* ]]; then
   # P-256, not a CA (webpki refuses a CA certificate as the server's own).
