@@ -69,10 +69,9 @@ function inView(locator) {
 
 /** Reaction chip `emoji` of a message (its text contains the emoji). */
 const chip = (page, text, emoji) => byBody(page, text).getByTestId('reaction').filter({ hasText: emoji });
-const chipCount = async (page, text, emoji) => {
-  const c = chip(page, text, emoji);
-  return (await c.count()) ? Number(await c.locator('.reaction-count').textContent()) : 0;
-};
+/** Its count, 0 without a chip (read in one go: a chip can go between two separate reads). */
+const chipCount = (page, text, emoji) => chip(page, text, emoji)
+  .evaluateAll((els) => (els.length ? Number(els[0].querySelector('.reaction-count').textContent) : 0));
 
 /** Polls until `fn()` is deeply equal to `want` (or fails with the last value). */
 async function until(fn, want, what, timeout = 10000) {
