@@ -38,7 +38,7 @@ test('server restart: the client reconnects and shows messages sent meanwhile, w
   await queued.waitFor();
 
   // Slow this client's backoff down (a test hook on the real connection object) so that Bob
-  // speaks before Alice is back: she must then recover his messages with `history after`.
+  // speaks before Alice is back: she must then recover his messages with `catchup`.
   await page.evaluate(() => { window.parlor.conn.opts.base = 4000; window.parlor.conn.attempt = 0; });
   await page.waitForTimeout(300);
   server = await startServer({ port, dataDir });

@@ -4,6 +4,7 @@
 import { Connection, wsUrl, newRef } from './protocol.js';
 import {
   roomKey, dmKey, lc, keyOfMessage, newConv, addMessages, lastId, firstId, setTyping,
+  clearMessages, applyEdit, applyDelete, applyReaction, hasReacted,
 } from './store.js';
 import { parseCommand, HELP, ROOM_RE, USER_RE, normalizeRoom } from './commands.js';
 import { loadPrefs, savePrefs, wantsAlert, store } from './prefs.js';
@@ -14,6 +15,8 @@ import { UI } from './ui.js';
 const PAGE = 50;
 const MAX_TEXT = 4000;
 const DISABLED = 'This account has been disabled. Ask the server\u2019s administrator.';
+// Frames that are events of the server's ordered log (they carry `seq`; see `catchup`).
+const LOG_EVENTS = new Set(['message', 'edited', 'deleted', 'reaction']);
 
 class App {
   constructor() {
@@ -39,6 +42,13 @@ class App {
     this.authRetries = 0;
     this.authRetryAt = 0;
     this.authTimer = null;
+    // The server's event log: `evSeq` is the highest `seq` applied (null: none known yet, e.g.
+    // before the first welcome). After a reconnect `catchup` asks for what came after it;
+    // while that runs (`catching`), live log events wait in its buffer, to be applied after the
+    // backlog so that everything applies in `seq` order.
+    this.evSeq = null;
+    this.catching = null;      // {buffer: [frames]} while a catch-up is under way
+    this.catchupLimit = 500;   // events per `catchup` page
     this.conn = new Connection(wsUrl());
     this.ui = new UI(this);
 
@@ -122,6 +132,9 @@ class App {
     this.authTimer = null;
     this.authRetryAt = 0;
     this.inflight = null;
+    // A catch-up cut short: what it had applied is counted in `evSeq`; the next one resumes
+    // from there, and brings the buffered live events again.
+    this.catching = null;
     if (this.loggingOut) {
       this.finishLogout();
       return;
@@ -204,6 +217,8 @@ class App {
     this.inflight = null;
     this.holdUntil = 0;
     this.rateStrikes = 0;
+    this.evSeq = null;
+    this.catching = null;
     this.ui.reset();
   }
 
@@ -226,16 +241,25 @@ class App {
     for (const room of rooms) this.ensureConv(roomKey(room));
     for (const u of store.get(`dms.${lc(f.user)}`, [])) this.ensureConv(dmKey(u));
 
-    // Catch up: snapshot for new conversations, `after` the last id seen for known ones.
+    // Catching up. A page that starts (or reloads) has no messages in memory: it loads its
+    // conversations with `join`/`history` — snapshots of their current state — and follows the
+    // event log from the welcome's `seq`. A reconnect of a running page asks `catchup` for
+    // every event after the last one it applied (new messages, edits, deletions, reactions).
+    const hasSeq = typeof f.seq === 'number';
+    const resumed = !firstTime && hasSeq && this.evSeq !== null;
+    if (hasSeq && !resumed) this.setSeq(f.seq);
     for (const conv of this.convs.values()) {
       if (conv.kind === 'room' && !conv.loaded) {
         this.request({ type: 'join', room: conv.name }, { kind: 'join', key: conv.key, initial: true });
-      } else {
-        this.catchUp(conv);
-        // Presence may have changed while we were away.
-        if (conv.kind === 'room') this.request({ type: 'who', room: conv.name }, { kind: 'who', key: conv.key });
+        continue;
       }
+      // Not loaded yet: its newest page. Loaded, without a log to catch up from (a server
+      // without `seq`): what came after its last message, as `history … after`.
+      if (!conv.loaded || !resumed) this.loadHistory(conv);
+      // Presence may have changed while we were away.
+      if (conv.kind === 'room') this.request({ type: 'who', room: conv.name }, { kind: 'who', key: conv.key });
     }
+    if (resumed) this.startCatchup();
     this.resendPending();
 
     // http://host/#rust opens (joining if needed) #rust.
@@ -255,7 +279,8 @@ class App {
     if (firstTime) this.ui.focusComposer();
   }
 
-  catchUp(conv) {
+  /** The newest page of a conversation, or (known conversation, server without `seq`) what came after its last message. */
+  loadHistory(conv) {
     const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
     const after = lastId(conv);
     if (after === null) {
@@ -264,6 +289,172 @@ class App {
     } else {
       this.request({ type: 'history', ...target, after, limit: 200 }, { kind: 'history', key: conv.key, dir: 'after' });
     }
+  }
+
+  // ---------- the event log: seq and catch-up ----------
+
+  /** Remembers `seq` as the highest applied (per user, so a reload knows it too). */
+  setSeq(seq) {
+    this.evSeq = seq;
+    if (this.me) store.set(`seq.${lc(this.me.user)}`, seq);
+  }
+
+  noteSeq(seq) {
+    if (typeof seq === 'number' && (this.evSeq === null || seq > this.evSeq)) this.setSeq(seq);
+  }
+
+  startCatchup() {
+    this.catching = { buffer: [] };
+    this.requestCatchup();
+  }
+
+  requestCatchup() {
+    this.request({ type: 'catchup', since: this.evSeq, limit: this.catchupLimit }, { kind: 'catchup', since: this.evSeq });
+  }
+
+  on_catchup(f) {
+    const info = this.requests.get(f.ref);
+    this.requests.delete(f.ref);
+    if (!this.catching || !this.me) return;
+    if (f.reset) {
+      this.resync(f.seq);
+      return;
+    }
+    for (const ev of f.events || []) this.applyEvent(ev, { backlog: true });
+    if (typeof f.seq === 'number') this.noteSeq(f.seq);
+    const since = info?.since ?? -Infinity;
+    if (f.more && typeof f.seq === 'number' && f.seq > since) {
+      this.requestCatchup();
+      return;
+    }
+    this.finishCatchup();
+  }
+
+  /** The backlog is applied: now the live events that came meanwhile, those it did not hold. */
+  finishCatchup() {
+    const buffer = this.catching ? this.catching.buffer : [];
+    this.catching = null;
+    const upTo = this.evSeq;
+    for (const ev of buffer) {
+      if (typeof ev.seq === 'number' && upTo !== null && ev.seq <= upTo) continue;
+      this.applyEvent(ev, { backlog: false });
+    }
+    this.ui.renderAll();
+  }
+
+  /**
+   * The server cannot say what changed since `evSeq` (too long ago, or another server): reload
+   * every conversation as a fresh page does (join / history) and follow the log from `seq`.
+   */
+  resync(seq) {
+    const buffer = this.catching ? this.catching.buffer : [];
+    this.catching = null;
+    if (typeof seq === 'number') this.setSeq(seq);
+    for (const conv of this.convs.values()) {
+      clearMessages(conv);
+      if (conv.kind === 'room') this.request({ type: 'join', room: conv.name }, { kind: 'join', key: conv.key });
+      else this.loadHistory(conv);
+    }
+    for (const ev of buffer) {
+      if (typeof ev.seq === 'number' && ev.seq <= this.evSeq) continue;
+      this.applyEvent(ev, { backlog: false });
+    }
+    this.ui.renderAll({ scrollToBottom: true });
+  }
+
+  /** One event of the log, from a live frame or a catch-up page. */
+  applyEvent(ev, { backlog }) {
+    switch (ev.type) {
+      case 'message': this.on_message(ev, { backlog }); break;
+      case 'edited': this.on_edited(ev); break;
+      case 'deleted': this.on_deleted(ev); break;
+      case 'reaction': this.on_reaction(ev); break;
+      default: break;
+    }
+  }
+
+  /** The loaded message an event is about (or null: not loaded here, so nothing to change). */
+  findMessage(f) {
+    if (!this.me || typeof f.id !== 'number') return null;
+    const conv = this.convs.get(keyOfMessage(f, this.me.user));
+    if (conv?.byId.has(f.id)) return { conv, m: conv.byId.get(f.id) };
+    for (const c of this.convs.values()) if (c.byId.has(f.id)) return { conv: c, m: c.byId.get(f.id) };
+    return null;
+  }
+
+  on_edited(f) {
+    const hit = this.findMessage(f);
+    if (hit && applyEdit(hit.m, f)) this.ui.renderAll();
+    this.noteSeq(f.seq);
+  }
+
+  on_deleted(f) {
+    const hit = this.findMessage(f);
+    if (hit && applyDelete(hit.m)) {
+      this.ui.messageGone(hit.conv.key, hit.m.id);
+      this.ui.renderAll();
+    }
+    this.noteSeq(f.seq);
+  }
+
+  on_reaction(f) {
+    const hit = this.findMessage(f);
+    if (hit && applyReaction(hit.m, f)) this.ui.renderAll();
+    this.noteSeq(f.seq);
+  }
+
+  // ---------- changing messages: edit, delete, react ----------
+
+  /** Sends an edit of message `id` (one's own). Returns false when there is nothing to send. */
+  editMessage(key, id, text) {
+    const conv = this.convs.get(key);
+    const m = conv?.byId.get(id);
+    if (!m || m.deleted) { this.ui.toast('That message is no longer there.', 'error'); return false; }
+    if ([...text].length > MAX_TEXT) {
+      this.ui.toast(`Messages are limited to ${MAX_TEXT} characters.`, 'error');
+      return false;
+    }
+    if (text === m.text) return true; // unchanged: nothing to do
+    this.request({ type: 'edit', id, text }, { kind: 'edit', key, id });
+    return true;
+  }
+
+  deleteMessage(key, id) {
+    const m = this.convs.get(key)?.byId.get(id);
+    if (!m || m.deleted) return;
+    this.request({ type: 'delete', id }, { kind: 'delete', key, id });
+  }
+
+  /** Adds (`on`) or removes one's reaction `emoji` on message `id`; without `on`, toggles it. */
+  react(key, id, emoji, on) {
+    const m = this.convs.get(key)?.byId.get(id);
+    if (!m || m.deleted || !this.me) return;
+    const want = on ?? !hasReacted(m, emoji, this.me.user);
+    if (want) this.noteEmoji(emoji);
+    this.request({ type: 'react', id, emoji, on: want }, { kind: 'react', key, id, emoji });
+  }
+
+  /** Counts this user's use of an emoji (the picker offers the most used first). */
+  noteEmoji(emoji) {
+    if (!this.me) return;
+    const k = `emoji.${lc(this.me.user)}`;
+    const used = store.get(k, {}) || {};
+    const [n = 0] = Array.isArray(used[emoji]) ? used[emoji] : [];
+    used[emoji] = [n + 1, Date.now()];
+    // Keep the list small: the 40 most used.
+    const keep = Object.entries(used).sort((a, b) => b[1][0] - a[1][0] || b[1][1] - a[1][1]).slice(0, 40);
+    store.set(k, Object.fromEntries(keep));
+  }
+
+  /** This user's most used emoji, most used (then most recent) first. */
+  topEmoji(n = 6) {
+    if (!this.me) return [];
+    const used = store.get(`emoji.${lc(this.me.user)}`, {}) || {};
+    return Object.entries(used)
+      .filter(([e, v]) => typeof e === 'string' && Array.isArray(v))
+      .sort((a, b) => b[1][0] - a[1][0] || b[1][1] - a[1][1])
+      .slice(0, n)
+      .map(([e]) => e);
   }
 
   // ---------- conversations ----------
@@ -297,6 +488,7 @@ class App {
   select(key) {
     if (!this.convs.has(key)) return;
     this.current = key;
+    this.ui.leaveCompose(key);
     const conv = this.convs.get(key);
     conv.unread = 0;
     conv.mentioned = false;
@@ -341,7 +533,7 @@ class App {
     const conv = this.ensureConv(key);
     const known = this.users.get(lc(user));
     if (known) conv.display = known.nick || known.user;
-    if (!existed) this.catchUp(conv);
+    if (!existed) this.loadHistory(conv);
     if (select) this.select(key);
     else this.ui.renderAll();
     return conv;
@@ -367,14 +559,15 @@ class App {
 
   // ---------- composer ----------
 
-  submit(text) {
+  /** The composer's text. `replyTo`: the id of the message it answers (reply mode). */
+  submit(text, { replyTo } = {}) {
     unlockAudio();
     const cmd = parseCommand(text);
     switch (cmd.type) {
       case 'say': {
         if (!cmd.text.trim()) return false;
         if (!this.conv) { this.ui.toast('Join a room first (/join ROOM).', 'error'); return false; }
-        return this.sendMessage(this.conv, cmd.text);
+        return this.sendMessage(this.conv, cmd.text, replyTo ? { reply_to: replyTo } : {});
       }
       case 'nick': this.setNick(cmd.nick); return true;
       case 'join': return this.join(cmd.room);
@@ -435,6 +628,7 @@ class App {
     const frame = nextConv.kind === 'room'
       ? { type: 'say', room: nextConv.name, text: next.text, ref: next.ref }
       : { type: 'dm', to: nextConv.name, text: next.text, ref: next.ref };
+    if (typeof next.reply_to === 'number') frame.reply_to = next.reply_to;
     this.requests.set(next.ref, { kind: 'msg', key: nextConv.key, at: Date.now() });
     if (!this.conn.sendNow(frame)) return;
     this.inflight = next.ref;
@@ -489,6 +683,11 @@ class App {
   // ---------- server frames ----------
 
   onFrame(f) {
+    // During a catch-up, live log events wait until the backlog before them is applied.
+    if (this.catching && LOG_EVENTS.has(f.type)) {
+      this.catching.buffer.push(f);
+      return;
+    }
     const h = this[`on_${f.type}`];
     if (h) h.call(this, f);
   }
@@ -504,7 +703,7 @@ class App {
     conv.members = new Map((f.members || []).map((m) => [lc(m.user), { ...m }]));
     for (const m of f.members || []) this.noteUser(m);
     const hist = f.history || [];
-    addMessages(conv, hist);
+    addMessages(conv, hist, { merge: true });
     if (!conv.loaded) conv.more = hist.length >= PAGE;
     conv.loaded = true;
     this.request({ type: 'who', room: f.room }, { kind: 'who', key });
@@ -604,20 +803,29 @@ class App {
     if (conv.system.length > 100) conv.system.shift();
   }
 
-  on_message(f) {
+  on_message(f, { backlog = false } = {}) {
     if (!this.me) return;
+    this.noteSeq(f.seq);
     const key = keyOfMessage(f, this.me.user);
     const isNewConv = !this.convs.has(key);
     const conv = this.ensureConv(key);
     if (isNewConv && conv.kind === 'dm') {
       conv.display = f.from && lc(f.from) !== lc(this.me.user) ? (f.nick || f.from) : conv.name;
-      this.catchUp(conv); // older messages of this conversation, if any
+      this.loadHistory(conv); // older messages of this conversation, if any
     }
     if (f.from) this.noteUser({ user: f.from, nick: f.nick });
-    const fresh = addMessages(conv, [f]);
-    if (!fresh.length) return;
+    const fresh = addMessages(conv, [f], { merge: backlog });
+    if (!fresh.length) {
+      if (backlog) this.ui.renderAll();
+      return;
+    }
     conv.typing.delete(lc(f.from));
-    if (lc(f.from) !== lc(this.me.user)) this.alert(conv, f);
+    if (lc(f.from) !== lc(this.me.user)) {
+      if (!backlog) this.alert(conv, f);
+      else if (!f.deleted && (conv.key !== this.current || document.hidden || !document.hasFocus())) {
+        conv.unread += 1; // missed while disconnected: unread, without a sound for a backlog
+      }
+    }
     this.ui.renderAll({ newMessage: true, key });
   }
 
@@ -650,6 +858,11 @@ class App {
     if (this.inflight === f.ref) this.rateStrikes = 0;
     this.settled(f.ref);
     const info = this.requests.get(f.ref);
+    if (info && (info.kind === 'edit' || info.kind === 'delete' || info.kind === 'react')) {
+      // The change itself arrives as `edited` / `deleted` / `reaction` (to this connection too).
+      this.requests.delete(f.ref);
+      return;
+    }
     const convs = info?.key && this.convs.has(info.key) ? [this.convs.get(info.key)] : [...this.convs.values()];
     for (const conv of convs) {
       const p = conv.pending.find((x) => x.ref === f.ref);
@@ -657,6 +870,7 @@ class App {
       p.id = f.id;
       if (!conv.ids.has(f.id)) {
         const base = { id: f.id, from: this.me.user, nick: this.me.nick, text: p.text, ts: f.ts || Date.now() };
+        if (typeof p.reply_to === 'number') base.reply_to = p.reply_to;
         addMessages(conv, [conv.kind === 'room' ? { ...base, room: conv.name } : { ...base, to: conv.name }]);
       } else {
         conv.pending = conv.pending.filter((x) => x !== p);
@@ -678,7 +892,7 @@ class App {
     this.requests.delete(f.ref);
     const anchor = dir === 'before' ? this.ui.scrollAnchor() : null;
     for (const m of msgs) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
-    const fresh = addMessages(conv, msgs);
+    const fresh = addMessages(conv, msgs, { merge: true });
     if (dir === 'after' && this.me) {
       // Missed while disconnected: count as unread (no sound for a backlog).
       const visible = !document.hidden && document.hasFocus();
@@ -693,7 +907,7 @@ class App {
       conv.loaded = true;
     } else if (dir === 'after') {
       conv.loaded = true;
-      if (f.more && msgs.length) this.catchUp(conv); // more missed than one page
+      if (f.more && msgs.length) this.loadHistory(conv); // more missed than one page
     }
     if (conv.kind === 'dm') {
       const other = msgs.find((m) => lc(m.from) === conv.name);
@@ -818,6 +1032,26 @@ class App {
         this.ui.toast(text, 'error');
         break;
       }
+      case 'edit':
+      case 'delete':
+      case 'react': {
+        const what = { edit: 'edit', delete: 'delete', react: 'react to' }[info.kind];
+        const why = {
+          not_found: 'it was deleted, or is not there any more',
+          forbidden: 'only its author may do that',
+          too_long: `messages are limited to ${MAX_TEXT} characters`,
+          rate_limited: 'too fast — wait a moment and try again',
+        }[f.code] || msg;
+        this.ui.toast(`Could not ${what} the message: ${why}.`, 'error');
+        break;
+      }
+      case 'catchup':
+        if (f.code === 'rate_limited' && this.catching) {
+          setTimeout(() => { if (this.catching && this.conn.isReady) this.requestCatchup(); }, 1000);
+        } else if (this.catching) {
+          this.resync(this.evSeq); // cannot catch up: reload the conversations instead
+        }
+        break;
       case 'history': {
         const conv = this.convs.get(info.key);
         if (conv) {

@@ -23,6 +23,7 @@ export function newConv(key, extra = {}) {
     display: key.slice(1),
     messages: [],       // confirmed, sorted by id
     ids: new Set(),
+    byId: new Map(),    // id → message object (the same objects as in `messages`)
     pending: [],        // {ref, text, ts, state: 'queued'|'sending'|'failed', error}
     unread: 0,
     mentioned: false,
@@ -38,14 +39,22 @@ export function newConv(key, extra = {}) {
 
 /**
  * Adds messages to a conversation, ignoring ids already there; keeps `messages` sorted by id.
- * Returns the messages that were new.
+ * Returns the messages that were new. With `merge`, a message already there takes the state of
+ * the incoming copy (a fresh snapshot: `joined`, `history`), see mergeState.
  */
-export function addMessages(conv, msgs) {
+export function addMessages(conv, msgs, { merge = false } = {}) {
   const fresh = [];
   for (const m of msgs) {
-    if (typeof m.id !== 'number' || conv.ids.has(m.id)) continue;
+    if (typeof m.id !== 'number') continue;
+    if (conv.ids.has(m.id)) {
+      if (merge) mergeState(conv.byId.get(m.id), m);
+      continue;
+    }
+    const copy = { ...m };
+    if (Array.isArray(copy.reactions)) copy.reactions = normalizeReactions(copy.reactions);
     conv.ids.add(m.id);
-    fresh.push(m);
+    conv.byId.set(m.id, copy);
+    fresh.push(copy);
   }
   if (!fresh.length) return fresh;
   const last = conv.messages.length ? conv.messages[conv.messages.length - 1].id : -Infinity;
@@ -56,6 +65,111 @@ export function addMessages(conv, msgs) {
   const ids = new Set(fresh.map((m) => m.id));
   conv.pending = conv.pending.filter((p) => p.id === undefined || !ids.has(p.id));
   return fresh;
+}
+
+/** Forgets every confirmed message of a conversation (before reloading it from the server). */
+export function clearMessages(conv) {
+  conv.messages = [];
+  conv.ids = new Set();
+  conv.byId = new Map();
+  conv.loaded = false;
+  conv.more = true;
+  conv.loadingOlder = false;
+}
+
+export const findMessage = (conv, id) => conv?.byId.get(id) || null;
+
+function normalizeReactions(list) {
+  const out = [];
+  for (const r of list) {
+    if (!r || typeof r.emoji !== 'string' || !Array.isArray(r.users) || !r.users.length) continue;
+    out.push({ emoji: r.emoji, users: [...new Set(r.users.map(String))] });
+  }
+  return out;
+}
+
+/**
+ * A snapshot of a message we already have (a `joined` or `history` reply): take its state.
+ * A deletion is final; an edit replaces the text only when it is not older than the one shown
+ * (a live `edited` may have overtaken the snapshot); reactions are the snapshot's.
+ */
+export function mergeState(m, snap) {
+  if (!m || !snap) return false;
+  if (m.deleted) return false;
+  if (snap.deleted) return applyDelete(m);
+  let changed = false;
+  if (typeof snap.text === 'string' && (snap.edited_ts || 0) >= (m.edited_ts || 0) && (snap.text !== m.text || snap.edited_ts !== m.edited_ts)) {
+    m.text = snap.text;
+    if (snap.edited_ts) m.edited_ts = snap.edited_ts;
+    changed = true;
+  }
+  if (snap.reply_to !== undefined && m.reply_to === undefined) { m.reply_to = snap.reply_to; changed = true; }
+  const next = normalizeReactions(Array.isArray(snap.reactions) ? snap.reactions : []);
+  if (reactionsSig(next) !== reactionsSig(m.reactions)) { m.reactions = next; changed = true; }
+  return changed;
+}
+
+/**
+ * An `edited` event. Idempotent: a deleted message stays deleted, and an edit older than the one
+ * shown (by `edited_ts`, e.g. replayed by a catch-up after a live one) changes nothing.
+ * Returns true when the message changed.
+ */
+export function applyEdit(m, { text, edited_ts: ts }) {
+  if (!m || m.deleted || typeof text !== 'string') return false;
+  if (m.edited_ts && ts && ts < m.edited_ts) return false;
+  if (m.text === text && m.edited_ts === ts) return false;
+  m.text = text;
+  m.edited_ts = ts || m.edited_ts || Date.now();
+  return true;
+}
+
+/** A `deleted` event: the message stays, as `deleted`, without text or reactions. */
+export function applyDelete(m) {
+  if (!m || m.deleted) return false;
+  m.deleted = true;
+  delete m.text;
+  delete m.reactions;
+  return true;
+}
+
+/**
+ * A `reaction` event. Reactions are sets of users per emoji: adding one that is there, or
+ * removing one that is not, changes nothing. Emoji keep the order they were first used in.
+ */
+export function applyReaction(m, { user, emoji, on }) {
+  if (!m || m.deleted || typeof emoji !== 'string' || !user) return false;
+  const list = m.reactions || (m.reactions = []);
+  const i = list.findIndex((r) => r.emoji === emoji);
+  const k = lc(user);
+  if (on) {
+    if (i < 0) { list.push({ emoji, users: [user] }); return true; }
+    if (list[i].users.some((u) => lc(u) === k)) return false;
+    list[i].users.push(user);
+    return true;
+  }
+  if (i < 0) return false;
+  const users = list[i].users.filter((u) => lc(u) !== k);
+  if (users.length === list[i].users.length) return false;
+  if (users.length) list[i].users = users;
+  else list.splice(i, 1);
+  return true;
+}
+
+/** Did `user` react with `emoji`? */
+export function hasReacted(m, emoji, user) {
+  const r = (m?.reactions || []).find((x) => x.emoji === emoji);
+  return Boolean(r && r.users.some((u) => lc(u) === lc(user)));
+}
+
+export const reactionsSig = (list) => (list || []).map((r) => `${r.emoji}:${r.users.join(',')}`).join(';');
+
+/** The last message of `user` in a conversation that can still be edited (not deleted). */
+export function lastOwnMessage(conv, user) {
+  for (let i = conv.messages.length - 1; i >= 0; i--) {
+    const m = conv.messages[i];
+    if (lc(m.from) === lc(user) && !m.deleted) return m;
+  }
+  return null;
 }
 
 export const lastId = (conv) => (conv.messages.length ? conv.messages[conv.messages.length - 1].id : null);

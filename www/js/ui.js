@@ -1,12 +1,48 @@
 // Everything that touches the DOM. Builds nodes with createElement/textContent only.
 
-import { renderMarkdown, mentions } from './render.js';
+import { renderMarkdown, mentions, plainPreview } from './render.js';
 import { formatTime, fullDate, dayLabel, startOfDay, lastSeen } from './time.js';
-import { typingNicks, typingText, sortedMembers, lc, dmKey } from './store.js';
+import {
+  typingNicks, typingText, sortedMembers, lc, dmKey, reactionsSig, lastOwnMessage, hasReacted,
+} from './store.js';
+import { parseCommand } from './commands.js';
 import { chime, unlockAudio } from './sound.js';
 
 const $ = (id) => document.getElementById(id);
 const GROUP_MS = 5 * 60 * 1000;
+const LONG_PRESS_MS = 450;
+
+/** The emoji picker's built-in set (no web fonts, no CDN: the system's emoji font draws them). */
+export const COMMON_EMOJI = [
+  ['👍', 'thumbs up'], ['👎', 'thumbs down'], ['❤️', 'red heart'], ['😂', 'tears of joy'],
+  ['😄', 'grinning face'], ['😮', 'surprised'], ['😢', 'crying face'], ['🎉', 'party popper'],
+  ['🙏', 'folded hands'], ['👀', 'eyes'], ['🔥', 'fire'], ['🚀', 'rocket'],
+  ['✅', 'check mark'], ['❌', 'cross mark'], ['💯', 'hundred points'], ['🤔', 'thinking face'],
+  ['😍', 'heart eyes'], ['🙌', 'raising hands'], ['👏', 'clapping hands'], ['😅', 'sweat smile'],
+  ['🤝', 'handshake'], ['💡', 'light bulb'], ['⚠️', 'warning'], ['☕', 'coffee'],
+];
+const EMOJI_NAMES = new Map(COMMON_EMOJI);
+
+const SVG_NS = 'http://www.w3.org/2000/svg';
+const ICONS = {
+  reply: ['M9 14L4 9l5-5', 'M4 9h10.5a5.5 5.5 0 010 11H11'],
+  react: ['M12 21a9 9 0 100-18 9 9 0 000 18z', 'M8 14s1.5 2 4 2 4-2 4-2', 'M9 9.5h.01', 'M15 9.5h.01'],
+  edit: ['M4 20h4L19 9l-4-4L4 16v4z', 'M14 6l4 4'],
+  delete: ['M3 6h18', 'M8 6V4h8v2', 'M19 6l-1 14H6L5 6', 'M10 11v5', 'M14 11v5'],
+  copy: ['M9 9h11v11H9z', 'M5 15H4V4h11v1'],
+};
+
+function icon(name) {
+  const svg = document.createElementNS(SVG_NS, 'svg');
+  svg.setAttribute('viewBox', '0 0 24 24');
+  svg.setAttribute('aria-hidden', 'true');
+  for (const d of ICONS[name]) {
+    const p = document.createElementNS(SVG_NS, 'path');
+    p.setAttribute('d', d);
+    svg.append(p);
+  }
+  return svg;
+}
 
 function h(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -46,6 +82,11 @@ export class UI {
     this.lastMinute = 0;
     this.frame = 0;
     this.pendingOpts = {};
+    this.compose = null;      // {mode: 'reply'|'edit', key, id, draft}: what the composer is doing
+    this.actionsFor = null;   // id of the message whose actions are held open (long press, picker)
+    this.picker = null;       // {key, id} while the emoji picker is open
+    this.deleteTarget = null; // {key, id} while the delete confirmation is open
+    this.press = null;        // a touch that may become a long press
     this.bind();
   }
 
@@ -93,6 +134,10 @@ export class UI {
   }
 
   reset() {
+    this.closePicker(false);
+    this.compose = null;
+    this.actionsFor = null;
+    this.renderBanner();
     this.msgCache.clear();
     this.renderedKey = null;
     $('message-list').replaceChildren();
@@ -124,13 +169,28 @@ export class UI {
         e.preventDefault();
         this.submitComposer();
       } else if (e.key === 'Escape') {
-        composer.blur();
+        if (this.compose) {
+          e.preventDefault();
+          this.cancelCompose();
+        } else {
+          composer.blur();
+        }
+      } else if (e.key === 'ArrowUp' && !composer.value && !e.isComposing
+        && !e.altKey && !e.ctrlKey && !e.metaKey && !e.shiftKey) {
+        // ↑ in an empty composer edits one's last message.
+        const conv = app.conv;
+        const m = conv && app.me ? lastOwnMessage(conv, app.me.user) : null;
+        if (m) {
+          e.preventDefault();
+          this.startEdit(conv.key, m.id);
+        }
       }
     });
     composer.addEventListener('input', () => {
       const v = composer.value;
-      if (v && !v.startsWith('/')) app.typing();
+      if (v && !v.startsWith('/') && this.compose?.mode !== 'edit') app.typing();
     });
+    $('compose-cancel').addEventListener('click', () => this.cancelCompose());
 
     const box = $('messages');
     box.addEventListener('scroll', () => {
@@ -145,6 +205,7 @@ export class UI {
       e.preventDefault();
       app.join(a.dataset.room);
     });
+    this.bindMessageActions();
 
     $('menu-btn').addEventListener('click', () => this.toggleDrawer('drawer-open'));
     $('close-drawer').addEventListener('click', () => this.closeDrawers());
@@ -236,11 +297,455 @@ export class UI {
   submitComposer() {
     const c = $('composer');
     const text = c.value;
+    const mode = this.compose;
+    if (mode?.mode === 'edit') {
+      if (!text.trim()) {
+        // An edit that empties the message: offer to delete it instead.
+        this.confirmDelete(mode.key, mode.id);
+        return;
+      }
+      if (this.app.editMessage(mode.key, mode.id, text)) this.cancelCompose();
+      c.focus();
+      return;
+    }
     if (!text.trim()) return;
-    if (this.app.submit(text)) {
+    const replyTo = mode?.mode === 'reply' && parseCommand(text).type === 'say' ? mode.id : undefined;
+    if (this.app.submit(text, { replyTo })) {
       c.value = '';
+      if (replyTo !== undefined) this.cancelCompose();
     }
     c.focus();
+  }
+
+  // ---------- composer modes: reply and edit ----------
+
+  startReply(key, id) {
+    const m = this.app.convs.get(key)?.byId.get(id);
+    if (!m || m.deleted) return;
+    if (this.compose?.mode === 'edit') this.cancelCompose();
+    this.compose = { mode: 'reply', key, id };
+    this.closeActions();
+    this.renderBanner();
+    this.renderAll();
+    $('composer').focus();
+  }
+
+  startEdit(key, id) {
+    const m = this.app.convs.get(key)?.byId.get(id);
+    if (!m || m.deleted || !this.app.me || lc(m.from) !== lc(this.app.me.user)) return;
+    const c = $('composer');
+    const draft = this.compose?.mode === 'edit' ? this.compose.draft : c.value;
+    this.compose = { mode: 'edit', key, id, draft };
+    this.closeActions();
+    c.value = m.text;
+    c.focus();
+    c.setSelectionRange(c.value.length, c.value.length);
+    this.renderBanner();
+    this.renderAll();
+  }
+
+  /** Leaves reply or edit mode; an edit gives back what was in the composer before it. */
+  cancelCompose() {
+    const mode = this.compose;
+    if (!mode) return;
+    this.compose = null;
+    if (mode.mode === 'edit') $('composer').value = mode.draft || '';
+    this.renderBanner();
+    this.renderAll();
+  }
+
+  /** Another conversation was opened: its composer is not replying to or editing this one's. */
+  leaveCompose(key) {
+    if (this.compose && this.compose.key !== key) this.cancelCompose();
+    this.closePicker(false);
+    this.closeActions();
+  }
+
+  /** A message was deleted (here or elsewhere): stop editing it. */
+  messageGone(key, id) {
+    if (this.compose?.mode === 'edit' && this.compose.id === id) {
+      this.cancelCompose();
+      this.toast('The message you were editing was deleted.', 'info');
+    }
+    if (this.picker?.id === id) this.closePicker(false);
+  }
+
+  renderBanner() {
+    const banner = $('compose-banner');
+    const mode = this.compose;
+    const conv = mode ? this.app.convs.get(mode.key) : null;
+    const m = conv?.byId.get(mode.id);
+    if (!mode || !m) {
+      banner.hidden = true;
+      banner.dataset.mode = '';
+      $('compose-banner-text').replaceChildren();
+      $('composer').setAttribute('aria-describedby', 'composer-hint');
+      return;
+    }
+    const nick = m.nick || m.from;
+    const text = $('compose-banner-text');
+    if (mode.mode === 'reply') {
+      text.replaceChildren(
+        h('span', { class: 'banner-label' }, 'Replying to ', h('strong', { text: nick })),
+        h('span', { class: 'banner-preview', text: m.deleted ? 'message deleted' : plainPreview(m.text, 140) }),
+      );
+      $('compose-cancel').setAttribute('aria-label', 'Cancel the reply');
+      $('compose-cancel').title = 'Cancel the reply (Esc)';
+    } else {
+      text.replaceChildren(
+        h('span', { class: 'banner-label' }, h('strong', { text: 'Editing your message' })),
+        h('span', { class: 'banner-preview', text: 'Enter to save · Esc to cancel' }),
+      );
+      $('compose-cancel').setAttribute('aria-label', 'Cancel editing');
+      $('compose-cancel').title = 'Cancel editing (Esc)';
+    }
+    banner.dataset.mode = mode.mode;
+    banner.hidden = false;
+    $('composer').setAttribute('aria-describedby', 'compose-banner-text composer-hint');
+  }
+
+  // ---------- message actions ----------
+
+  bindMessageActions() {
+    const list = $('message-list');
+    const box = $('messages');
+    // Long press (touch): hold the message's actions open.
+    list.addEventListener('touchstart', (e) => {
+      const li = e.target.closest('li.msg[data-id]');
+      this.cancelPress();
+      if (!li || e.touches.length !== 1 || e.target.closest('.msg-actions, .reactions, a, .reply-quote')) return;
+      const t = e.touches[0];
+      const id = Number(li.dataset.id);
+      this.press = {
+        x: t.clientX,
+        y: t.clientY,
+        fired: false,
+        timer: setTimeout(() => {
+          this.press.fired = true;
+          this.openActions(id);
+          navigator.vibrate?.(10);
+        }, LONG_PRESS_MS),
+      };
+    }, { passive: true });
+    list.addEventListener('touchmove', (e) => {
+      if (!this.press || this.press.fired) return;
+      const t = e.touches[0];
+      if (Math.hypot(t.clientX - this.press.x, t.clientY - this.press.y) > 10) this.cancelPress();
+    }, { passive: true });
+    list.addEventListener('touchend', (e) => {
+      const fired = this.press?.fired;
+      this.cancelPress();
+      if (fired && e.cancelable) e.preventDefault(); // no click after a long press
+    });
+    list.addEventListener('touchcancel', () => this.cancelPress());
+    list.addEventListener('contextmenu', (e) => {
+      // A long press on a phone opens the actions, not the browser's menu.
+      const li = e.target.closest('li.msg[data-id]');
+      if (li && (this.press || window.matchMedia('(pointer: coarse)').matches)) {
+        e.preventDefault();
+        this.openActions(Number(li.dataset.id));
+      }
+    });
+    // A tap or click elsewhere closes actions held open.
+    document.addEventListener('pointerdown', (e) => {
+      if (this.picker && !e.target.closest('#emoji-picker, [data-testid="react-button"]')) this.closePicker(false);
+      if (this.actionsFor !== null && !this.picker) {
+        const li = e.target.closest('li.msg[data-id]');
+        if (!li || Number(li.dataset.id) !== this.actionsFor) this.closeActions();
+      }
+    });
+    // Keyboard focus in a message shows its actions (hidden ones are not focusable, so they
+    // must stay shown while focus moves from one of them to the next).
+    list.addEventListener('focusin', (e) => {
+      const li = e.target.closest('li.msg[data-id]');
+      if (!li || !e.target.matches(':focus-visible')) return;
+      for (const other of list.querySelectorAll('li.kbd-actions')) if (other !== li) other.classList.remove('kbd-actions');
+      li.classList.add('kbd-actions');
+    });
+    list.addEventListener('focusout', (e) => {
+      const li = e.target.closest('li.msg[data-id]');
+      if (li && !(e.relatedTarget && li.contains(e.relatedTarget))) li.classList.remove('kbd-actions');
+    });
+    // Keyboard: ↑/↓ move between messages when the log or a message has focus; Tab then
+    // reaches the focused message's actions.
+    box.addEventListener('keydown', (e) => {
+      if (e.altKey || e.ctrlKey || e.metaKey || e.shiftKey) return;
+      const cur = e.target.closest?.('li.msg[data-id]');
+      if (e.target !== box && e.target !== cur) return;
+      const items = [...list.querySelectorAll('li.msg[data-id]')];
+      if (!items.length) return;
+      let i = null;
+      if (e.key === 'ArrowUp') i = cur ? items.indexOf(cur) - 1 : items.length - 1;
+      else if (e.key === 'ArrowDown') i = cur ? items.indexOf(cur) + 1 : items.length - 1;
+      else if (e.key === 'Home' && cur) i = 0;
+      else if (e.key === 'End' && cur) i = items.length - 1;
+      else if (e.key === 'Escape' && cur) { e.preventDefault(); box.focus(); return; }
+      if (i === null) return;
+      e.preventDefault();
+      items[Math.max(0, Math.min(items.length - 1, i))].focus();
+    });
+
+    const picker = $('emoji-picker');
+    picker.addEventListener('keydown', (e) => {
+      if (e.key === 'Escape') {
+        e.preventDefault();
+        e.stopPropagation();
+        this.closePicker(true);
+        return;
+      }
+      const opts = [...picker.querySelectorAll('[data-testid="emoji-option"]')];
+      const i = opts.indexOf(document.activeElement);
+      if (i < 0) return;
+      const cols = 8;
+      const step = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: cols, ArrowUp: -cols }[e.key];
+      if (step === undefined) return;
+      e.preventDefault();
+      opts[Math.max(0, Math.min(opts.length - 1, i + step))].focus();
+    });
+    picker.addEventListener('focusout', (e) => {
+      // Focus left the picker (Tab past it): close it.
+      if (this.picker && e.relatedTarget && !picker.contains(e.relatedTarget)) this.closePicker(false);
+    });
+    window.addEventListener('resize', () => this.closePicker(false));
+    box.addEventListener('scroll', () => { if (this.picker) this.positionPicker(); }, { passive: true });
+
+    $('delete-dialog').addEventListener('close', () => {
+      const target = this.deleteTarget;
+      this.deleteTarget = null;
+      $('delete-preview').textContent = '';
+      if (!target || $('delete-dialog').returnValue !== 'ok') return;
+      if (this.compose?.mode === 'edit' && this.compose.id === target.id) this.cancelCompose();
+      this.app.deleteMessage(target.key, target.id);
+    });
+  }
+
+  cancelPress() {
+    if (this.press) clearTimeout(this.press.timer);
+    this.press = null;
+  }
+
+  openActions(id) {
+    this.actionsFor = id;
+    this.syncActionsOpen();
+  }
+
+  closeActions() {
+    if (this.actionsFor === null) return;
+    this.actionsFor = null;
+    this.syncActionsOpen();
+  }
+
+  syncActionsOpen() {
+    for (const li of $('message-list').querySelectorAll('li.msg[data-id]')) {
+      li.classList.toggle('actions-open', Number(li.dataset.id) === this.actionsFor);
+    }
+  }
+
+  actionButton(name, label, testid, onclick, extra = {}) {
+    return h('button', {
+      type: 'button', class: `act act-${name}`, 'aria-label': label, title: label, 'data-testid': testid, onclick, ...extra,
+    }, icon(name));
+  }
+
+  messageActions(conv, m, own) {
+    const key = conv.key;
+    const id = m.id;
+    const bar = h('div', { class: 'msg-actions', role: 'group', 'aria-label': 'Message actions', 'data-testid': 'message-actions' });
+    bar.append(
+      this.actionButton('react', 'Add a reaction', 'react-button', (e) => this.togglePicker(key, id, e.currentTarget),
+        { 'aria-haspopup': 'dialog', 'aria-expanded': 'false', 'aria-controls': 'emoji-picker' }),
+      this.actionButton('reply', 'Reply', 'reply-button', () => this.startReply(key, id)),
+    );
+    if (own) {
+      bar.append(
+        this.actionButton('edit', 'Edit', 'edit-button', () => this.startEdit(key, id)),
+        this.actionButton('delete', 'Delete', 'delete-button', () => this.confirmDelete(key, id)),
+      );
+    }
+    bar.append(this.actionButton('copy', 'Copy the text', 'copy-button', () => this.copyText(key, id)));
+    return bar;
+  }
+
+  async copyText(key, id) {
+    const m = this.app.convs.get(key)?.byId.get(id);
+    this.closeActions();
+    if (!m || m.deleted) return;
+    try {
+      await navigator.clipboard.writeText(m.text);
+    } catch {
+      // No async clipboard (plain http on a LAN address): the old way.
+      const ta = h('textarea', { class: 'sr-only', 'aria-hidden': 'true' });
+      ta.value = m.text;
+      document.body.append(ta);
+      ta.select();
+      try { document.execCommand('copy'); } catch { /* ignore */ }
+      ta.remove();
+    }
+    this.toast('Copied.', 'info', 2000);
+  }
+
+  /** The line above a reply: who and what it answers. */
+  quoteInfo(conv, id) {
+    const o = conv.byId.get(id);
+    if (!o) return { loaded: false, sig: `?${id}` };
+    const nick = o.nick || o.from;
+    const text = o.deleted ? 'message deleted' : plainPreview(o.text, 90);
+    return { loaded: true, nick, text, deleted: Boolean(o.deleted), sig: `${nick}|${o.deleted ? 'd' : text}` };
+  }
+
+  quoteNode(conv, m, q) {
+    const label = q.loaded
+      ? `Reply to ${q.nick}: ${q.text}. Show the original message`
+      : 'Reply to an earlier message';
+    return h('button', {
+      type: 'button',
+      class: `reply-quote${q.deleted ? ' quote-deleted' : ''}${q.loaded ? '' : ' quote-missing'}`,
+      'data-testid': 'reply-quote',
+      'aria-label': label,
+      title: q.loaded ? 'Show the original message' : 'The original is further back in the history',
+      dataset: { replyTo: String(m.reply_to) },
+      onclick: () => this.showOriginal(conv.key, m.reply_to),
+    },
+    h('span', { class: 'quote-arrow', 'aria-hidden': 'true', text: '↪' }),
+    q.loaded ? h('span', { class: 'quote-nick', text: q.nick }) : null,
+    h('span', { class: 'quote-text', text: q.loaded ? q.text : 'an earlier message' }));
+  }
+
+  /** Scrolls to a message of the open conversation and highlights it for a moment. */
+  showOriginal(key, id) {
+    if (key !== this.app.current) return;
+    const li = $('message-list').querySelector(`li.msg[data-id="${Number(id)}"]`);
+    if (!li) {
+      this.toast('The original message is further back: scroll up to load older messages.', 'info');
+      return;
+    }
+    const smooth = !window.matchMedia('(prefers-reduced-motion: reduce)').matches;
+    li.scrollIntoView({ block: 'center', behavior: smooth ? 'smooth' : 'auto' });
+    li.classList.remove('flash');
+    void li.offsetWidth; // restart the animation
+    li.classList.add('flash');
+    li.focus({ preventScroll: true });
+    clearTimeout(this.flashTimer);
+    this.flashTimer = setTimeout(() => li.classList.remove('flash'), 2200);
+  }
+
+  reactionChips(conv, m) {
+    const me = this.app.me;
+    const wrap = h('div', { class: 'reactions', role: 'group', 'aria-label': 'Reactions' });
+    for (const r of m.reactions) {
+      const mine = r.users.some((u) => lc(u) === lc(me.user));
+      const names = r.users.map((u) => this.app.users.get(lc(u))?.nick || u);
+      const who = names.join(', ');
+      wrap.append(h('button', {
+        type: 'button',
+        class: `reaction${mine ? ' mine' : ''}`,
+        'data-testid': 'reaction',
+        'aria-pressed': mine ? 'true' : 'false',
+        'aria-label': `${r.emoji} ${r.users.length}: ${who}. ${mine ? 'Remove your reaction' : 'Add your reaction'}`,
+        title: `${who} reacted with ${r.emoji}`,
+        dataset: { emoji: r.emoji },
+        onclick: () => this.app.react(conv.key, m.id, r.emoji, !mine),
+      }, h('span', { class: 'reaction-emoji', text: r.emoji }), h('span', { class: 'reaction-count', text: String(r.users.length) })));
+    }
+    return wrap;
+  }
+
+  // ---------- emoji picker ----------
+
+  togglePicker(key, id, anchor) {
+    if (this.picker && this.picker.id === id) { this.closePicker(true); return; }
+    this.openPicker(key, id, anchor);
+  }
+
+  openPicker(key, id, anchor) {
+    const m = this.app.convs.get(key)?.byId.get(id);
+    if (!m || m.deleted) return;
+    this.closePicker(false);
+    const picker = $('emoji-picker');
+    const me = this.app.me.user;
+    const option = (emoji) => {
+      const mine = hasReacted(m, emoji, me);
+      const name = EMOJI_NAMES.get(emoji) || emoji;
+      return h('button', {
+        type: 'button',
+        class: `emoji-option${mine ? ' mine' : ''}`,
+        'data-testid': 'emoji-option',
+        'aria-label': `${mine ? 'Remove' : 'React with'} ${name}`,
+        'aria-pressed': mine ? 'true' : 'false',
+        title: name,
+        dataset: { emoji },
+        text: emoji,
+        onclick: () => {
+          this.closePicker(true);
+          this.app.react(key, id, emoji, !mine);
+        },
+      });
+    };
+    const top = this.app.topEmoji(6);
+    const sections = [];
+    if (top.length) {
+      sections.push(h('p', { class: 'picker-title', id: 'picker-frequent-title', text: 'Frequently used' }),
+        h('div', { class: 'emoji-grid', role: 'group', 'aria-labelledby': 'picker-frequent-title', 'data-testid': 'emoji-frequent' }, ...top.map(option)));
+    }
+    sections.push(h('p', { class: 'picker-title', id: 'picker-common-title', text: 'Reactions' }),
+      h('div', { class: 'emoji-grid', role: 'group', 'aria-labelledby': 'picker-common-title', 'data-testid': 'emoji-common' },
+        ...COMMON_EMOJI.map(([e]) => option(e))));
+    picker.replaceChildren(...sections);
+    this.picker = { key, id, anchor };
+    picker.hidden = false;
+    anchor.setAttribute('aria-expanded', 'true');
+    this.openActions(id);
+    this.positionPicker();
+    picker.querySelector('[data-testid="emoji-option"]')?.focus({ preventScroll: true });
+  }
+
+  positionPicker() {
+    const p = this.picker;
+    const picker = $('emoji-picker');
+    if (!p) return;
+    // The anchor may have been redrawn: find the message's react button again.
+    let anchor = p.anchor;
+    if (!anchor.isConnected) {
+      anchor = $('message-list').querySelector(`li.msg[data-id="${p.id}"] [data-testid="react-button"]`) || anchor;
+      p.anchor = anchor;
+    }
+    const r = anchor.getBoundingClientRect();
+    const pw = picker.offsetWidth;
+    const ph = picker.offsetHeight;
+    const left = Math.max(8, Math.min(window.innerWidth - pw - 8, r.right - pw));
+    let top = r.bottom + 6;
+    if (top + ph > window.innerHeight - 8) top = Math.max(8, r.top - ph - 6);
+    // CSSOM (element.style) is allowed by the page's CSP; style attributes in markup are not.
+    picker.style.left = `${Math.round(left)}px`;
+    picker.style.top = `${Math.round(top)}px`;
+  }
+
+  /** Closes the picker; `refocus`: give focus back to the message's react button. */
+  closePicker(refocus) {
+    const p = this.picker;
+    if (!p) return;
+    this.picker = null;
+    $('emoji-picker').hidden = true;
+    $('emoji-picker').replaceChildren();
+    const btn = $('message-list').querySelector(`li.msg[data-id="${p.id}"] [data-testid="react-button"]`);
+    btn?.setAttribute('aria-expanded', 'false');
+    if (refocus && btn) {
+      // Keep the actions shown while the button has focus, then let go.
+      btn.focus({ preventScroll: true });
+    }
+    this.closeActions();
+  }
+
+  // ---------- delete confirmation ----------
+
+  confirmDelete(key, id) {
+    const m = this.app.convs.get(key)?.byId.get(id);
+    if (!m || m.deleted) return;
+    this.closeActions();
+    this.deleteTarget = { key, id };
+    $('delete-preview').textContent = plainPreview(m.text, 200);
+    $('delete-dialog').returnValue = '';
+    $('delete-dialog').showModal();
   }
 
   /** Puts text that could not be sent back into the composer (before anything typed since). */
@@ -448,6 +953,8 @@ export class UI {
     this.renderSidebar();
     this.renderHeader();
     this.renderMessages(opts);
+    this.renderBanner();
+    if (this.picker) this.positionPicker();
     this.renderMembers();
     this.renderTyping();
     this.renderTitle();
@@ -580,15 +1087,24 @@ export class UI {
   messageNode(conv, m, pending) {
     const me = this.app.me;
     const own = lc(m.from) === lc(me.user);
-    const mention = !own && mentions(m.text, [me.user, me.nick]);
+    const deleted = !pending && Boolean(m.deleted);
+    const mention = !own && !deleted && mentions(m.text, [me.user, me.nick]);
+    const quote = typeof m.reply_to === 'number' ? this.quoteInfo(conv, m.reply_to) : null;
+    const editing = !pending && this.compose?.mode === 'edit' && this.compose.id === m.id;
+    const replying = !pending && this.compose?.mode === 'reply' && this.compose.id === m.id;
     const cacheKey = pending ? `p:${m.ref}` : `m:${m.id}`;
-    const sig = pending ? `${m.state}|${m.error || ''}|${this.app.conn.isReady}` : `${m.nick}|${me.nick}`;
+    const sig = [
+      pending ? `${m.state}|${m.error || ''}|${this.app.conn.isReady}` : `${m.nick}|${me.nick}`,
+      deleted ? 'deleted' : `${m.text}|${m.edited_ts || ''}`,
+      reactionsSig(m.reactions), quote ? quote.sig : '', editing, replying,
+    ].join('\u0001');
     const cached = this.msgCache.get(cacheKey);
     if (cached && cached.sig === sig) return cached.li;
 
     const li = h('li', {
-      class: `msg${own ? ' own' : ''}${mention ? ' mention' : ''}${pending ? ` pending ${m.state}` : ''}`,
+      class: `msg${own ? ' own' : ''}${mention ? ' mention' : ''}${pending ? ` pending ${m.state}` : ''}${deleted ? ' deleted' : ''}${editing ? ' editing' : ''}${replying ? ' replying' : ''}`,
       'data-testid': 'message',
+      tabindex: pending ? undefined : '-1',
       dataset: pending ? { ref: m.ref, state: m.state } : { id: String(m.id), from: lc(m.from) },
     });
     if (!pending) li.dataset.id = String(m.id);
@@ -608,14 +1124,25 @@ export class UI {
       onclick: () => { if (!own) this.app.openDm(m.from); },
     });
     const body = h('div', { class: 'msg-body' });
-    body.append(renderMarkdown(m.text, { me: [me.user, me.nick] }));
-    li.append(
+    if (deleted) {
+      body.append(h('span', { class: 'msg-deleted', 'data-testid': 'deleted-mark', text: 'message deleted' }));
+    } else {
+      body.append(renderMarkdown(m.text, { me: [me.user, me.nick] }));
+      if (!pending && m.edited_ts) {
+        body.append(h('span', { class: 'edited-mark', 'data-testid': 'edited-mark', title: `Edited ${fullDate(m.edited_ts)}`, text: '(edited)' }));
+      }
+    }
+    // (Element.append would write a null as the text "null": skip the parts a message lacks.)
+    li.append(...[
       avatar(m.from, nick, 'msg-avatar'),
       h('div', { class: 'msg-main' },
+        quote ? this.quoteNode(conv, m, quote) : null,
         h('div', { class: 'msg-head' }, who, m.from && lc(nick) !== lc(m.from) ? h('span', { class: 'msg-user', text: `@${m.from}` }) : null, time),
         body,
+        !deleted && m.reactions?.length ? this.reactionChips(conv, m) : null,
         pending ? this.pendingLine(conv, m) : null),
-    );
+      !pending && !deleted ? this.messageActions(conv, m, own) : null,
+    ].filter(Boolean));
     this.msgCache.set(cacheKey, { li, sig });
     return li;
   }
@@ -663,8 +1190,10 @@ export class UI {
         prev = null;
       }
       const li = this.messageNode(conv, m, pending);
-      const cont = prev && lc(prev.from) === lc(m.from) && m.ts - prev.ts < GROUP_MS && !pending === !prev.pending;
+      const cont = prev && lc(prev.from) === lc(m.from) && m.ts - prev.ts < GROUP_MS && !pending === !prev.pending
+        && typeof m.reply_to !== 'number';
       li.classList.toggle('cont', Boolean(cont));
+      if (!pending) li.classList.toggle('actions-open', this.actionsFor === m.id);
       items.push(li);
       prev = { from: m.from, ts: m.ts, pending };
     };
