@@ -112,7 +112,7 @@ fn v1_database_from_an_old_build_is_migrated_and_served() {
     let version: i64 = db
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("user_version");
-    assert_eq!(version, 4);
+    assert_eq!(version, parlor::chat::store::sqlite::SCHEMA_VERSION);
     // Version 3: no account is disabled after the migration.
     let enabled: i64 = db
         .query_row("SELECT COUNT(*) FROM users WHERE disabled = 0", [], |r| {
