@@ -4,7 +4,7 @@
 import { Connection, wsUrl, newRef } from './protocol.js';
 import {
   roomKey, dmKey, lc, keyOfMessage, newConv, addMessages, lastId, firstId, setTyping,
-  clearMessages, applyEdit, applyDelete, applyReaction, hasReacted,
+  clearMessages, applyEdit, applyDelete, applyReaction, hasReacted, recountUnread,
 } from './store.js';
 import { parseCommand, HELP, ROOM_RE, USER_RE, normalizeRoom } from './commands.js';
 import { loadPrefs, savePrefs, wantsAlert, store } from './prefs.js';
@@ -27,6 +27,13 @@ class App {
     this.users = new Map();    // lc(user) → {user, nick, online, last_seen}
     this.requests = new Map(); // ref → {kind, ...}
     this.lastTypingSent = new Map();
+    this.typingAfterSend = new Map(); // key → true: a message went out since the last `typing`
+    this.typingTimers = new Map();
+    // Read state from the server (welcome.conversations): counts are the server's, and only
+    // messages after the welcome (by `seq`) are counted here on top of them.
+    this.serverCounts = false;
+    this.welcomeSeq = null;
+    this.readTimers = new Map();   // key → debounce timer of a `read` frame
     this.joinIntents = new Set(); // rooms the user asked to join (in case a reply lacks its ref)
     this.authPending = false;
     this.loggingOut = false;
@@ -240,6 +247,9 @@ class App {
     }
     for (const room of rooms) this.ensureConv(roomKey(room));
     for (const u of store.get(`dms.${lc(f.user)}`, [])) this.ensureConv(dmKey(u));
+    this.serverCounts = Array.isArray(f.conversations);
+    this.welcomeSeq = typeof f.seq === 'number' ? f.seq : null;
+    for (const c of f.conversations || []) this.applyConversationState(c);
 
     // Catching up. A page that starts (or reloads) has no messages in memory: it loads its
     // conversations with `join`/`history` — snapshots of their current state — and follows the
@@ -274,9 +284,25 @@ class App {
       const first = [...this.convs.keys()].find((k) => k.startsWith('#'));
       this.current = (saved && this.convs.has(saved)) ? saved : (first || [...this.convs.keys()][0] || null);
     }
+    if (firstTime && this.conv) this.markDivider(this.conv);
     this.ui.showApp();
     this.ui.renderAll();
     if (firstTime) this.ui.focusComposer();
+  }
+
+  /** One entry of `welcome.conversations`: read marker, unread and mention counts, level. */
+  applyConversationState(c) {
+    let key = null;
+    if (typeof c.room === 'string') key = roomKey(c.room);
+    else if (typeof c.with === 'string' && this.me && lc(c.with) !== lc(this.me.user)) key = dmKey(c.with);
+    if (!key) return;
+    if (key.startsWith('#') && !this.convs.has(key)) return; // not in `rooms`: not a member
+    const conv = this.ensureConv(key);
+    if (typeof c.read === 'number') conv.read = Math.max(conv.read ?? c.read, c.read);
+    conv.readSent = Math.max(conv.readSent ?? -Infinity, conv.read ?? -Infinity);
+    if (typeof c.unread === 'number') conv.unread = c.unread;
+    if (typeof c.mentions === 'number') conv.mentions = c.mentions;
+    if (['all', 'mentions', 'none'].includes(c.notify)) conv.notify = c.notify;
   }
 
   /** The newest page of a conversation, or (known conversation, server without `seq`) what came after its last message. */
@@ -490,8 +516,7 @@ class App {
     this.current = key;
     this.ui.leaveCompose(key);
     const conv = this.convs.get(key);
-    conv.unread = 0;
-    conv.mentioned = false;
+    this.markDivider(conv);
     if (this.me) store.set(`last.${lc(this.me.user)}`, key);
     this.ui.closeDrawers();
     this.ui.renderAll({ scrollToBottom: true });
@@ -822,11 +847,36 @@ class App {
     conv.typing.delete(lc(f.from));
     if (lc(f.from) !== lc(this.me.user)) {
       if (!backlog) this.alert(conv, f);
-      else if (!f.deleted && (conv.key !== this.current || document.hidden || !document.hasFocus())) {
-        conv.unread += 1; // missed while disconnected: unread, without a sound for a backlog
+      else if (!f.deleted && this.countable(conv, f)) {
+        this.countUnread(conv, f); // missed while disconnected: unread, without a sound for a backlog
       }
     }
     this.ui.renderAll({ newMessage: true, key });
+  }
+
+  /**
+   * Is a message from someone else to be counted as unread here? Not when it is at or before
+   * the read marker, nor when the welcome's counts already hold it (its `seq` is not after the
+   * welcome's).
+   */
+  countable(conv, m) {
+    if (conv.read !== null && m.id <= conv.read) return false;
+    if (this.serverCounts && this.welcomeSeq !== null && (typeof m.seq !== 'number' || m.seq <= this.welcomeSeq)) return false;
+    return true;
+  }
+
+  countUnread(conv, m) {
+    conv.unread += 1;
+    if (conv.kind === 'dm' || this.isMention(m)) conv.mentions += 1;
+  }
+
+  isMention(m) {
+    return Boolean(this.me && !m.deleted && mentions(m.text || '', [this.me.user, this.me.nick]));
+  }
+
+  /** The conversation's notification level (the server's, else its default). */
+  levelOf(conv) {
+    return conv.notify || (conv.kind === 'dm' ? 'all' : 'mentions');
   }
 
   alert(conv, m) {
@@ -834,14 +884,12 @@ class App {
     const here = conv.key === this.current;
     const mention = mentions(m.text, [this.me.user, this.me.nick]);
     const dm = conv.kind === 'dm';
-    if (!here || !visible) {
-      conv.unread += 1;
-      if (mention || dm) conv.mentioned = true;
-    }
+    const seen = here && document.visibilityState === 'visible' && this.ui.nearBottom();
+    if (!seen && this.countable(conv, m)) this.countUnread(conv, m);
     const who = m.nick || m.from;
     if (here) this.ui.announce(`${who}: ${plainPreview(m.text, 200)}`);
     else this.ui.announce(`New message from ${who} in ${conv.kind === 'room' ? `#${conv.name}` : 'a direct message'}`);
-    if ((!here || !visible) && wantsAlert(this.prefs, { mention, dm })) {
+    if ((!here || !visible) && wantsAlert(this.prefs, { mention, dm, level: this.levelOf(conv) })) {
       if (this.prefs.sound) chime(this.prefs.volume, { mention: mention || dm });
       if (this.prefs.desktop && document.hidden && 'Notification' in window && Notification.permission === 'granted') {
         try {
@@ -893,7 +941,7 @@ class App {
     const anchor = dir === 'before' ? this.ui.scrollAnchor() : null;
     for (const m of msgs) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
     const fresh = addMessages(conv, msgs, { merge: true });
-    if (dir === 'after' && this.me) {
+    if (dir === 'after' && this.me && !this.serverCounts) {
       // Missed while disconnected: count as unread (no sound for a backlog).
       const visible = !document.hidden && document.hasFocus();
       const missed = fresh.filter((m) => lc(m.from) !== lc(this.me.user)).length;
@@ -1094,12 +1142,79 @@ class App {
 
   onVisible() {
     if (document.hidden) return;
+    this.maybeRead();
+  }
+
+  // ---------- read state ----------
+
+  /** Opening a conversation with unread messages: a "New" divider above the first of them. */
+  markDivider(conv) {
+    conv.divider = conv.unread > 0 && conv.read !== null ? conv.read : null;
+  }
+
+  /**
+   * The user sees the newest message of the open conversation (tab visible, scrolled to the
+   * bottom): move the read marker there, clear its counts and tell the server (debounced).
+   */
+  maybeRead() {
     const conv = this.conv;
-    if (conv && (conv.unread || conv.mentioned)) {
-      conv.unread = 0;
-      conv.mentioned = false;
-      this.ui.renderAll();
-    }
+    if (!conv || !this.me || !conv.loaded || document.visibilityState !== 'visible') return;
+    if (!this.ui.nearBottom()) return;
+    const newest = lastId(conv);
+    if (newest === null) return;
+    const moved = conv.read === null || newest > conv.read;
+    if (!moved && !conv.unread && !conv.mentions) return;
+    if (moved) conv.read = newest;
+    conv.unread = 0;
+    conv.mentions = 0;
+    this.ui.renderAll();
+    if (moved) this.sendReadSoon(conv);
+  }
+
+  sendReadSoon(conv) {
+    if (this.readTimers.has(conv.key)) return;
+    this.readTimers.set(conv.key, setTimeout(() => {
+      this.readTimers.delete(conv.key);
+      if (this.convs.get(conv.key) !== conv || conv.read === null) return;
+      if (conv.readSent !== null && conv.read <= conv.readSent) return;
+      conv.readSent = conv.read;
+      const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
+      this.conn.send({ type: 'read', ...target, id: conv.read });
+    }, 300));
+  }
+
+  /** Another device of this user read a conversation up to `id`. */
+  on_read(f) {
+    if (!this.me || typeof f.id !== 'number') return;
+    const key = f.room ? roomKey(f.room) : (f.with ? dmKey(f.with) : null);
+    const conv = key && this.convs.get(key);
+    if (!conv) return;
+    if (conv.read !== null && f.id <= conv.read) return;
+    conv.read = f.id;
+    conv.readSent = Math.max(conv.readSent ?? -Infinity, f.id);
+    recountUnread(conv, this.me.user, (m) => this.isMention(m));
+    this.ui.renderAll();
+  }
+
+  // ---------- notification levels ----------
+
+  setNotify(key, level) {
+    const conv = this.convs.get(key);
+    if (!conv || !['all', 'mentions', 'none'].includes(level)) return;
+    conv.notify = level;
+    const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
+    this.request({ type: 'notify', ...target, level }, { kind: 'notify', key });
+    this.ui.renderAll();
+  }
+
+  on_notify(f) {
+    if (f.ref) this.requests.delete(f.ref);
+    if (!this.me || !['all', 'mentions', 'none'].includes(f.level)) return;
+    const key = f.room ? roomKey(f.room) : (f.with ? dmKey(f.with) : null);
+    const conv = key && this.convs.get(key);
+    if (!conv) return;
+    conv.notify = f.level;
+    this.ui.renderAll();
   }
 
   tick() {

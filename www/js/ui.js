@@ -195,7 +195,10 @@ export class UI {
     const box = $('messages');
     box.addEventListener('scroll', () => {
       if (box.scrollTop < 120) app.loadOlder();
-      if (this.nearBottom()) $('jump-btn').hidden = true;
+      if (this.nearBottom()) {
+        $('jump-btn').hidden = true;
+        app.maybeRead();
+      }
     }, { passive: true });
     $('jump-btn').addEventListener('click', () => this.scrollToBottom(true));
     // #room links in messages join (or open) the room.
@@ -212,6 +215,9 @@ export class UI {
     $('members-btn').addEventListener('click', () => this.toggleDrawer('members-open'));
     $('close-members').addEventListener('click', () => this.closeDrawers());
     $('scrim').addEventListener('click', () => this.closeDrawers());
+    $('notify-level').addEventListener('change', (e) => {
+      if (app.current) app.setNotify(app.current, e.target.value);
+    });
     $('leave-btn').addEventListener('click', () => {
       const conv = app.conv;
       if (!conv) return;
@@ -958,6 +964,7 @@ export class UI {
     this.renderMembers();
     this.renderTyping();
     this.renderTitle();
+    this.app.maybeRead();
   }
 
   renderMe() {
@@ -973,16 +980,25 @@ export class UI {
     const active = conv.key === this.app.current;
     const label = conv.kind === 'room' ? conv.name : conv.display;
     const u = conv.kind === 'dm' ? this.app.users.get(conv.name) : null;
-    const badge = conv.unread ? h('span', {
-      class: `badge${conv.mentioned ? ' badge-mention' : ''}`,
-      'data-testid': 'unread',
-      text: conv.unread > 99 ? '99+' : String(conv.unread),
+    const count = (n) => (n > 99 ? '99+' : String(n));
+    const mentionBadge = conv.mentions ? h('span', {
+      class: 'badge badge-mention',
+      'data-testid': 'mention-badge',
+      title: `${conv.mentions} mention${conv.mentions === 1 ? '' : 's'}`,
+      text: count(conv.mentions),
     }) : null;
-    const a11y = `${conv.kind === 'room' ? `Room ${conv.name}` : `Direct messages with ${label}`}${conv.unread ? `, ${conv.unread} unread` : ''}`;
+    const badge = conv.unread ? h('span', {
+      class: 'badge',
+      'data-testid': 'unread-badge',
+      title: `${conv.unread} unread`,
+      text: count(conv.unread),
+    }) : null;
+    const muted = this.app.levelOf(conv) === 'none';
+    const a11y = `${conv.kind === 'room' ? `Room ${conv.name}` : `Direct messages with ${label}`}${conv.unread ? `, ${conv.unread} unread` : ''}${conv.mentions ? `, ${conv.mentions} mention${conv.mentions === 1 ? '' : 's'}` : ''}${muted ? ', muted' : ''}`;
     return h('li', {},
       h('button', {
         type: 'button',
-        class: `conv${active ? ' active' : ''}${conv.unread ? ' has-unread' : ''}`,
+        class: `conv${active ? ' active' : ''}${conv.unread ? ' has-unread' : ''}${muted ? ' muted' : ''}`,
         'aria-current': active ? 'page' : undefined,
         'aria-label': a11y,
         dataset: { key: conv.key },
@@ -992,6 +1008,7 @@ export class UI {
         ? h('span', { class: 'conv-hash', 'aria-hidden': 'true', text: '#' })
         : h('span', { class: `dot ${u?.online ? 'on' : 'off'}`, 'aria-hidden': 'true' }),
       h('span', { class: 'conv-name', text: label }),
+      mentionBadge,
       badge));
   }
 
@@ -1012,6 +1029,9 @@ export class UI {
     const title = $('conv-title');
     const sub = $('conv-sub');
     const leave = $('leave-btn');
+    const level = $('notify-level');
+    level.hidden = !conv;
+    if (conv && document.activeElement !== level) level.value = this.app.levelOf(conv);
     if (!conv) {
       title.textContent = 'No conversation';
       sub.textContent = 'Join a room to start chatting.';
@@ -1198,7 +1218,15 @@ export class UI {
       prev = { from: m.from, ts: m.ts, pending };
     };
     pushSystem((s) => s.afterId === null);
+    let dividerDone = conv.divider === null;
     for (const m of conv.messages) {
+      if (!dividerDone && m.id > conv.divider) {
+        dividerDone = true;
+        if (lc(m.from) !== lc(this.app.me.user) || conv.messages.some((x) => x.id > conv.divider && lc(x.from) !== lc(this.app.me.user))) {
+          items.push(h('li', { class: 'unread-divider', role: 'separator', 'data-testid': 'unread-divider', 'aria-label': 'New messages' }, h('span', { text: 'New' })));
+          prev = null;
+        }
+      }
       pushMsg(m, false);
       pushSystem((s) => s.afterId !== null && s.afterId <= m.id);
     }
