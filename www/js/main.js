@@ -13,6 +13,9 @@ import { chime, unlockAudio } from './sound.js';
 import { UI } from './ui.js';
 
 const PAGE = 50;
+// The server forwards one `typing` per user and target per this long (its default
+// `--typing-interval` of 2 s, plus a margin).
+const SERVER_TYPING_INTERVAL = 2200;
 const MAX_TEXT = 4000;
 const DISABLED = 'This account has been disabled. Ask the server\u2019s administrator.';
 // Frames that are events of the server's ordered log (they carry `seq`; see `catchup`).
@@ -624,7 +627,9 @@ class App {
     };
     conv.pending.push(p);
     this.pump();
-    this.lastTypingSent.delete(conv.key);
+    // Typing on right after sending must be announced again (the others cleared the indicator
+    // when the message came): see typing().
+    this.typingAfterSend.set(conv.key, true);
     this.ui.renderAll({ scrollToBottom: true });
     return true;
   }
@@ -696,12 +701,37 @@ class App {
     this.pump();
   }
 
+  /**
+   * The user types in the composer: tell the others, at most every 3 s. After a message was
+   * sent, the next keystroke announces typing again at once — but the server forwards at most
+   * one `typing` per 2 s (`--typing-interval`) and silently drops the rest, so a frame sent
+   * within that interval of the previous one is held back until the interval has passed.
+   */
   typing() {
     const conv = this.conv;
     if (!conv || !this.conn.isReady) return;
     const now = Date.now();
-    if (now - (this.lastTypingSent.get(conv.key) || 0) < 3000) return;
-    this.lastTypingSent.set(conv.key, now);
+    const last = this.lastTypingSent.get(conv.key) || 0;
+    if (this.typingAfterSend.get(conv.key)) {
+      this.typingAfterSend.delete(conv.key);
+      const wait = last + SERVER_TYPING_INTERVAL - now;
+      if (wait <= 0) { this.sendTyping(conv); return; }
+      clearTimeout(this.typingTimers.get(conv.key));
+      this.typingTimers.set(conv.key, setTimeout(() => {
+        this.typingTimers.delete(conv.key);
+        // Still typing there (something in the composer of that conversation)?
+        if (this.current === conv.key && this.ui.composerHasText()) this.sendTyping(conv);
+      }, wait));
+      return;
+    }
+    if (this.typingTimers.has(conv.key)) return;
+    if (now - last < 3000) return;
+    this.sendTyping(conv);
+  }
+
+  sendTyping(conv) {
+    if (!this.conn.isReady) return;
+    this.lastTypingSent.set(conv.key, Date.now());
     this.conn.sendNow(conv.kind === 'room' ? { type: 'typing', room: conv.name } : { type: 'typing', to: conv.name });
   }
 

@@ -165,6 +165,7 @@ export class UI {
       this.submitComposer();
     });
     composer.addEventListener('keydown', (e) => {
+      if (this.mentionKey(e)) return;
       if (e.key === 'Enter' && !e.shiftKey && !e.isComposing && app.prefs.enterSends) {
         e.preventDefault();
         this.submitComposer();
@@ -186,7 +187,10 @@ export class UI {
         }
       }
     });
+    composer.addEventListener('blur', () => setTimeout(() => this.closeMentions(), 150));
+    composer.addEventListener('click', () => this.updateMentions());
     composer.addEventListener('input', () => {
+      this.updateMentions();
       const v = composer.value;
       if (v && !v.startsWith('/') && this.compose?.mode !== 'edit') app.typing();
     });
@@ -298,6 +302,120 @@ export class UI {
       }
     });
     window.matchMedia('(max-width: 700px)').addEventListener('change', () => this.closeDrawers());
+  }
+
+  // ---------- @ autocomplete ----------
+
+  /** The "@prefix" being typed right before the caret, or null. */
+  mentionQuery() {
+    const c = $('composer');
+    if (c.selectionStart !== c.selectionEnd) return null;
+    const before = c.value.slice(0, c.selectionStart);
+    const m = /(^|[\s(])@([A-Za-z0-9_.-]{0,32})$/.exec(before);
+    return m ? { prefix: m[2], start: c.selectionStart - m[2].length - 1, end: c.selectionStart } : null;
+  }
+
+  /** Who can be mentioned here: the room's members, or both sides of a DM. */
+  mentionCandidates() {
+    const conv = this.app.conv;
+    const me = this.app.me;
+    if (!conv || !me) return [];
+    let people;
+    if (conv.kind === 'room') people = [...conv.members.values()];
+    else {
+      const other = this.app.users.get(conv.name) || { user: conv.name, nick: conv.display };
+      people = [other];
+    }
+    return people.filter((p) => p.user && lc(p.user) !== lc(me.user));
+  }
+
+  updateMentions() {
+    const q = this.mentionQuery();
+    if (!q) { this.closeMentions(); return; }
+    const p = lc(q.prefix);
+    const list = this.mentionCandidates()
+      .filter((m) => lc(m.user).startsWith(p) || lc(m.nick || '').startsWith(p))
+      .sort((a, b) => (b.online ? 1 : 0) - (a.online ? 1 : 0) || lc(a.nick || a.user).localeCompare(lc(b.nick || b.user)))
+      .slice(0, 8);
+    if (!list.length) { this.closeMentions(); return; }
+    const prevUser = this.mentions?.list[this.mentions.index]?.user;
+    let index = list.findIndex((m) => m.user === prevUser);
+    if (index < 0) index = 0;
+    this.mentions = { q, list, index };
+    this.renderMentions();
+  }
+
+  renderMentions() {
+    const box = $('mention-suggestions');
+    const st = this.mentions;
+    if (!st) { box.hidden = true; box.replaceChildren(); return; }
+    box.replaceChildren(...st.list.map((m, i) => h('li', {
+      id: `mention-opt-${i}`,
+      role: 'option',
+      class: `mention-option${i === st.index ? ' selected' : ''}`,
+      'aria-selected': i === st.index ? 'true' : 'false',
+      'data-testid': 'mention-option',
+      dataset: { user: m.user },
+      onmousedown: (e) => { e.preventDefault(); this.insertMention(m.user); },
+    }, avatar(m.user, m.nick, 'small'),
+    h('span', { class: 'mention-nick', text: m.nick || m.user }),
+    h('span', { class: 'mention-user', text: `@${m.user}` }))));
+    box.hidden = false;
+    const c = $('composer');
+    c.setAttribute('aria-expanded', 'true');
+    c.setAttribute('aria-activedescendant', `mention-opt-${st.index}`);
+  }
+
+  closeMentions() {
+    if (!this.mentions && $('mention-suggestions').hidden) return;
+    this.mentions = null;
+    this.renderMentions();
+    const c = $('composer');
+    c.setAttribute('aria-expanded', 'false');
+    c.removeAttribute('aria-activedescendant');
+  }
+
+  insertMention(user) {
+    const st = this.mentions;
+    const c = $('composer');
+    const q = this.mentionQuery() || st?.q;
+    if (!q) return;
+    const text = `@${user} `;
+    c.value = c.value.slice(0, q.start) + text + c.value.slice(q.end);
+    const pos = q.start + text.length;
+    c.setSelectionRange(pos, pos);
+    this.closeMentions();
+    c.focus();
+    c.dispatchEvent(new Event('input', { bubbles: true }));
+  }
+
+  /** Keys while the suggestions are open: ↑/↓ move, Enter/Tab insert, Esc closes. */
+  mentionKey(e) {
+    const st = this.mentions;
+    if (!st || e.isComposing || e.altKey || e.ctrlKey || e.metaKey) return false;
+    if (e.key === 'ArrowDown' || e.key === 'ArrowUp') {
+      e.preventDefault();
+      const n = st.list.length;
+      st.index = (st.index + (e.key === 'ArrowDown' ? 1 : -1) + n) % n;
+      this.renderMentions();
+      return true;
+    }
+    if ((e.key === 'Enter' && !e.shiftKey) || (e.key === 'Tab' && !e.shiftKey)) {
+      e.preventDefault();
+      this.insertMention(st.list[st.index].user);
+      return true;
+    }
+    if (e.key === 'Escape') {
+      e.preventDefault();
+      this.closeMentions();
+      return true;
+    }
+    return false;
+  }
+
+  composerHasText() {
+    const v = $('composer').value;
+    return Boolean(v && !v.startsWith('/') && this.compose?.mode !== 'edit');
   }
 
   submitComposer() {
