@@ -520,6 +520,7 @@ class App {
     this.ui.leaveCompose(key);
     const conv = this.convs.get(key);
     this.markDivider(conv);
+    this.ui.highlight = null;
     if (this.me) store.set(`last.${lc(this.me.user)}`, key);
     this.ui.closeDrawers();
     this.ui.renderAll({ scrollToBottom: true });
@@ -968,6 +969,17 @@ class App {
     const msgs = f.messages || [];
     const dir = info?.dir || (conv.loadingOlder ? 'before' : conv.loaded ? 'after' : 'latest');
     this.requests.delete(f.ref);
+    if (dir === 'jump') {
+      // The page that ends with a message to jump to (a search result): then what came
+      // after it, up to the newest, as `history … after`.
+      for (const m of msgs) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
+      addMessages(conv, msgs, { merge: true });
+      conv.more = Boolean(f.more);
+      conv.loaded = true;
+      if (lastId(conv) !== null) this.request({ type: 'history', ...(conv.kind === 'room' ? { room: conv.name } : { with: conv.name }), after: lastId(conv), limit: 200 }, { kind: 'history', key: conv.key, dir: 'after' });
+      this.ui.renderAll({ jumpTo: key === this.current ? info.target : undefined });
+      return;
+    }
     const anchor = dir === 'before' ? this.ui.scrollAnchor() : null;
     for (const m of msgs) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
     const fresh = addMessages(conv, msgs, { merge: true });
@@ -1123,6 +1135,9 @@ class App {
         this.ui.toast(`Could not ${what} the message: ${why}.`, 'error');
         break;
       }
+      case 'search':
+        if (f.ref === this.searchRef) this.ui.searchError(f.code === 'bad_request' ? 'Type a word to search for.' : msg);
+        break;
       case 'catchup':
         if (f.code === 'rate_limited' && this.catching) {
           setTimeout(() => { if (this.catching && this.conn.isReady) this.requestCatchup(); }, 1000);
@@ -1173,6 +1188,43 @@ class App {
   onVisible() {
     if (document.hidden) return;
     this.maybeRead();
+  }
+
+  // ---------- search ----------
+
+  /** Full-text search over every conversation (`before`: older results, for "more"). */
+  search(q, before) {
+    const frame = { type: 'search', q, limit: 30 };
+    if (typeof before === 'number') frame.before = before;
+    this.searchRef = frame.ref = newRef('s');
+    this.request(frame, { kind: 'search', q, append: typeof before === 'number' });
+  }
+
+  on_search(f) {
+    const info = this.requests.get(f.ref);
+    this.requests.delete(f.ref);
+    if (!info || f.ref !== this.searchRef || !this.me) return; // a stale answer
+    const results = (f.results || []).filter((m) => typeof m.id === 'number');
+    for (const m of results) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
+    this.ui.renderSearchResults(results.map((m) => ({ ...m, key: keyOfMessage(m, this.me.user) })), Boolean(f.more), info.append);
+  }
+
+  /** Opens conversation `key` at message `id` (loading the history around it) and highlights it. */
+  jumpTo(key, id) {
+    let conv = this.convs.get(key);
+    if (!conv && key.startsWith('@')) conv = this.openDm(key.slice(1), { select: false });
+    if (!conv) { this.ui.toast('You are no longer in that conversation.', 'error'); return; }
+    this.select(key);
+    this.ui.highlight = { key, id };
+    if (conv.byId.has(id)) {
+      this.ui.renderAll({ jumpTo: id });
+      return;
+    }
+    // Not loaded: load the page that ends with it, then the rest up to the newest.
+    clearMessages(conv);
+    const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
+    this.request({ type: 'history', ...target, before: id + 1, limit: PAGE }, { kind: 'history', key, dir: 'jump', target: id });
+    this.ui.renderAll();
   }
 
   // ---------- read state ----------

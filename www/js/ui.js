@@ -293,6 +293,32 @@ export class UI {
     });
     $('test-sound').addEventListener('click', () => { unlockAudio(); chime(app.prefs.volume || 0.5); });
 
+    // Search: Ctrl+K (⌘K), or "/" when not typing somewhere.
+    document.addEventListener('keydown', (e) => {
+      if (!app.me) return;
+      const typingInField = e.target.closest?.('input, textarea, select, [contenteditable]');
+      const ctrlK = (e.ctrlKey || e.metaKey) && !e.altKey && !e.shiftKey && lc(e.key) === 'k';
+      const slash = e.key === '/' && !e.ctrlKey && !e.metaKey && !e.altKey && !typingInField;
+      if ((ctrlK || slash) && !document.querySelector('dialog[open]:not(#search-dialog)')) {
+        e.preventDefault();
+        this.openSearch();
+      }
+    });
+    $('search-btn').addEventListener('click', () => this.openSearch());
+    $('search-input').addEventListener('input', () => {
+      clearTimeout(this.searchTimer);
+      this.searchTimer = setTimeout(() => this.runSearch(), 300);
+    });
+    $('search-form').addEventListener('submit', (e) => {
+      e.preventDefault();
+      clearTimeout(this.searchTimer);
+      this.runSearch();
+    });
+    $('search-close').addEventListener('click', () => $('search-dialog').close());
+    $('search-more').addEventListener('click', () => {
+      const q = $('search-input').value.trim();
+      if (q && this.searchLast) this.app.search(q, this.searchLast);
+    });
     document.addEventListener('keydown', (e) => {
       if (e.key === 'Escape' && document.body.classList.contains('drawer-open')) this.closeDrawers();
       if (e.key === 'Escape' && document.body.classList.contains('members-open')) this.closeDrawers();
@@ -302,6 +328,69 @@ export class UI {
       }
     });
     window.matchMedia('(max-width: 700px)').addEventListener('change', () => this.closeDrawers());
+  }
+
+  // ---------- search ----------
+
+  openSearch() {
+    const d = $('search-dialog');
+    if (!d.open) d.showModal();
+    const input = $('search-input');
+    input.focus();
+    input.select();
+  }
+
+  runSearch() {
+    const q = $('search-input').value.trim();
+    this.searchLast = null;
+    if (!/[\p{L}\p{N}]/u.test(q)) {
+      this.app.searchRef = null;
+      $('search-results').replaceChildren();
+      $('search-status').textContent = q ? 'Type a word to search for.' : '';
+      $('search-more').hidden = true;
+      return;
+    }
+    $('search-status').textContent = 'Searching…';
+    this.app.search(q);
+  }
+
+  searchError(text) {
+    $('search-status').textContent = text;
+  }
+
+  /** Results (newest first) grouped by conversation, in the order of their newest result. */
+  renderSearchResults(results, more, append) {
+    const box = $('search-results');
+    if (!append) { box.replaceChildren(); this.searchGroups = new Map(); }
+    for (const m of results) {
+      let group = this.searchGroups.get(m.key);
+      if (!group) {
+        const conv = this.app.convs.get(m.key);
+        const name = m.key.startsWith('#') ? m.key : (conv?.display || this.app.users.get(m.key.slice(1))?.nick || m.key.slice(1));
+        const list = h('ul', { class: 'search-list' });
+        const sec = h('section', { class: 'search-group', 'data-testid': 'search-group', dataset: { key: m.key } },
+          h('h3', { class: 'search-conv', text: m.key.startsWith('#') ? name : `Direct messages with ${name}` }), list);
+        box.append(sec);
+        group = list;
+        this.searchGroups.set(m.key, group);
+      }
+      group.append(h('li', {},
+        h('button', {
+          type: 'button',
+          class: 'search-result',
+          'data-testid': 'search-result',
+          dataset: { id: String(m.id), key: m.key },
+          onclick: () => { $('search-dialog').close(); this.app.jumpTo(m.key, m.id); },
+        },
+        h('span', { class: 'search-meta' },
+          h('span', { class: 'search-nick', text: m.nick || m.from }),
+          h('time', { class: 'search-time', datetime: new Date(m.ts).toISOString(), text: fullDate(m.ts) })),
+        h('span', { class: 'search-text', text: plainPreview(m.text || '', 300) }))));
+    }
+    if (results.length) this.searchLast = results[results.length - 1].id;
+    const n = box.querySelectorAll('[data-testid="search-result"]').length;
+    $('search-status').textContent = n ? `${n}${more ? '+' : ''} result${n === 1 ? '' : 's'}` : 'No messages found.';
+    $('search-more').hidden = !more;
   }
 
   // ---------- @ autocomplete ----------
@@ -1053,6 +1142,7 @@ export class UI {
       scrollToBottom: p.scrollToBottom || opts.scrollToBottom,
       anchor: p.anchor || opts.anchor,
       newMessage: p.newMessage || (opts.newMessage && opts.key === this.app.current),
+      jumpTo: opts.jumpTo ?? p.jumpTo,
     };
     if (this.frame) return;
     let done = false;
@@ -1332,6 +1422,7 @@ export class UI {
         && typeof m.reply_to !== 'number';
       li.classList.toggle('cont', Boolean(cont));
       if (!pending) li.classList.toggle('actions-open', this.actionsFor === m.id);
+      if (!pending) li.classList.toggle('highlight', Boolean(this.highlight && this.highlight.key === conv.key && this.highlight.id === m.id));
       items.push(li);
       prev = { from: m.from, ts: m.ts, pending };
     };
@@ -1356,7 +1447,12 @@ export class UI {
     list.replaceChildren(...items);
     this.renderedKey = conv.key;
 
-    if (switched || opts.scrollToBottom) this.scrollToBottom();
+    const target = opts.jumpTo !== undefined ? list.querySelector(`li.msg[data-id="${opts.jumpTo}"]`) : null;
+    if (target) {
+      // A search result: show that message (centred), not the newest.
+      target.scrollIntoView({ block: 'center' });
+      $('jump-btn').hidden = this.nearBottom();
+    } else if (switched || opts.scrollToBottom) this.scrollToBottom();
     else if (opts.anchor) box.scrollTop = box.scrollHeight - opts.anchor.fromBottom;
     else if (opts.newMessage) {
       if (wasNearBottom) this.scrollToBottom();
