@@ -301,8 +301,11 @@ class App {
     if (!key) return;
     if (key.startsWith('#') && !this.convs.has(key)) return; // not in `rooms`: not a member
     const conv = this.ensureConv(key);
-    if (typeof c.read === 'number') conv.read = Math.max(conv.read ?? c.read, c.read);
-    conv.readSent = Math.max(conv.readSent ?? -Infinity, conv.read ?? -Infinity);
+    if (typeof c.read === 'number') {
+      conv.read = Math.max(conv.read ?? c.read, c.read);
+      // (a marker moved here but not sent yet, e.g. while offline, still goes out)
+      conv.readSent = Math.max(conv.readSent ?? c.read, c.read);
+    }
     if (typeof c.unread === 'number') conv.unread = c.unread;
     if (typeof c.mentions === 'number') conv.mentions = c.mentions;
     if (['all', 'mentions', 'none'].includes(c.notify)) conv.notify = c.notify;
