@@ -68,6 +68,7 @@ class App {
     this.conn.addEventListener('frame', (e) => this.onFrame(e.detail.frame));
     document.addEventListener('visibilitychange', () => this.onVisible());
     window.addEventListener('focus', () => this.onVisible());
+    window.addEventListener('pagehide', () => this.flushReads());
     setInterval(() => this.tick(), 1000);
   }
 
@@ -1258,14 +1259,26 @@ class App {
 
   sendReadSoon(conv) {
     if (this.readTimers.has(conv.key)) return;
-    this.readTimers.set(conv.key, setTimeout(() => {
-      this.readTimers.delete(conv.key);
-      if (this.convs.get(conv.key) !== conv || conv.read === null) return;
-      if (conv.readSent !== null && conv.read <= conv.readSent) return;
-      conv.readSent = conv.read;
-      const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
-      this.conn.send({ type: 'read', ...target, id: conv.read });
-    }, 300));
+    this.readTimers.set(conv.key, setTimeout(() => this.sendRead(conv), 300));
+  }
+
+  sendRead(conv) {
+    clearTimeout(this.readTimers.get(conv.key));
+    this.readTimers.delete(conv.key);
+    if (this.convs.get(conv.key) !== conv || conv.read === null) return;
+    if (conv.readSent !== null && conv.read <= conv.readSent) return;
+    conv.readSent = conv.read;
+    const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
+    this.conn.send({ type: 'read', ...target, id: conv.read });
+  }
+
+  /** The page goes away (reload, tab closed): read markers still waiting for their debounce go out now. */
+  flushReads() {
+    for (const key of [...this.readTimers.keys()]) {
+      const conv = this.convs.get(key);
+      if (conv) this.sendRead(conv);
+      else { clearTimeout(this.readTimers.get(key)); this.readTimers.delete(key); }
+    }
   }
 
   /** Another device of this user read a conversation up to `id`. */
