@@ -313,14 +313,14 @@ class App {
   }
 
   /** The newest page of a conversation, or (known conversation, server without `seq`) what came after its last message. */
-  loadHistory(conv) {
+  loadHistory(conv, extra = {}) {
     const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
     const after = lastId(conv);
     if (after === null) {
       // No `before`: the newest page.
       this.request({ type: 'history', ...target, limit: PAGE }, { kind: 'history', key: conv.key, dir: 'latest' });
     } else {
-      this.request({ type: 'history', ...target, after, limit: 200 }, { kind: 'history', key: conv.key, dir: 'after' });
+      this.request({ type: 'history', ...target, after, limit: 200 }, { kind: 'history', key: conv.key, dir: 'after', ...extra });
     }
   }
 
@@ -980,7 +980,7 @@ class App {
       addMessages(conv, msgs, { merge: true });
       conv.more = Boolean(f.more);
       conv.loaded = true;
-      if (lastId(conv) !== null) this.request({ type: 'history', ...(conv.kind === 'room' ? { room: conv.name } : { with: conv.name }), after: lastId(conv), limit: 200 }, { kind: 'history', key: conv.key, dir: 'after' });
+      if (lastId(conv) !== null) this.loadHistory(conv, { target: info.target });
       this.ui.renderAll({ jumpTo: key === this.current ? info.target : undefined });
       return;
     }
@@ -1001,13 +1001,15 @@ class App {
       conv.loaded = true;
     } else if (dir === 'after') {
       conv.loaded = true;
-      if (f.more && msgs.length) this.loadHistory(conv); // more missed than one page
+      if (f.more && msgs.length) this.loadHistory(conv, info?.target !== undefined ? { target: info.target } : {}); // more missed than one page
     }
     if (conv.kind === 'dm') {
       const other = msgs.find((m) => lc(m.from) === conv.name);
       if (other?.nick) conv.display = other.nick;
     }
-    this.ui.renderAll({ anchor, scrollToBottom: dir === 'latest' && key === this.current });
+    // (the rest of the history after a search result: stay at that message)
+    const jumpTo = dir === 'after' && key === this.current && this.ui.highlight?.id === info?.target ? info.target : undefined;
+    this.ui.renderAll({ anchor, scrollToBottom: dir === 'latest' && key === this.current, jumpTo });
   }
 
   on_nick(f) {
