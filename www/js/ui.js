@@ -448,7 +448,7 @@ export class UI {
       onmousedown: (e) => { e.preventDefault(); this.insertMention(m.user); },
     }, avatar(m.user, m.nick, 'small'),
     h('span', { class: 'mention-nick', text: m.nick || m.user }),
-    h('span', { class: 'mention-user', text: `@${m.user}` }))));
+    lc(m.nick || m.user) !== lc(m.user) ? h('span', { class: 'mention-user', text: `@${m.user}` }) : null)));
     box.hidden = false;
     const c = $('composer');
     c.setAttribute('aria-expanded', 'true');
