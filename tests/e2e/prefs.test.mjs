@@ -32,7 +32,7 @@ test('sound preference persists across reload', { timeout: 60000 }, async () => 
   await page.locator('#settings-dialog').getByRole('button', { name: 'Done' }).click();
   const before0 = await plays(page);
   await bob.call({ type: 'say', room: 'side', text: 'ding' });
-  await page.getByTestId('room-list').locator('[data-testid="unread"]').waitFor();
+  await page.getByTestId('room-list').locator('[data-testid="unread-badge"]').waitFor();
   assert.equal(await plays(page), before0 + 1, 'a new message elsewhere plays the sound');
 
   // Turn sound off, set volume and "mentions and DMs".

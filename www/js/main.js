@@ -4,7 +4,7 @@
 import { Connection, wsUrl, newRef } from './protocol.js';
 import {
   roomKey, dmKey, lc, keyOfMessage, newConv, addMessages, lastId, firstId, setTyping,
-  clearMessages, applyEdit, applyDelete, applyReaction, hasReacted,
+  clearMessages, applyEdit, applyDelete, applyReaction, hasReacted, recountUnread,
 } from './store.js';
 import { parseCommand, HELP, ROOM_RE, USER_RE, normalizeRoom } from './commands.js';
 import { loadPrefs, savePrefs, wantsAlert, store } from './prefs.js';
@@ -13,6 +13,9 @@ import { chime, unlockAudio } from './sound.js';
 import { UI } from './ui.js';
 
 const PAGE = 50;
+// The server forwards one `typing` per user and target per this long (its default
+// `--typing-interval` of 2 s, plus a margin).
+const SERVER_TYPING_INTERVAL = 2200;
 const MAX_TEXT = 4000;
 const DISABLED = 'This account has been disabled. Ask the server\u2019s administrator.';
 // Frames that are events of the server's ordered log (they carry `seq`; see `catchup`).
@@ -27,6 +30,13 @@ class App {
     this.users = new Map();    // lc(user) → {user, nick, online, last_seen}
     this.requests = new Map(); // ref → {kind, ...}
     this.lastTypingSent = new Map();
+    this.typingAfterSend = new Map(); // key → true: a message went out since the last `typing`
+    this.typingTimers = new Map();
+    // Read state from the server (welcome.conversations): counts are the server's, and only
+    // messages after the welcome (by `seq`) are counted here on top of them.
+    this.serverCounts = false;
+    this.welcomeSeq = null;
+    this.readTimers = new Map();   // key → debounce timer of a `read` frame
     this.joinIntents = new Set(); // rooms the user asked to join (in case a reply lacks its ref)
     this.authPending = false;
     this.loggingOut = false;
@@ -58,6 +68,7 @@ class App {
     this.conn.addEventListener('frame', (e) => this.onFrame(e.detail.frame));
     document.addEventListener('visibilitychange', () => this.onVisible());
     window.addEventListener('focus', () => this.onVisible());
+    window.addEventListener('pagehide', () => this.flushReads());
     setInterval(() => this.tick(), 1000);
   }
 
@@ -240,6 +251,9 @@ class App {
     }
     for (const room of rooms) this.ensureConv(roomKey(room));
     for (const u of store.get(`dms.${lc(f.user)}`, [])) this.ensureConv(dmKey(u));
+    this.serverCounts = Array.isArray(f.conversations);
+    this.welcomeSeq = typeof f.seq === 'number' ? f.seq : null;
+    for (const c of f.conversations || []) this.applyConversationState(c);
 
     // Catching up. A page that starts (or reloads) has no messages in memory: it loads its
     // conversations with `join`/`history` — snapshots of their current state — and follows the
@@ -274,20 +288,39 @@ class App {
       const first = [...this.convs.keys()].find((k) => k.startsWith('#'));
       this.current = (saved && this.convs.has(saved)) ? saved : (first || [...this.convs.keys()][0] || null);
     }
+    if (firstTime && this.conv) this.markDivider(this.conv);
     this.ui.showApp();
     this.ui.renderAll();
     if (firstTime) this.ui.focusComposer();
   }
 
+  /** One entry of `welcome.conversations`: read marker, unread and mention counts, level. */
+  applyConversationState(c) {
+    let key = null;
+    if (typeof c.room === 'string') key = roomKey(c.room);
+    else if (typeof c.with === 'string' && this.me && lc(c.with) !== lc(this.me.user)) key = dmKey(c.with);
+    if (!key) return;
+    if (key.startsWith('#') && !this.convs.has(key)) return; // not in `rooms`: not a member
+    const conv = this.ensureConv(key);
+    if (typeof c.read === 'number') {
+      conv.read = Math.max(conv.read ?? c.read, c.read);
+      // (a marker moved here but not sent yet, e.g. while offline, still goes out)
+      conv.readSent = Math.max(conv.readSent ?? c.read, c.read);
+    }
+    if (typeof c.unread === 'number') conv.unread = c.unread;
+    if (typeof c.mentions === 'number') conv.mentions = c.mentions;
+    if (['all', 'mentions', 'none'].includes(c.notify)) conv.notify = c.notify;
+  }
+
   /** The newest page of a conversation, or (known conversation, server without `seq`) what came after its last message. */
-  loadHistory(conv) {
+  loadHistory(conv, extra = {}) {
     const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
     const after = lastId(conv);
     if (after === null) {
       // No `before`: the newest page.
       this.request({ type: 'history', ...target, limit: PAGE }, { kind: 'history', key: conv.key, dir: 'latest' });
     } else {
-      this.request({ type: 'history', ...target, after, limit: 200 }, { kind: 'history', key: conv.key, dir: 'after' });
+      this.request({ type: 'history', ...target, after, limit: 200 }, { kind: 'history', key: conv.key, dir: 'after', ...extra });
     }
   }
 
@@ -490,8 +523,8 @@ class App {
     this.current = key;
     this.ui.leaveCompose(key);
     const conv = this.convs.get(key);
-    conv.unread = 0;
-    conv.mentioned = false;
+    this.markDivider(conv);
+    this.ui.highlight = null;
     if (this.me) store.set(`last.${lc(this.me.user)}`, key);
     this.ui.closeDrawers();
     this.ui.renderAll({ scrollToBottom: true });
@@ -599,7 +632,9 @@ class App {
     };
     conv.pending.push(p);
     this.pump();
-    this.lastTypingSent.delete(conv.key);
+    // Typing on right after sending must be announced again (the others cleared the indicator
+    // when the message came): see typing().
+    this.typingAfterSend.set(conv.key, true);
     this.ui.renderAll({ scrollToBottom: true });
     return true;
   }
@@ -671,12 +706,37 @@ class App {
     this.pump();
   }
 
+  /**
+   * The user types in the composer: tell the others, at most every 3 s. After a message was
+   * sent, the next keystroke announces typing again at once — but the server forwards at most
+   * one `typing` per 2 s (`--typing-interval`) and silently drops the rest, so a frame sent
+   * within that interval of the previous one is held back until the interval has passed.
+   */
   typing() {
     const conv = this.conv;
     if (!conv || !this.conn.isReady) return;
     const now = Date.now();
-    if (now - (this.lastTypingSent.get(conv.key) || 0) < 3000) return;
-    this.lastTypingSent.set(conv.key, now);
+    const last = this.lastTypingSent.get(conv.key) || 0;
+    if (this.typingAfterSend.get(conv.key)) {
+      this.typingAfterSend.delete(conv.key);
+      const wait = last + SERVER_TYPING_INTERVAL - now;
+      if (wait <= 0) { this.sendTyping(conv); return; }
+      clearTimeout(this.typingTimers.get(conv.key));
+      this.typingTimers.set(conv.key, setTimeout(() => {
+        this.typingTimers.delete(conv.key);
+        // Still typing there (something in the composer of that conversation)?
+        if (this.current === conv.key && this.ui.composerHasText()) this.sendTyping(conv);
+      }, wait));
+      return;
+    }
+    if (this.typingTimers.has(conv.key)) return;
+    if (now - last < 3000) return;
+    this.sendTyping(conv);
+  }
+
+  sendTyping(conv) {
+    if (!this.conn.isReady) return;
+    this.lastTypingSent.set(conv.key, Date.now());
     this.conn.sendNow(conv.kind === 'room' ? { type: 'typing', room: conv.name } : { type: 'typing', to: conv.name });
   }
 
@@ -822,11 +882,36 @@ class App {
     conv.typing.delete(lc(f.from));
     if (lc(f.from) !== lc(this.me.user)) {
       if (!backlog) this.alert(conv, f);
-      else if (!f.deleted && (conv.key !== this.current || document.hidden || !document.hasFocus())) {
-        conv.unread += 1; // missed while disconnected: unread, without a sound for a backlog
+      else if (!f.deleted && this.countable(conv, f)) {
+        this.countUnread(conv, f); // missed while disconnected: unread, without a sound for a backlog
       }
     }
     this.ui.renderAll({ newMessage: true, key });
+  }
+
+  /**
+   * Is a message from someone else to be counted as unread here? Not when it is at or before
+   * the read marker, nor when the welcome's counts already hold it (its `seq` is not after the
+   * welcome's).
+   */
+  countable(conv, m) {
+    if (conv.read !== null && m.id <= conv.read) return false;
+    if (this.serverCounts && this.welcomeSeq !== null && (typeof m.seq !== 'number' || m.seq <= this.welcomeSeq)) return false;
+    return true;
+  }
+
+  countUnread(conv, m) {
+    conv.unread += 1;
+    if (conv.kind === 'dm' || this.isMention(m)) conv.mentions += 1;
+  }
+
+  isMention(m) {
+    return Boolean(this.me && !m.deleted && mentions(m.text || '', [this.me.user, this.me.nick]));
+  }
+
+  /** The conversation's notification level (the server's, else its default). */
+  levelOf(conv) {
+    return conv.notify || (conv.kind === 'dm' ? 'all' : 'mentions');
   }
 
   alert(conv, m) {
@@ -834,14 +919,12 @@ class App {
     const here = conv.key === this.current;
     const mention = mentions(m.text, [this.me.user, this.me.nick]);
     const dm = conv.kind === 'dm';
-    if (!here || !visible) {
-      conv.unread += 1;
-      if (mention || dm) conv.mentioned = true;
-    }
+    const seen = here && document.visibilityState === 'visible' && this.ui.nearBottom();
+    if (!seen && this.countable(conv, m)) this.countUnread(conv, m);
     const who = m.nick || m.from;
     if (here) this.ui.announce(`${who}: ${plainPreview(m.text, 200)}`);
     else this.ui.announce(`New message from ${who} in ${conv.kind === 'room' ? `#${conv.name}` : 'a direct message'}`);
-    if ((!here || !visible) && wantsAlert(this.prefs, { mention, dm })) {
+    if ((!here || !visible) && wantsAlert(this.prefs, { mention, dm, level: this.levelOf(conv) })) {
       if (this.prefs.sound) chime(this.prefs.volume, { mention: mention || dm });
       if (this.prefs.desktop && document.hidden && 'Notification' in window && Notification.permission === 'granted') {
         try {
@@ -890,10 +973,21 @@ class App {
     const msgs = f.messages || [];
     const dir = info?.dir || (conv.loadingOlder ? 'before' : conv.loaded ? 'after' : 'latest');
     this.requests.delete(f.ref);
+    if (dir === 'jump') {
+      // The page that ends with a message to jump to (a search result): then what came
+      // after it, up to the newest, as `history … after`.
+      for (const m of msgs) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
+      addMessages(conv, msgs, { merge: true });
+      conv.more = Boolean(f.more);
+      conv.loaded = true;
+      if (lastId(conv) !== null) this.loadHistory(conv, { target: info.target });
+      this.ui.renderAll({ jumpTo: key === this.current ? info.target : undefined });
+      return;
+    }
     const anchor = dir === 'before' ? this.ui.scrollAnchor() : null;
     for (const m of msgs) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
     const fresh = addMessages(conv, msgs, { merge: true });
-    if (dir === 'after' && this.me) {
+    if (dir === 'after' && this.me && !this.serverCounts) {
       // Missed while disconnected: count as unread (no sound for a backlog).
       const visible = !document.hidden && document.hasFocus();
       const missed = fresh.filter((m) => lc(m.from) !== lc(this.me.user)).length;
@@ -907,13 +1001,15 @@ class App {
       conv.loaded = true;
     } else if (dir === 'after') {
       conv.loaded = true;
-      if (f.more && msgs.length) this.loadHistory(conv); // more missed than one page
+      if (f.more && msgs.length) this.loadHistory(conv, info?.target !== undefined ? { target: info.target } : {}); // more missed than one page
     }
     if (conv.kind === 'dm') {
       const other = msgs.find((m) => lc(m.from) === conv.name);
       if (other?.nick) conv.display = other.nick;
     }
-    this.ui.renderAll({ anchor, scrollToBottom: dir === 'latest' && key === this.current });
+    // (the rest of the history after a search result: stay at that message)
+    const jumpTo = dir === 'after' && key === this.current && this.ui.highlight?.id === info?.target ? info.target : undefined;
+    this.ui.renderAll({ anchor, scrollToBottom: dir === 'latest' && key === this.current, jumpTo });
   }
 
   on_nick(f) {
@@ -1045,6 +1141,9 @@ class App {
         this.ui.toast(`Could not ${what} the message: ${why}.`, 'error');
         break;
       }
+      case 'search':
+        if (f.ref === this.searchRef) this.ui.searchError(f.code === 'bad_request' ? 'Type a word to search for.' : msg);
+        break;
       case 'catchup':
         if (f.code === 'rate_limited' && this.catching) {
           setTimeout(() => { if (this.catching && this.conn.isReady) this.requestCatchup(); }, 1000);
@@ -1094,12 +1193,128 @@ class App {
 
   onVisible() {
     if (document.hidden) return;
-    const conv = this.conv;
-    if (conv && (conv.unread || conv.mentioned)) {
-      conv.unread = 0;
-      conv.mentioned = false;
-      this.ui.renderAll();
+    this.maybeRead();
+  }
+
+  // ---------- search ----------
+
+  /** Full-text search over every conversation (`before`: older results, for "more"). */
+  search(q, before) {
+    const frame = { type: 'search', q, limit: 30 };
+    if (typeof before === 'number') frame.before = before;
+    this.searchRef = frame.ref = newRef('s');
+    this.request(frame, { kind: 'search', q, append: typeof before === 'number' });
+  }
+
+  on_search(f) {
+    const info = this.requests.get(f.ref);
+    this.requests.delete(f.ref);
+    if (!info || f.ref !== this.searchRef || !this.me) return; // a stale answer
+    const results = (f.results || []).filter((m) => typeof m.id === 'number');
+    for (const m of results) if (m.from) this.noteUser({ user: m.from, nick: m.nick });
+    this.ui.renderSearchResults(results.map((m) => ({ ...m, key: keyOfMessage(m, this.me.user) })), Boolean(f.more), info.append);
+  }
+
+  /** Opens conversation `key` at message `id` (loading the history around it) and highlights it. */
+  jumpTo(key, id) {
+    let conv = this.convs.get(key);
+    if (!conv && key.startsWith('@')) conv = this.openDm(key.slice(1), { select: false });
+    if (!conv) { this.ui.toast('You are no longer in that conversation.', 'error'); return; }
+    this.select(key);
+    this.ui.highlight = { key, id };
+    if (conv.byId.has(id)) {
+      this.ui.renderAll({ jumpTo: id });
+      return;
     }
+    // Not loaded: load the page that ends with it, then the rest up to the newest.
+    clearMessages(conv);
+    const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
+    this.request({ type: 'history', ...target, before: id + 1, limit: PAGE }, { kind: 'history', key, dir: 'jump', target: id });
+    this.ui.renderAll();
+  }
+
+  // ---------- read state ----------
+
+  /** Opening a conversation with unread messages: a "New" divider above the first of them. */
+  markDivider(conv) {
+    conv.divider = conv.unread > 0 && conv.read !== null ? conv.read : null;
+  }
+
+  /**
+   * The user sees the newest message of the open conversation (tab visible, scrolled to the
+   * bottom): move the read marker there, clear its counts and tell the server (debounced).
+   */
+  maybeRead() {
+    const conv = this.conv;
+    if (!conv || !this.me || !conv.loaded || document.visibilityState !== 'visible') return;
+    if (!this.ui.nearBottom()) return;
+    const newest = lastId(conv);
+    if (newest === null) return;
+    const moved = conv.read === null || newest > conv.read;
+    if (!moved && !conv.unread && !conv.mentions) return;
+    if (moved) conv.read = newest;
+    conv.unread = 0;
+    conv.mentions = 0;
+    this.ui.renderAll();
+    if (moved) this.sendReadSoon(conv);
+  }
+
+  sendReadSoon(conv) {
+    if (this.readTimers.has(conv.key)) return;
+    this.readTimers.set(conv.key, setTimeout(() => this.sendRead(conv), 300));
+  }
+
+  sendRead(conv) {
+    clearTimeout(this.readTimers.get(conv.key));
+    this.readTimers.delete(conv.key);
+    if (this.convs.get(conv.key) !== conv || conv.read === null) return;
+    if (conv.readSent !== null && conv.read <= conv.readSent) return;
+    conv.readSent = conv.read;
+    const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
+    this.conn.send({ type: 'read', ...target, id: conv.read });
+  }
+
+  /** The page goes away (reload, tab closed): read markers still waiting for their debounce go out now. */
+  flushReads() {
+    for (const key of [...this.readTimers.keys()]) {
+      const conv = this.convs.get(key);
+      if (conv) this.sendRead(conv);
+      else { clearTimeout(this.readTimers.get(key)); this.readTimers.delete(key); }
+    }
+  }
+
+  /** Another device of this user read a conversation up to `id`. */
+  on_read(f) {
+    if (!this.me || typeof f.id !== 'number') return;
+    const key = f.room ? roomKey(f.room) : (f.with ? dmKey(f.with) : null);
+    const conv = key && this.convs.get(key);
+    if (!conv) return;
+    if (conv.read !== null && f.id <= conv.read) return;
+    conv.read = f.id;
+    conv.readSent = Math.max(conv.readSent ?? -Infinity, f.id);
+    recountUnread(conv, this.me.user, (m) => this.isMention(m));
+    this.ui.renderAll();
+  }
+
+  // ---------- notification levels ----------
+
+  setNotify(key, level) {
+    const conv = this.convs.get(key);
+    if (!conv || !['all', 'mentions', 'none'].includes(level)) return;
+    conv.notify = level;
+    const target = conv.kind === 'room' ? { room: conv.name } : { with: conv.name };
+    this.request({ type: 'notify', ...target, level }, { kind: 'notify', key });
+    this.ui.renderAll();
+  }
+
+  on_notify(f) {
+    if (f.ref) this.requests.delete(f.ref);
+    if (!this.me || !['all', 'mentions', 'none'].includes(f.level)) return;
+    const key = f.room ? roomKey(f.room) : (f.with ? dmKey(f.with) : null);
+    const conv = key && this.convs.get(key);
+    if (!conv) return;
+    conv.notify = f.level;
+    this.ui.renderAll();
   }
 
   tick() {

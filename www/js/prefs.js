@@ -34,10 +34,15 @@ export function savePrefs(prefs, storage = globalThis.localStorage) {
   return clean;
 }
 
-/** Should a message of this kind make a sound / notification under these prefs? */
-export function wantsAlert(prefs, { mention, dm }) {
-  if (prefs.notifyOn === 'none') return false;
-  if (prefs.notifyOn === 'all') return true;
+/**
+ * Should a message of this kind make a sound / notification under these prefs and the
+ * conversation's notification `level` ('all' | 'mentions' | 'none', the server's per-conversation
+ * setting)? 'none' on either side mutes; 'all' on either side alerts for every message; else
+ * only mentions and DMs do.
+ */
+export function wantsAlert(prefs, { mention, dm, level = 'mentions' }) {
+  if (prefs.notifyOn === 'none' || level === 'none') return false;
+  if (prefs.notifyOn === 'all' || level === 'all') return true;
   return Boolean(mention || dm);
 }
 

@@ -25,8 +25,12 @@ export function newConv(key, extra = {}) {
     ids: new Set(),
     byId: new Map(),    // id → message object (the same objects as in `messages`)
     pending: [],        // {ref, text, ts, state: 'queued'|'sending'|'failed', error}
-    unread: 0,
-    mentioned: false,
+    unread: 0,          // messages by others after the read marker (server count, then live)
+    mentions: 0,        // those of them that mention the user (every one, in a DM)
+    read: null,         // read marker: the newest message id the user has seen (any device)
+    readSent: null,     // the marker last sent to the server from here
+    notify: null,       // notification level: 'all' | 'mentions' | 'none' (null: server default)
+    divider: null,      // "New" divider: shown above the first message with id > this
     loaded: false,      // initial snapshot received
     more: true,         // older history may exist
     loadingOlder: false,
@@ -174,6 +178,25 @@ export function lastOwnMessage(conv, user) {
 
 export const lastId = (conv) => (conv.messages.length ? conv.messages[conv.messages.length - 1].id : null);
 export const firstId = (conv) => (conv.messages.length ? conv.messages[0].id : null);
+
+/**
+ * Recounts unread and mentions from the loaded messages after the read marker moved, when the
+ * loaded messages reach back to it (otherwise the counts are kept, at most the loaded ones).
+ * `isMention(m)` says whether a message mentions the user.
+ */
+export function recountUnread(conv, me, isMention) {
+  const read = conv.read ?? -Infinity;
+  const after = conv.messages.filter((m) => m.id > read && !m.deleted && lc(m.from) !== lc(me));
+  const mentionsAfter = after.filter((m) => conv.kind === 'dm' || isMention(m)).length;
+  const complete = !conv.more || (conv.messages.length && conv.messages[0].id <= read);
+  if (complete || lastId(conv) === null || (lastId(conv) <= read)) {
+    conv.unread = after.length;
+    conv.mentions = mentionsAfter;
+  } else {
+    conv.unread = Math.max(after.length, conv.unread);
+    conv.mentions = Math.max(mentionsAfter, conv.mentions);
+  }
+}
 
 /** Sets the typing state of `user` in `conv` until now + TYPING_TTL. */
 export function setTyping(conv, user, nick, now = Date.now()) {

@@ -165,6 +165,7 @@ export class UI {
       this.submitComposer();
     });
     composer.addEventListener('keydown', (e) => {
+      if (this.mentionKey(e)) return;
       if (e.key === 'Enter' && !e.shiftKey && !e.isComposing && app.prefs.enterSends) {
         e.preventDefault();
         this.submitComposer();
@@ -186,7 +187,10 @@ export class UI {
         }
       }
     });
+    composer.addEventListener('blur', () => setTimeout(() => this.closeMentions(), 150));
+    composer.addEventListener('click', () => this.updateMentions());
     composer.addEventListener('input', () => {
+      this.updateMentions();
       const v = composer.value;
       if (v && !v.startsWith('/') && this.compose?.mode !== 'edit') app.typing();
     });
@@ -195,7 +199,10 @@ export class UI {
     const box = $('messages');
     box.addEventListener('scroll', () => {
       if (box.scrollTop < 120) app.loadOlder();
-      if (this.nearBottom()) $('jump-btn').hidden = true;
+      if (this.nearBottom()) {
+        $('jump-btn').hidden = true;
+        app.maybeRead();
+      }
     }, { passive: true });
     $('jump-btn').addEventListener('click', () => this.scrollToBottom(true));
     // #room links in messages join (or open) the room.
@@ -212,6 +219,9 @@ export class UI {
     $('members-btn').addEventListener('click', () => this.toggleDrawer('members-open'));
     $('close-members').addEventListener('click', () => this.closeDrawers());
     $('scrim').addEventListener('click', () => this.closeDrawers());
+    $('notify-level').addEventListener('change', (e) => {
+      if (app.current) app.setNotify(app.current, e.target.value);
+    });
     $('leave-btn').addEventListener('click', () => {
       const conv = app.conv;
       if (!conv) return;
@@ -283,6 +293,32 @@ export class UI {
     });
     $('test-sound').addEventListener('click', () => { unlockAudio(); chime(app.prefs.volume || 0.5); });
 
+    // Search: Ctrl+K (⌘K), or "/" when not typing somewhere.
+    document.addEventListener('keydown', (e) => {
+      if (!app.me) return;
+      const typingInField = e.target.closest?.('input, textarea, select, [contenteditable]');
+      const ctrlK = (e.ctrlKey || e.metaKey) && !e.altKey && !e.shiftKey && lc(e.key) === 'k';
+      const slash = e.key === '/' && !e.ctrlKey && !e.metaKey && !e.altKey && !typingInField;
+      if ((ctrlK || slash) && !document.querySelector('dialog[open]:not(#search-dialog)')) {
+        e.preventDefault();
+        this.openSearch();
+      }
+    });
+    $('search-btn').addEventListener('click', () => this.openSearch());
+    $('search-input').addEventListener('input', () => {
+      clearTimeout(this.searchTimer);
+      this.searchTimer = setTimeout(() => this.runSearch(), 300);
+    });
+    $('search-form').addEventListener('submit', (e) => {
+      e.preventDefault();
+      clearTimeout(this.searchTimer);
+      this.runSearch();
+    });
+    $('search-close').addEventListener('click', () => $('search-dialog').close());
+    $('search-more').addEventListener('click', () => {
+      const q = $('search-input').value.trim();
+      if (q && this.searchLast) this.app.search(q, this.searchLast);
+    });
     document.addEventListener('keydown', (e) => {
       if (e.key === 'Escape' && document.body.classList.contains('drawer-open')) this.closeDrawers();
       if (e.key === 'Escape' && document.body.classList.contains('members-open')) this.closeDrawers();
@@ -292,6 +328,183 @@ export class UI {
       }
     });
     window.matchMedia('(max-width: 700px)').addEventListener('change', () => this.closeDrawers());
+  }
+
+  // ---------- search ----------
+
+  openSearch() {
+    const d = $('search-dialog');
+    if (!d.open) d.showModal();
+    const input = $('search-input');
+    input.focus();
+    input.select();
+  }
+
+  runSearch() {
+    const q = $('search-input').value.trim();
+    this.searchLast = null;
+    if (!/[\p{L}\p{N}]/u.test(q)) {
+      this.app.searchRef = null;
+      $('search-results').replaceChildren();
+      $('search-status').textContent = q ? 'Type a word to search for.' : '';
+      $('search-more').hidden = true;
+      return;
+    }
+    $('search-status').textContent = 'Searching…';
+    this.app.search(q);
+  }
+
+  searchError(text) {
+    $('search-status').textContent = text;
+  }
+
+  /** Results (newest first) grouped by conversation, in the order of their newest result. */
+  renderSearchResults(results, more, append) {
+    const box = $('search-results');
+    if (!append) { box.replaceChildren(); this.searchGroups = new Map(); }
+    for (const m of results) {
+      let group = this.searchGroups.get(m.key);
+      if (!group) {
+        const conv = this.app.convs.get(m.key);
+        const name = m.key.startsWith('#') ? m.key : (conv?.display || this.app.users.get(m.key.slice(1))?.nick || m.key.slice(1));
+        const list = h('ul', { class: 'search-list' });
+        const sec = h('section', { class: 'search-group', 'data-testid': 'search-group', dataset: { key: m.key } },
+          h('h3', { class: 'search-conv', text: m.key.startsWith('#') ? name : `Direct messages with ${name}` }), list);
+        box.append(sec);
+        group = list;
+        this.searchGroups.set(m.key, group);
+      }
+      group.append(h('li', {},
+        h('button', {
+          type: 'button',
+          class: 'search-result',
+          'data-testid': 'search-result',
+          dataset: { id: String(m.id), key: m.key },
+          onclick: () => { $('search-dialog').close(); this.app.jumpTo(m.key, m.id); },
+        },
+        h('span', { class: 'search-meta' },
+          h('span', { class: 'search-nick', text: m.nick || m.from }),
+          h('time', { class: 'search-time', datetime: new Date(m.ts).toISOString(), text: fullDate(m.ts) })),
+        h('span', { class: 'search-text', text: plainPreview(m.text || '', 300) }))));
+    }
+    if (results.length) this.searchLast = results[results.length - 1].id;
+    const n = box.querySelectorAll('[data-testid="search-result"]').length;
+    $('search-status').textContent = n ? `${n}${more ? '+' : ''} result${n === 1 ? '' : 's'}` : 'No messages found.';
+    $('search-more').hidden = !more;
+  }
+
+  // ---------- @ autocomplete ----------
+
+  /** The "@prefix" being typed right before the caret, or null. */
+  mentionQuery() {
+    const c = $('composer');
+    if (c.selectionStart !== c.selectionEnd) return null;
+    const before = c.value.slice(0, c.selectionStart);
+    const m = /(^|[\s(])@([A-Za-z0-9_.-]{0,32})$/.exec(before);
+    return m ? { prefix: m[2], start: c.selectionStart - m[2].length - 1, end: c.selectionStart } : null;
+  }
+
+  /** Who can be mentioned here: the room's members, or both sides of a DM. */
+  mentionCandidates() {
+    const conv = this.app.conv;
+    const me = this.app.me;
+    if (!conv || !me) return [];
+    let people;
+    if (conv.kind === 'room') people = [...conv.members.values()];
+    else {
+      const other = this.app.users.get(conv.name) || { user: conv.name, nick: conv.display };
+      people = [other];
+    }
+    return people.filter((p) => p.user && lc(p.user) !== lc(me.user));
+  }
+
+  updateMentions() {
+    const q = this.mentionQuery();
+    if (!q) { this.closeMentions(); return; }
+    const p = lc(q.prefix);
+    const list = this.mentionCandidates()
+      .filter((m) => lc(m.user).startsWith(p) || lc(m.nick || '').startsWith(p))
+      .sort((a, b) => (b.online ? 1 : 0) - (a.online ? 1 : 0) || lc(a.nick || a.user).localeCompare(lc(b.nick || b.user)))
+      .slice(0, 8);
+    if (!list.length) { this.closeMentions(); return; }
+    const prevUser = this.mentions?.list[this.mentions.index]?.user;
+    let index = list.findIndex((m) => m.user === prevUser);
+    if (index < 0) index = 0;
+    this.mentions = { q, list, index };
+    this.renderMentions();
+  }
+
+  renderMentions() {
+    const box = $('mention-suggestions');
+    const st = this.mentions;
+    if (!st) { box.hidden = true; box.replaceChildren(); return; }
+    box.replaceChildren(...st.list.map((m, i) => h('li', {
+      id: `mention-opt-${i}`,
+      role: 'option',
+      class: `mention-option${i === st.index ? ' selected' : ''}`,
+      'aria-selected': i === st.index ? 'true' : 'false',
+      'data-testid': 'mention-option',
+      dataset: { user: m.user },
+      onmousedown: (e) => { e.preventDefault(); this.insertMention(m.user); },
+    }, avatar(m.user, m.nick, 'small'),
+    h('span', { class: 'mention-nick', text: m.nick || m.user }),
+    lc(m.nick || m.user) !== lc(m.user) ? h('span', { class: 'mention-user', text: `@${m.user}` }) : null)));
+    box.hidden = false;
+    const c = $('composer');
+    c.setAttribute('aria-expanded', 'true');
+    c.setAttribute('aria-activedescendant', `mention-opt-${st.index}`);
+  }
+
+  closeMentions() {
+    if (!this.mentions && $('mention-suggestions').hidden) return;
+    this.mentions = null;
+    this.renderMentions();
+    const c = $('composer');
+    c.setAttribute('aria-expanded', 'false');
+    c.removeAttribute('aria-activedescendant');
+  }
+
+  insertMention(user) {
+    const st = this.mentions;
+    const c = $('composer');
+    const q = this.mentionQuery() || st?.q;
+    if (!q) return;
+    const text = `@${user} `;
+    c.value = c.value.slice(0, q.start) + text + c.value.slice(q.end);
+    const pos = q.start + text.length;
+    c.setSelectionRange(pos, pos);
+    this.closeMentions();
+    c.focus();
+    c.dispatchEvent(new Event('input', { bubbles: true }));
+  }
+
+  /** Keys while the suggestions are open: ↑/↓ move, Enter/Tab insert, Esc closes. */
+  mentionKey(e) {
+    const st = this.mentions;
+    if (!st || e.isComposing || e.altKey || e.ctrlKey || e.metaKey) return false;
+    if (e.key === 'ArrowDown' || e.key === 'ArrowUp') {
+      e.preventDefault();
+      const n = st.list.length;
+      st.index = (st.index + (e.key === 'ArrowDown' ? 1 : -1) + n) % n;
+      this.renderMentions();
+      return true;
+    }
+    if ((e.key === 'Enter' && !e.shiftKey) || (e.key === 'Tab' && !e.shiftKey)) {
+      e.preventDefault();
+      this.insertMention(st.list[st.index].user);
+      return true;
+    }
+    if (e.key === 'Escape') {
+      e.preventDefault();
+      this.closeMentions();
+      return true;
+    }
+    return false;
+  }
+
+  composerHasText() {
+    const v = $('composer').value;
+    return Boolean(v && !v.startsWith('/') && this.compose?.mode !== 'edit');
   }
 
   submitComposer() {
@@ -929,6 +1142,7 @@ export class UI {
       scrollToBottom: p.scrollToBottom || opts.scrollToBottom,
       anchor: p.anchor || opts.anchor,
       newMessage: p.newMessage || (opts.newMessage && opts.key === this.app.current),
+      jumpTo: opts.jumpTo ?? p.jumpTo,
     };
     if (this.frame) return;
     let done = false;
@@ -958,6 +1172,7 @@ export class UI {
     this.renderMembers();
     this.renderTyping();
     this.renderTitle();
+    this.app.maybeRead();
   }
 
   renderMe() {
@@ -973,16 +1188,25 @@ export class UI {
     const active = conv.key === this.app.current;
     const label = conv.kind === 'room' ? conv.name : conv.display;
     const u = conv.kind === 'dm' ? this.app.users.get(conv.name) : null;
-    const badge = conv.unread ? h('span', {
-      class: `badge${conv.mentioned ? ' badge-mention' : ''}`,
-      'data-testid': 'unread',
-      text: conv.unread > 99 ? '99+' : String(conv.unread),
+    const count = (n) => (n > 99 ? '99+' : String(n));
+    const mentionBadge = conv.mentions ? h('span', {
+      class: 'badge badge-mention',
+      'data-testid': 'mention-badge',
+      title: `${conv.mentions} mention${conv.mentions === 1 ? '' : 's'}`,
+      text: count(conv.mentions),
     }) : null;
-    const a11y = `${conv.kind === 'room' ? `Room ${conv.name}` : `Direct messages with ${label}`}${conv.unread ? `, ${conv.unread} unread` : ''}`;
+    const badge = conv.unread ? h('span', {
+      class: 'badge',
+      'data-testid': 'unread-badge',
+      title: `${conv.unread} unread`,
+      text: count(conv.unread),
+    }) : null;
+    const muted = this.app.levelOf(conv) === 'none';
+    const a11y = `${conv.kind === 'room' ? `Room ${conv.name}` : `Direct messages with ${label}`}${conv.unread ? `, ${conv.unread} unread` : ''}${conv.mentions ? `, ${conv.mentions} mention${conv.mentions === 1 ? '' : 's'}` : ''}${muted ? ', muted' : ''}`;
     return h('li', {},
       h('button', {
         type: 'button',
-        class: `conv${active ? ' active' : ''}${conv.unread ? ' has-unread' : ''}`,
+        class: `conv${active ? ' active' : ''}${conv.unread ? ' has-unread' : ''}${muted ? ' muted' : ''}`,
         'aria-current': active ? 'page' : undefined,
         'aria-label': a11y,
         dataset: { key: conv.key },
@@ -992,6 +1216,7 @@ export class UI {
         ? h('span', { class: 'conv-hash', 'aria-hidden': 'true', text: '#' })
         : h('span', { class: `dot ${u?.online ? 'on' : 'off'}`, 'aria-hidden': 'true' }),
       h('span', { class: 'conv-name', text: label }),
+      mentionBadge,
       badge));
   }
 
@@ -1012,6 +1237,9 @@ export class UI {
     const title = $('conv-title');
     const sub = $('conv-sub');
     const leave = $('leave-btn');
+    const level = $('notify-level');
+    level.hidden = !conv;
+    if (conv && document.activeElement !== level) level.value = this.app.levelOf(conv);
     if (!conv) {
       title.textContent = 'No conversation';
       sub.textContent = 'Join a room to start chatting.';
@@ -1194,11 +1422,20 @@ export class UI {
         && typeof m.reply_to !== 'number';
       li.classList.toggle('cont', Boolean(cont));
       if (!pending) li.classList.toggle('actions-open', this.actionsFor === m.id);
+      if (!pending) li.classList.toggle('highlight', Boolean(this.highlight && this.highlight.key === conv.key && this.highlight.id === m.id));
       items.push(li);
       prev = { from: m.from, ts: m.ts, pending };
     };
     pushSystem((s) => s.afterId === null);
+    let dividerDone = conv.divider === null;
     for (const m of conv.messages) {
+      if (!dividerDone && m.id > conv.divider) {
+        dividerDone = true;
+        if (lc(m.from) !== lc(this.app.me.user) || conv.messages.some((x) => x.id > conv.divider && lc(x.from) !== lc(this.app.me.user))) {
+          items.push(h('li', { class: 'unread-divider', role: 'separator', 'data-testid': 'unread-divider', 'aria-label': 'New messages' }, h('span', { text: 'New' })));
+          prev = null;
+        }
+      }
       pushMsg(m, false);
       pushSystem((s) => s.afterId !== null && s.afterId <= m.id);
     }
@@ -1210,7 +1447,12 @@ export class UI {
     list.replaceChildren(...items);
     this.renderedKey = conv.key;
 
-    if (switched || opts.scrollToBottom) this.scrollToBottom();
+    const target = opts.jumpTo !== undefined ? list.querySelector(`li.msg[data-id="${opts.jumpTo}"]`) : null;
+    if (target) {
+      // A search result: show that message (centred), not the newest.
+      target.scrollIntoView({ block: 'center' });
+      $('jump-btn').hidden = this.nearBottom();
+    } else if (switched || opts.scrollToBottom) this.scrollToBottom();
     else if (opts.anchor) box.scrollTop = box.scrollHeight - opts.anchor.fromBottom;
     else if (opts.newMessage) {
       if (wasNearBottom) this.scrollToBottom();
