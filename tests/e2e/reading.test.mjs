@@ -146,6 +146,41 @@ test('opening a conversation with unread messages shows a "New" divider above th
   a.assertClean();
 });
 
+test('a conversation with more unread than fits on screen opens at the divider, and is read only once scrolled to the end', { timeout: 90000 }, async () => {
+  const a = await person('alice');
+  const room = roomName('longunread');
+  const bob = await raw('bob');
+  await bob.call({ type: 'join', room });
+  await joinRoom(a.page, room);
+  await bob.call({ type: 'say', room, text: 'seen before leaving' });
+  await messages(a.page, 'seen before leaving').waitFor();
+  await a.page.waitForTimeout(500);
+  await openRoom(a.page, 'general');
+  await a.page.locator('#conv-title', { hasText: '#general' }).waitFor();
+  for (let i = 0; i < 40; i++) await bob.call({ type: 'say', room, text: `unread number ${i}\n\nwith a second paragraph` });
+  await roomEntry(a.page, room).getByTestId('unread-badge').filter({ hasText: /^40$/ }).waitFor();
+
+  await roomEntry(a.page, room).click();
+  const divider = a.page.getByTestId('unread-divider');
+  await divider.waitFor();
+  // The divider is on screen, the newest message is not.
+  const where = await a.page.evaluate(() => {
+    const box = document.getElementById('messages').getBoundingClientRect();
+    const d = document.querySelector('[data-testid="unread-divider"]').getBoundingClientRect();
+    const msgs = document.querySelectorAll('#message-list li.msg');
+    const last = msgs[msgs.length - 1].getBoundingClientRect();
+    return { dividerIn: d.top >= box.top && d.bottom <= box.bottom, lastBelow: last.top > box.bottom };
+  });
+  assert.deepEqual(where, { dividerIn: true, lastBelow: true });
+  // Not read yet: the badge stays while the newest message is unseen.
+  await a.page.waitForTimeout(800);
+  assert.equal(await badgeText(a.page, room, 'unread-badge'), '40');
+  // Scrolled to the end, it is read: the badge goes.
+  await a.page.evaluate(() => { const b = document.getElementById('messages'); b.scrollTop = b.scrollHeight; });
+  await roomEntry(a.page, room).getByTestId('unread-badge').waitFor({ state: 'detached', timeout: 5000 });
+  a.assertClean();
+});
+
 test('notification levels: "none" mutes a conversation, "all" chimes for every message, and the level is kept by the server', { timeout: 60000 }, async () => {
   const a = await person('alice');
   const room = roomName('levels');

@@ -1452,8 +1452,21 @@ export class UI {
       // A search result: show that message (centred), not the newest.
       target.scrollIntoView({ block: 'center' });
       $('jump-btn').hidden = this.nearBottom();
-    } else if (switched || opts.scrollToBottom) this.scrollToBottom();
-    else if (opts.anchor) box.scrollTop = box.scrollHeight - opts.anchor.fromBottom;
+    } else if (switched || opts.scrollToBottom) {
+      // Opening a conversation whose unread messages do not all fit on screen lands on the
+      // "New" divider, once: the first unread message is what the person came to read. A
+      // later page load of the same conversation leaves them there.
+      const divider = list.querySelector('li.unread-divider');
+      const landed = divider && conv.landedOn === conv.divider;
+      if (!(landed && !switched && !wasNearBottom)) {
+        this.scrollToBottom();
+        if (divider && !landed && divider.getBoundingClientRect().top < box.getBoundingClientRect().top) {
+          conv.landedOn = conv.divider;
+          divider.scrollIntoView({ block: 'start' });
+          $('jump-btn').hidden = this.nearBottom();
+        }
+      }
+    } else if (opts.anchor) box.scrollTop = box.scrollHeight - opts.anchor.fromBottom;
     else if (opts.newMessage) {
       if (wasNearBottom) this.scrollToBottom();
       else $('jump-btn').hidden = false;
