@@ -186,10 +186,9 @@ impl Hub {
                 room,
                 with,
             }) => {
-                let Some(c) = self.conns.get_mut(&conn) else {
+                if !self.query_answered(conn) {
                     return; // closed meanwhile (the store skipped it if it could)
-                };
-                c.queries = c.queries.saturating_sub(1);
+                }
                 let json = ServerFrame::History {
                     room: room.as_deref(),
                     with: with.as_deref(),

@@ -500,14 +500,10 @@ impl Hub {
             let json = catchup_json(&[], head, false, true, r);
             return self.send_json(conn, json);
         }
-        let Some(u) = self.users.get(key) else { return };
-        let mut convs: Vec<String> = u.rooms.iter().cloned().collect();
-        convs.extend(u.dm_partners.iter().map(|p| store::dm_key(key, p)));
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let convs = self.conversations_of(key);
+        let Some(cancelled) = self.query_started(conn) else {
             return;
         };
-        c.queries += 1;
-        let cancelled = c.gone.get_or_insert_with(Default::default).clone();
         self.query(
             Query::Catchup {
                 since,
@@ -534,10 +530,9 @@ impl Hub {
         (since, head): (i64, i64),
         (items, more, reset): (Vec<ChangeItem>, bool, bool),
     ) {
-        let Some(c) = self.conns.get_mut(&conn) else {
+        if !self.query_answered(conn) {
             return;
-        };
-        c.queries = c.queries.saturating_sub(1);
+        }
         let r = reference.as_deref();
         if reset {
             let json = catchup_json(&[], self.next_id - 1, false, true, r);

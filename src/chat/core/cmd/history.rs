@@ -40,6 +40,27 @@ impl Hub {
         allowed
     }
 
+    /// Counts a query of `conn` as in flight (`--queries-in-flight`) and returns the flag that
+    /// tells the store to skip it if the connection closes first; `None` if it is gone.
+    pub(in crate::chat::core) fn query_started(
+        &mut self,
+        conn: ConnId,
+    ) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        let c = self.conns.get_mut(&conn)?;
+        c.queries += 1;
+        Some(c.gone.get_or_insert_with(Default::default).clone())
+    }
+
+    /// A query of `conn` was answered: no longer in flight. False if the connection is gone
+    /// (nobody to answer).
+    pub(in crate::chat::core) fn query_answered(&mut self, conn: ConnId) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        c.queries = c.queries.saturating_sub(1);
+        true
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(in crate::chat::core) fn history(
         &mut self,
@@ -96,11 +117,9 @@ impl Hub {
                 )
             }
         };
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(cancelled) = self.query_started(conn) else {
             return;
         };
-        c.queries += 1;
-        let cancelled = c.gone.get_or_insert_with(Default::default).clone();
         self.query(
             Query::History {
                 target,

@@ -137,8 +137,7 @@ impl Hub {
             }
             .to_json();
             // The user's other devices clear their badges; this one knows.
-            self.collect_conns(std::iter::once(&key.to_string()), conn);
-            self.broadcast(&json, false);
+            self.send_to_own_others(key, conn, &json);
         }
         if let Some(reference) = r {
             let ack = Pending::ChangeAck {
@@ -188,8 +187,7 @@ impl Hub {
         };
         self.send(conn, &frame(r));
         let json = frame(None).to_json();
-        self.collect_conns(std::iter::once(&key.to_string()), conn);
-        self.broadcast(&json, false);
+        self.send_to_own_others(key, conn, &json);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -226,11 +224,9 @@ impl Hub {
         if !self.admit_query(conn, key, r) {
             return;
         }
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(cancelled) = self.query_started(conn) else {
             return;
         };
-        c.queries += 1;
-        let cancelled = c.gone.get_or_insert_with(Default::default).clone();
         self.query(
             Query::Search {
                 search: SearchQuery {
@@ -256,10 +252,9 @@ impl Hub {
         results: Vec<crate::chat::protocol::ChatMessage>,
         more: bool,
     ) {
-        let Some(c) = self.conns.get_mut(&conn) else {
+        if !self.query_answered(conn) {
             return;
-        };
-        c.queries = c.queries.saturating_sub(1);
+        }
         let json = ServerFrame::Search {
             results: results.iter().collect(),
             more,
@@ -269,8 +264,14 @@ impl Hub {
         self.send_json(conn, json);
     }
 
+    /// Frames `json` once for `key`'s connections other than `conn`.
+    fn send_to_own_others(&mut self, key: &str, conn: ConnId, json: &str) {
+        self.collect_conns(std::iter::once(&key.to_string()), conn);
+        self.broadcast(json, false);
+    }
+
     /// Every conversation key of `key`: rooms, then DM pair keys.
-    fn conversations_of(&self, key: &str) -> Vec<String> {
+    pub(in crate::chat::core) fn conversations_of(&self, key: &str) -> Vec<String> {
         let Some(u) = self.users.get(key) else {
             return Vec::new();
         };
