@@ -424,11 +424,7 @@ fn last_change(conn: &Connection) -> rusqlite::Result<i64> {
 /// Operator changes logged after `after`, oldest first, each with its account's row as it is
 /// now.
 fn changes_since(conn: &Connection, after: i64) -> rusqlite::Result<Vec<(i64, StoreEvent)>> {
-    let cols = USER_COLS
-        .split(", ")
-        .map(|c| format!("u.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cols = qualified(USER_COLS, "u");
     let mut st = conn.prepare_cached(&format!(
         "SELECT c.seq, c.user_key, c.kind, {cols} FROM admin_changes c
          LEFT JOIN users u ON u.key = c.user_key WHERE c.seq > ?1 ORDER BY c.seq"
@@ -892,11 +888,7 @@ fn unread(
 /// Full-text search in the given conversations, newest first (see [`super::SearchQuery`]).
 fn search(conn: &Connection, q: &super::SearchQuery) -> rusqlite::Result<(Vec<ChatMessage>, bool)> {
     let convs = serde_json::to_string(&q.convs).unwrap_or_else(|_| "[]".into());
-    let cols = COLS
-        .split(", ")
-        .map(|c| format!("m.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cols = qualified(COLS, "m");
     // FTS5 walks the matches from the highest rowid (= id) down, so `LIMIT` stops early; the
     // conversation, author and deletion filters apply per match.
     let sql = format!(
@@ -991,6 +983,14 @@ fn row_to_msg(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
 }
 
 const COLS: &str = "id, room, from_name, to_name, nick, text, ts, reply_to, edited_ts, deleted";
+
+/// A column list (`"a, b"`) with every column qualified by `table` (`"m.a, m.b"`), for joins.
+fn qualified(cols: &str, table: &str) -> String {
+    cols.split(", ")
+        .map(|c| format!("{table}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Fills in the reactions of `msgs` (ordered by id): emoji in the order of their earliest
 /// current reaction, users in the order they reacted — the order the hub keeps in memory.
@@ -1145,10 +1145,7 @@ fn catchup(
          FROM events e JOIN messages m ON m.id = e.msg_id
          WHERE e.seq > ?1 AND e.conv IN (SELECT value FROM json_each(?2))
          ORDER BY e.seq LIMIT ?3",
-        COLS.split(", ")
-            .map(|c| format!("m.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        qualified(COLS, "m")
     );
     let mut changes = Vec::new();
     let mut st = conn.prepare_cached(&sql)?;
