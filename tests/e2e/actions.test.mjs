@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import {
   startServer, launchUser, register, say, messages, uname, rawUser, waitConnected, saveShot,
+  roomName, joinRoom,
 } from './helpers.mjs';
 
 let server;
@@ -18,9 +19,6 @@ after(async () => {
   await server?.stop();
 });
 
-let roomN = 0;
-const roomName = (base) => { roomN += 1; return `${base}${roomN}-${process.pid % 10000}`; };
-
 /** A browser user registered as a fresh name (via `via`: another server-like {url}, e.g. a proxy). */
 async function person(base, opts = {}, via = server, name = uname(base)) {
   const u = await launchUser(via, opts);
@@ -28,11 +26,6 @@ async function person(base, opts = {}, via = server, name = uname(base)) {
   u.name = name;
   await register(u.page, u.name);
   return u;
-}
-
-async function joinRoom(page, room) {
-  await say(page, `/join ${room}`);
-  await page.locator('#conv-title', { hasText: `#${room}` }).waitFor();
 }
 
 /** Alice and Bob, each in their own browser, both in a fresh room, seeing each other. */

@@ -165,6 +165,16 @@ export async function waitConnected(page, timeout = 15000) {
   await page.locator('[data-testid="connection-status"][data-state="ready"]').waitFor({ timeout });
 }
 
+let roomN = 0;
+/** A room name unique within this run: "launch" → "launch3-4821". */
+export const roomName = (base) => { roomN += 1; return `${base}${roomN}-${process.pid % 10000}`; };
+
+/** Joins (or creates) `room` with `/join` and waits until it is the open conversation. */
+export async function joinRoom(page, room) {
+  await say(page, `/join ${room}`);
+  await page.locator('#conv-title', { hasText: `#${room}` }).waitFor();
+}
+
 /** Types and sends with Enter. */
 export async function say(page, text) {
   const c = page.getByTestId('composer');

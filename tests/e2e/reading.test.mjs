@@ -6,6 +6,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   startServer, launchUser, register, login, say, messages, uname, rawUser, rawClient, waitConnected, saveShot, openRoom, PASSWORD,
+  roomName, joinRoom,
 } from './helpers.mjs';
 
 let server;
@@ -17,9 +18,6 @@ after(async () => {
   for (const r of raws) r.close();
   await server?.stop();
 });
-
-let roomN = 0;
-const roomName = (base) => { roomN += 1; return `${base}${roomN}-${process.pid % 10000}`; };
 
 async function person(base, name = uname(base)) {
   const u = await launchUser(server);
@@ -34,11 +32,6 @@ async function raw(base) {
   raws.push(r);
   r.name = r.welcome.user;
   return r;
-}
-
-async function joinRoom(page, room) {
-  await say(page, `/join ${room}`);
-  await page.locator('#conv-title', { hasText: `#${room}` }).waitFor();
 }
 
 /** The sidebar entry of a room. */
