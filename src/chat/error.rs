@@ -33,10 +33,13 @@ pub enum ErrorCode {
     /// `login` or `resume` of an account an operator disabled (`parlor user disable`); also
     /// sent to its open connections before they are closed.
     AccountDisabled,
+    /// Cluster mode: the database cannot be reached; the request had no effect. Retry later
+    /// (with the same `ref`: a message that did get stored is acked, not stored twice).
+    Unavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::BadRequest,
@@ -55,6 +58,7 @@ impl ErrorCode {
         ErrorCode::NotFound,
         ErrorCode::Forbidden,
         ErrorCode::AccountDisabled,
+        ErrorCode::Unavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +81,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::AccountDisabled => "account_disabled",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 

@@ -272,6 +272,8 @@ pub struct Hub {
     m: Counters,
     /// Reused recipient list, so a broadcast allocates nothing per recipient.
     scratch: Vec<ConnId>,
+    /// Cluster mode (PostgreSQL): this node and what it knows of the others.
+    cluster: Option<cmd::cluster::ClusterState>,
 }
 
 impl Hub {
@@ -344,6 +346,7 @@ impl Hub {
                 );
             }
         }
+        let cluster = loaded.cluster.map(cmd::cluster::ClusterState::new);
         let login_limit = |n: usize| if cfg.login_throttle == 0 { 0 } else { n };
         Hub {
             membership_epoch: 0,
@@ -396,6 +399,7 @@ impl Hub {
             typing: HashMap::new(),
             m: Counters::default(),
             scratch: Vec::new(),
+            cluster,
         }
     }
 
@@ -445,6 +449,7 @@ impl Hub {
                 failed,
                 batch,
                 latency,
+                ..
             } => {
                 self.m.store_batch_seconds.add(latency.as_secs_f64());
                 self.m.store_batch_writes.add(batch as f64);
@@ -507,6 +512,7 @@ impl Hub {
             StoreEvent::UserChanged { change, key, user } => {
                 self.on_user_changed(change, key, user)
             }
+            StoreEvent::Log(_) => {}
         }
     }
 

@@ -255,6 +255,8 @@ impl T {
                 failed,
                 batch,
                 latency: Duration::ZERO,
+                assigned: Vec::new(),
+                unavailable: false,
             },
             self.now,
         );

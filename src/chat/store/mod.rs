@@ -18,6 +18,7 @@ use super::protocol::ChatMessage;
 use super::Wake;
 
 pub mod accounts;
+pub mod cluster;
 pub mod sqlite;
 
 pub use sqlite::{backup, restore, verify_copy, CopySummary, SqliteStore};
@@ -145,6 +146,9 @@ pub enum Write {
         conv: String,
         level: String,
     },
+    /// Cluster mode: an event other nodes must see that changes nothing stored (presence,
+    /// typing). Appended to the log only; a single-node store ignores it.
+    Relay(cluster::LogEvent),
 }
 
 /// One conversation whose unread counts `welcome` needs.
@@ -224,8 +228,14 @@ pub enum Target {
 
 #[derive(Debug, Clone)]
 pub enum Query {
-    /// The newest `limit` messages of a room, for the join snapshot ring.
-    LoadRing { room: String, limit: usize },
+    /// The newest `limit` messages of a room, for the join snapshot ring. Cluster mode: only
+    /// messages with `id <= upto` (the log position the hub has applied), so the ring is
+    /// exactly what the hub has seen and later messages reach it through the log.
+    LoadRing {
+        room: String,
+        limit: usize,
+        upto: Option<i64>,
+    },
     /// History paging; see `docs/PROTOCOL.md`.
     History {
         target: Target,
@@ -328,7 +338,16 @@ pub enum StoreEvent {
         failed: Vec<u64>,
         batch: usize,
         latency: Duration,
+        /// Cluster mode: the ids and `seq`s the store gave this batch's messages and changes
+        /// (see [`cluster::Assigned`]); empty for a single-node store.
+        assigned: Vec<cluster::Assigned>,
+        /// The failure was the database being unreachable (cluster mode), not a statement:
+        /// replies say `unavailable`.
+        unavailable: bool,
     },
+    /// Cluster mode: log entries other nodes (and this one) appended, in log order, each
+    /// exactly once, with no gap since the previous report.
+    Log(Vec<cluster::LogEntry>),
     /// Messages oldest first; `more` tells whether the range continues past them.
     QueryDone {
         qid: u64,
@@ -393,6 +412,8 @@ pub struct Loaded {
     pub conv_state: Vec<(String, String, i64, Option<String>)>,
     /// First id free for use: above every stored id and every reservation ever made.
     pub next_id: i64,
+    /// Cluster mode (a PostgreSQL store): this node and the log position the rest was read at.
+    pub cluster: Option<cluster::ClusterLoaded>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -495,6 +516,11 @@ pub trait Store: Send {
     /// Commits everything submitted so far and stops the worker (joins it). Idempotent; no
     /// request may be submitted afterwards.
     fn shutdown(&mut self);
+    /// Backend figures for `/metrics` (name, help, value), read on the loop thread: must not
+    /// block (atomics the worker updates).
+    fn metrics(&self) -> Vec<(&'static str, &'static str, f64)> {
+        Vec::new()
+    }
 }
 
 /// Opens (creating or migrating) `dir/chat.db`, loads startup state, persists a reservation

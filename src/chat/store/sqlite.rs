@@ -845,6 +845,8 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             )?
             .execute(params![user_key, conv, level])
             .map(|_| ()),
+        // Presence and typing across nodes: nothing to store on a single node.
+        Write::Relay(_) => Ok(()),
     }
 }
 
@@ -1223,7 +1225,7 @@ fn catchup(
 /// direction. Fetches `limit + 1` rows so `more` costs no second query.
 fn run_query(conn: &Connection, q: &Query) -> rusqlite::Result<(Vec<ChatMessage>, bool)> {
     let (col, key, before, after, limit) = match q {
-        Query::LoadRing { room, limit } => ("room", room.as_str(), None, None, *limit),
+        Query::LoadRing { room, limit, .. } => ("room", room.as_str(), None, None, *limit),
         Query::Message { .. }
         | Query::Catchup { .. }
         | Query::Unread { .. }
@@ -1439,6 +1441,8 @@ fn run(
             failed,
             batch: writes,
             latency: start.elapsed(),
+            assigned: Vec::new(),
+            unavailable: false,
         });
         if Instant::now() >= watch.next {
             watch.poll(&conn, &events);

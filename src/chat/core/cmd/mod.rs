@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod auth;
 pub mod changes;
+pub mod cluster;
 pub mod history;
 pub mod messages;
 pub mod profile;

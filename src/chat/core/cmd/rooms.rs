@@ -74,6 +74,7 @@ impl Hub {
                     Query::LoadRing {
                         room: room.clone(),
                         limit: cap,
+                        upto: self.cluster.as_ref().map(|c| c.log_pos),
                     },
                     QueryWaiter::Ring { room },
                 );
