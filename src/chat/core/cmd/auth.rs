@@ -514,7 +514,7 @@ impl Hub {
         let first = u.conns.is_empty();
         u.conns.push(conn);
         self.membership_epoch += 1;
-        if first {
+        if first && self.local_presence(key, true) {
             self.online.insert(key.to_string());
             self.collect_sharer_conns(key, conn);
             let u = &self.users[key];
@@ -534,7 +534,7 @@ impl Hub {
             nick: &u.nick,
             token,
             rooms: u.rooms.iter().map(|s| s.as_str()).collect(),
-            seq: self.next_id - 1,
+            seq: self.head_seq(),
             conversations: self.conversations_info(key, convs, counts),
             reference,
         }
