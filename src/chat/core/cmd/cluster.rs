@@ -431,7 +431,7 @@ impl Hub {
         } else {
             LogEvent::Offline { user_key }
         }));
-        !self.users.get(key).is_some_and(|u| !u.remote.is_empty())
+        self.users.get(key).is_none_or(|u| u.remote.is_empty())
     }
 
     /// Cluster mode: a typing indicator that passed this node's throttle, for the others.
