@@ -95,6 +95,12 @@ impl Hub {
                 dm_names.as_ref(),
                 Change::React { user, emoji, on },
             ),
+            // Whoever noticed the expiry wrote it; only a node told of its own death ignores it.
+            LogEvent::NodeGone { node } => {
+                if self.cluster.as_ref().is_some_and(|c| c.node != node) {
+                    self.node_gone(&node);
+                }
+            }
             // This node decided the rest of its own entries when it wrote them.
             _ if own => {}
             LogEvent::User {
@@ -187,7 +193,6 @@ impl Hub {
                 room,
                 to_key,
             } => self.remote_typing(&user_key, room, to_key),
-            LogEvent::NodeGone { node } => self.node_gone(&node),
         }
     }
 
