@@ -19,6 +19,7 @@ use super::Wake;
 
 pub mod accounts;
 pub mod cluster;
+pub mod postgres;
 pub mod sqlite;
 
 pub use sqlite::{backup, restore, verify_copy, CopySummary, SqliteStore};
@@ -540,4 +541,17 @@ pub fn open_sqlite(
 ) -> Result<(Box<dyn Store>, Loaded, i64), StoreError> {
     let (store, loaded, reserved) = SqliteStore::open(dir, durability, reserve, dedup_since, wake)?;
     Ok((Box::new(store), loaded, reserved))
+}
+
+/// Opens the cluster store in the PostgreSQL database at `url` (see [`postgres`]): creates or
+/// migrates the schema, registers this node, loads startup state (with
+/// [`Loaded::cluster`] set) and starts the writer and bus threads, which call `wake.wake()`
+/// after sending events. The returned reservation is `i64::MAX`: ids are log positions.
+pub fn open_postgres(
+    url: &str,
+    opts: postgres::PgOptions,
+    dedup_since: i64,
+    wake: Wake,
+) -> Result<(Box<dyn Store>, Loaded, i64), StoreError> {
+    postgres::open_postgres(url, opts, dedup_since, wake)
 }
