@@ -588,6 +588,7 @@ impl Hub {
         for room in std::mem::take(&mut self.maybe_unwatched) {
             self.cool_if_unwatched(&room);
         }
+        self.retry_parked(true);
     }
 
     // ----- outputs --------------------------------------------------------------------------

@@ -9,13 +9,15 @@
 //! it had decided them, telling its own connections what they would have been told.
 
 use crate::chat::confusable::skeleton_keys;
+use crate::chat::core::cmd::auth::token_hash;
 use crate::chat::core::cmd::changes::Change;
 use crate::chat::core::state::{Ring, Room, Session, User};
 use crate::chat::core::{extend_conns_of, Hub, NOBODY};
 use crate::chat::protocol::{PresenceEvent, ServerFrame};
 use crate::chat::store::cluster::{unhex, ClusterLoaded, LogEntry, LogEvent, NodeId};
 use crate::chat::store::Write;
-use crate::service::CloseCode;
+use crate::service::{CloseCode, ConnId};
+use std::time::{Duration, Instant};
 
 /// What a clustered hub knows beyond a single node's state. Which users are online on other
 /// nodes lives in each [`User::remote`].
@@ -25,6 +27,20 @@ pub struct ClusterState {
     /// The last log position applied: the hub's state is the database's at this position,
     /// plus its own decisions not yet committed.
     pub log_pos: i64,
+    /// Resumes with a token this node does not know (yet), waiting for the log until their
+    /// deadline: a session issued on another node a moment ago may still be on its way.
+    pub parked: Vec<ParkedResume>,
+}
+
+/// How long a resume with an unknown token waits for the log before `auth_failed`. Entries
+/// arrive within milliseconds; this covers a node that is catching up after a hiccup.
+pub const RESUME_WAIT: Duration = Duration::from_secs(2);
+
+pub struct ParkedResume {
+    pub until: Instant,
+    pub conn: ConnId,
+    pub token: String,
+    pub reference: Option<String>,
 }
 
 impl ClusterState {
@@ -32,6 +48,7 @@ impl ClusterState {
         ClusterState {
             node: loaded.node.clone(),
             log_pos: loaded.log_pos,
+            parked: Vec::new(),
         }
     }
 }
@@ -50,6 +67,57 @@ impl Hub {
             cl.log_pos = e.pos;
             let own = e.origin == cl.node;
             self.apply_entry(e.pos, &e.origin, own, e.event);
+        }
+        self.retry_parked(false);
+    }
+
+    /// Cluster mode: parks a resume whose token is unknown here (the connection's later
+    /// frames wait behind it). False when it cannot wait (single node).
+    pub(in crate::chat::core) fn park_resume(
+        &mut self,
+        conn: ConnId,
+        token: &str,
+        reference: &Option<String>,
+    ) -> bool {
+        let until = self.now.mono + RESUME_WAIT;
+        let Some(cl) = &mut self.cluster else {
+            return false;
+        };
+        cl.parked.push(ParkedResume {
+            until,
+            conn,
+            token: token.to_string(),
+            reference: reference.clone(),
+        });
+        self.block(conn);
+        true
+    }
+
+    /// Runs parked resumes whose token arrived (or, with `expired`, whose wait is over: they
+    /// fail now), in arrival order; a closed connection's is dropped.
+    pub(in crate::chat::core) fn retry_parked(&mut self, expired: bool) {
+        let now = self.now.mono;
+        let Some(cl) = &mut self.cluster else {
+            return;
+        };
+        if cl.parked.is_empty() {
+            return;
+        }
+        let sessions = &self.sessions;
+        let (ready, waiting): (Vec<ParkedResume>, Vec<ParkedResume>) =
+            std::mem::take(&mut cl.parked).into_iter().partition(|p| {
+                sessions.contains_key(&token_hash(&p.token)) || (expired && now >= p.until)
+            });
+        cl.parked = waiting;
+        for p in ready {
+            if !self.conns.contains_key(&p.conn) {
+                continue;
+            }
+            // Signed in: the welcome unblocks the connection once its counts are in. Refused:
+            // what the client sent meanwhile runs now (and is refused as unauthenticated).
+            if !self.resume_with(p.conn, &p.token, p.reference, false) {
+                self.unblock(p.conn);
+            }
         }
     }
 
