@@ -378,6 +378,7 @@ fn queries_answer_like_sqlite() {
             edited_ts: 3000,
             seq: 0,
             conv: "rust".into(),
+            dm_names: None,
         },
         Write::SetReaction {
             id: m1,
@@ -387,6 +388,7 @@ fn queries_answer_like_sqlite() {
             seq: 0,
             conv: "rust".into(),
             ts: 3001,
+            dm_names: None,
         },
         Write::SetReaction {
             id: m1,
@@ -396,6 +398,7 @@ fn queries_answer_like_sqlite() {
             seq: 0,
             conv: "rust".into(),
             ts: 3002,
+            dm_names: None,
         },
         Write::SetReaction {
             id: m1,
@@ -405,6 +408,7 @@ fn queries_answer_like_sqlite() {
             seq: 0,
             conv: "rust".into(),
             ts: 3003,
+            dm_names: None,
         },
         Write::SetReaction {
             id: m1,
@@ -414,6 +418,7 @@ fn queries_answer_like_sqlite() {
             seq: 0,
             conv: "rust".into(),
             ts: 3004,
+            dm_names: None,
         },
         Write::EditMessage {
             id: m2,
@@ -421,6 +426,7 @@ fn queries_answer_like_sqlite() {
             edited_ts: 3005,
             seq: 0,
             conv: "rust".into(),
+            dm_names: None,
         },
         Write::SetReaction {
             id: m2,
@@ -430,12 +436,14 @@ fn queries_answer_like_sqlite() {
             seq: 0,
             conv: "rust".into(),
             ts: 3006,
+            dm_names: None,
         },
         Write::DeleteMessage {
             id: m2,
             seq: 0,
             conv: "rust".into(),
             ts: 3007,
+            dm_names: None,
         },
         Write::EditMessage {
             id: m0,
@@ -443,6 +451,7 @@ fn queries_answer_like_sqlite() {
             edited_ts: 3008,
             seq: 0,
             conv: "rust".into(),
+            dm_names: None,
         },
         Write::SetRead {
             user_key: "bob".into(),
@@ -499,6 +508,7 @@ fn queries_answer_like_sqlite() {
                     edited_ts,
                     seq: s,
                     conv,
+                    dm_names: None,
                 },
                 Write::SetReaction {
                     id,
@@ -516,12 +526,14 @@ fn queries_answer_like_sqlite() {
                     seq: s,
                     conv,
                     ts,
+                    dm_names: None,
                 },
                 Write::DeleteMessage { id, conv, ts, .. } => Write::DeleteMessage {
                     id,
                     seq: s,
                     conv,
                     ts,
+                    dm_names: None,
                 },
                 w => w,
             }
