@@ -62,10 +62,11 @@ enum Mode {
     /// Example: parlor-bench echo --url ws://127.0.0.1:8080/echo -c 100 --size 20 --inflight 1
     Echo(echo::EchoArgs),
     /// Chat fan-out over protocol v1 (`/ws`): registers (or logs in, or resumes with cached
-    /// tokens) users bench-s-N and bench-p-N, joins them all to one room, then the publishers
-    /// `say` messages whose text carries publisher, sequence and send time. Every receiver
-    /// (subscribers and publishers) computes end-to-end latency. Prints deliveries/s,
-    /// p50/p99/p999, and lost and duplicated counts after a drain period.
+    /// tokens) users bench-s-N and bench-p-N, joins them all to one room (or spreads them over
+    /// --rooms N), then the publishers `say` messages whose text carries publisher, sequence
+    /// and send time. Every receiver (subscribers and publishers) computes end-to-end latency.
+    /// Prints deliveries/s, accepted (acked) messages/s, p50/p99/p999, and lost and duplicated
+    /// counts after a drain period. --url may list several servers (the nodes of a cluster).
     ///
     /// The server must run with `--rate-limit 0` (or the publishers get rate_limited errors,
     /// which are reported).
