@@ -233,7 +233,7 @@ for c in $CONFIGS; do
       --drain 1 >/dev/null || { echo "account setup for $s on $c failed" >&2; exit 1; }
   done
   if [ "$c" != sqlite ]; then
-    tables=$(pg_sql "$WORK/pg-$c" "select count(*) from information_schema.tables where table_schema = 'public'")
+    tables=$(pg_sql "$WORK/pg-$c" "select count(*) from information_schema.tables where table_schema not in ('pg_catalog', 'information_schema')")
     if [ "$tables" = 0 ]; then
       echo "$c: PostgreSQL has no tables after the account setup: this parlor build does not" \
         "use --database yet (PostgreSQL store not merged?)" >&2
