@@ -192,12 +192,6 @@ fn run_admin(cmd: &Admin, config: &Config) -> ExitCode {
     use parlor::chat::store;
     let (what, result) = match cmd {
         Admin::User { cmd } => return run_user(cmd, config),
-        Admin::Migrate => {
-            eprintln!(
-                "parlor: migrate needs the PostgreSQL store (--database), not in this build yet"
-            );
-            return ExitCode::from(exit::FAILURE);
-        }
         Admin::Backup { file } => (
             format!("backed up {} to {}", config.data.display(), file.display()),
             store::backup(&config.data, file),
