@@ -574,3 +574,71 @@ fn migrate_moves_a_single_node_store_into_the_cluster() {
     login.send(json!({"type":"login","user":"alice","password":"password123"}));
     login.expect("welcome");
 }
+
+/// The whole `/metrics` text of a node's metrics listener.
+fn metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+/// The value of the sample `name` (no labels) in a metrics text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A node's `/metrics` has the cluster's view: peers seen, its log position, bus figures,
+/// store round trips, reconnects.
+#[test]
+fn metrics_show_the_cluster() {
+    let pg = Pg::start();
+    let (n1, _d1) = node(
+        &pg,
+        "cluster-m1",
+        &["--metrics-listen", "127.0.0.1:0", "--node-ttl", "2"],
+    );
+    let (n2, _d2) = node(&pg, "cluster-m2", &[]);
+    let (n3, _d3) = node(&pg, "cluster-m3", &[]);
+    let (mut alice, _) = register(&n2.addr, "alice");
+    join(&mut alice, "ops");
+    alice.send(json!({"type":"say","room":"ops","text":"hi","ref":"1"}));
+    until(&mut alice, Duration::from_secs(10), |v| v["type"] == "ack").expect("ack");
+    let maddr = n1.metrics_addr.clone().expect("metrics address");
+    let mut text = String::new();
+    let peers_seen = eventually(Duration::from_secs(10), || {
+        text = metrics(&maddr);
+        sample(&text, "parlor_cluster_peers") == Some(2.0)
+    });
+    assert!(peers_seen, "node 1 does not count its 2 peers:\n{text}");
+    let pos = sample(&text, "parlor_cluster_log_position").unwrap_or(0.0);
+    assert!(pos > 0.0, "no log position:\n{text}");
+    assert!(
+        sample(&text, "parlor_cluster_bus_entries_total").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
+    for name in [
+        "parlor_cluster_bus_lag_seconds",
+        "parlor_cluster_store_rtt_seconds",
+        "parlor_cluster_reconnects_total",
+    ] {
+        assert!(sample(&text, name).is_some(), "{name} missing:\n{text}");
+    }
+    // A peer that stops is no longer counted.
+    n3.stop();
+    let one_left = eventually(Duration::from_secs(10), || {
+        text = metrics(&maddr);
+        sample(&text, "parlor_cluster_peers") == Some(1.0)
+    });
+    assert!(one_left, "a stopped peer is still counted:\n{text}");
+    drop(n2);
+}
