@@ -642,3 +642,49 @@ fn metrics_show_the_cluster() {
     assert!(one_left, "a stopped peer is still counted:\n{text}");
     drop(n2);
 }
+
+/// A user is online while a connection is open on any node: closing one of two (on different
+/// nodes) changes nothing for the others, closing the last makes them offline once; `rooms`
+/// counts online members of every node.
+#[test]
+fn presence_counts_connections_on_every_node() {
+    let pg = Pg::start();
+    let nodes = three_nodes(&pg, &[]);
+    let (mut bob, _) = register(&nodes[2].0.addr, "bob");
+    let (a1, token) = register(&nodes[0].0.addr, "alice");
+    let online = until(&mut bob, Duration::from_secs(10), |v| {
+        v["type"] == "presence" && v["user"] == "alice" && v["event"] == "online"
+    });
+    assert!(online.is_some(), "bob did not see alice come online");
+    let a2 = Client::resume(&nodes[1].0.addr, &token);
+    bob.send(json!({"type":"rooms","ref":"r"}));
+    let rooms = until(&mut bob, Duration::from_secs(10), |v| v["type"] == "rooms").expect("rooms");
+    let general = rooms["rooms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["name"] == "general")
+        .cloned()
+        .expect("general");
+    assert_eq!(
+        (general["members"].as_u64(), general["online"].as_u64()),
+        (Some(2), Some(2))
+    );
+    drop(a1);
+    let flap = until(&mut bob, Duration::from_secs(3), |v| {
+        v["type"] == "presence"
+    });
+    assert!(
+        flap.is_none(),
+        "alice went offline with a connection still open: {flap:?}"
+    );
+    drop(a2);
+    let off = until(&mut bob, Duration::from_secs(10), |v| {
+        v["type"] == "presence"
+    });
+    let off = off.expect("no offline after alice's last connection closed");
+    assert_eq!(
+        (off["user"].as_str(), off["event"].as_str()),
+        (Some("alice"), Some("offline"))
+    );
+}

@@ -589,6 +589,7 @@ impl Hub {
             self.cool_if_unwatched(&room);
         }
         self.retry_parked(true);
+        self.announce_due_offline();
     }
 
     // ----- outputs --------------------------------------------------------------------------
@@ -711,8 +712,8 @@ impl Hub {
             key: key.clone(),
             ts,
         });
-        if !self.local_presence(&key, false) {
-            return; // still online on another node
+        if self.cluster.is_some() {
+            return self.local_presence(&key, false);
         }
         self.online.remove(&key);
         self.collect_sharer_conns(&key, conn);

@@ -974,6 +974,16 @@ impl FakeCluster {
         }
     }
 
+    /// Lets `d` pass on every node and runs their ticks.
+    fn tick_after(&mut self, d: Duration) {
+        for t in &mut self.nodes {
+            t.now.mono += d;
+            t.now.wall_ms += d.as_millis() as i64;
+            t.hub.handle_tick(t.now);
+            t.drain();
+        }
+    }
+
     fn resume(&mut self, i: usize, n: u64, token: &str) -> ConnId {
         let c = self.nodes[i].open(n);
         self.nodes[i].send(c, json!({"type":"resume","token":token}));
@@ -1055,6 +1065,11 @@ fn cluster_nodes_deliver_in_log_order_and_share_presence() {
     cl.nodes[0].take(a);
     cl.nodes[1].close(b);
     cl.settle();
+    assert!(
+        !cl.nodes[0].take(a).iter().any(|v| v["type"] == "presence"),
+        "offline is only announced after the grace"
+    );
+    cl.tick_after(Duration::from_secs(2));
     let f = cl.nodes[0].take(a);
     assert!(
         f.iter()
@@ -1104,10 +1119,48 @@ fn cluster_node_gone_takes_its_users_offline() {
         event: LogEvent::NodeGone { node: "n1".into() },
     });
     cl.tail(0);
+    cl.tick_after(Duration::from_secs(2));
     let f = cl.nodes[0].take(a);
     assert!(
         f.iter()
             .any(|v| v["type"] == "presence" && v["user"] == "bob" && v["event"] == "offline"),
         "{f:?}"
     );
+}
+
+/// A user moving between nodes, whose "closed" on one node the log orders before its
+/// "opened" on the other: the others see no offline (the grace covers the gap).
+#[test]
+fn cluster_move_between_nodes_does_not_flap() {
+    let mut cl = FakeCluster::new(3);
+    let b = cl.resume(2, 1, "tok-bob");
+    let a1 = cl.resume(0, 2, "tok-alice");
+    cl.nodes[2].take(b);
+    // alice opens on node 1 and closes on node 0; node 0 commits first.
+    let a2 = cl.nodes[1].open(3);
+    cl.nodes[1].send(a2, json!({"type":"resume","token":"tok-alice"}));
+    cl.nodes[0].close(a1);
+    cl.commit(0);
+    for i in 0..3 {
+        cl.tail(i);
+    }
+    cl.settle();
+    cl.tick_after(Duration::from_secs(2));
+    let f = cl.nodes[2].take(b);
+    assert!(
+        !f.iter()
+            .any(|v| v["type"] == "presence" && v["user"] == "alice"),
+        "alice flapped: {f:?}"
+    );
+    // Her last connection closes: offline once, after the grace.
+    cl.nodes[1].close(a2);
+    cl.settle();
+    cl.tick_after(Duration::from_secs(2));
+    let f = cl.nodes[2].take(b);
+    let offline: Vec<_> = f
+        .iter()
+        .filter(|v| v["type"] == "presence" && v["user"] == "alice")
+        .collect();
+    assert_eq!(offline.len(), 1, "{f:?}");
+    assert_eq!(offline[0]["event"], "offline");
 }

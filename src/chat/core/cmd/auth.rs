@@ -532,7 +532,9 @@ impl Hub {
         let first = u.conns.is_empty();
         u.conns.push(conn);
         self.membership_epoch += 1;
-        if first && self.local_presence(key, true) {
+        if first && self.cluster.is_some() {
+            self.local_presence(key, true);
+        } else if first {
             self.online.insert(key.to_string());
             self.collect_sharer_conns(key, conn);
             let u = &self.users[key];

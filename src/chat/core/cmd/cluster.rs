@@ -17,6 +17,7 @@ use crate::chat::protocol::{PresenceEvent, ServerFrame};
 use crate::chat::store::cluster::{unhex, ClusterLoaded, LogEntry, LogEvent, NodeId};
 use crate::chat::store::Write;
 use crate::service::{CloseCode, ConnId};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// What a clustered hub knows beyond a single node's state. Which users are online on other
@@ -30,7 +31,15 @@ pub struct ClusterState {
     /// Resumes with a token this node does not know (yet), waiting for the log until their
     /// deadline: a session issued on another node a moment ago may still be on its way.
     pub parked: Vec<ParkedResume>,
+    /// Users announced online who have no connection anywhere now, and when their `offline`
+    /// is due (see [`Hub::presence_changed`]).
+    pub offline_due: HashMap<String, Instant>,
 }
+
+/// How long a user with no connection left anywhere stays announced online (checked at the
+/// next tick after it, so 1-2 s): covers a move between nodes whose "opened" the log orders
+/// after the "closed".
+pub const PRESENCE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a resume with an unknown token waits for the log before `auth_failed`. Entries
 /// arrive within milliseconds; this covers a node that is catching up after a hiccup.
@@ -49,6 +58,7 @@ impl ClusterState {
             node: loaded.node.clone(),
             log_pos: loaded.log_pos,
             parked: Vec::new(),
+            offline_due: HashMap::new(),
         }
     }
 }
@@ -449,62 +459,98 @@ impl Hub {
         let Some(u) = self.users.get_mut(key) else {
             return;
         };
-        let was = u.online();
         if !u.remote.iter().any(|n| n == node) {
             u.remote.push(node.to_string());
         }
-        if !was {
-            self.online.insert(key.to_string());
-            self.membership_epoch += 1;
-            self.announce_presence(key, true);
-        }
+        self.presence_changed(key);
     }
 
     fn remote_offline(&mut self, key: &str, node: &str) {
         let Some(u) = self.users.get_mut(key) else {
             return;
         };
-        let was = u.online();
         u.remote.retain(|n| n != node);
-        if was && !u.online() {
-            self.online.remove(key);
-            self.announce_presence(key, false);
-        }
+        self.presence_changed(key);
     }
 
     /// A node stopped or its heartbeat expired: users online only through it go offline.
     fn node_gone(&mut self, node: &str) {
         let now = self.now.wall_ms;
-        let mut gone = Vec::new();
+        let mut changed = Vec::new();
         for (key, u) in self.users.iter_mut() {
             if u.remote.iter().any(|n| n == node) {
                 u.remote.retain(|n| n != node);
                 if !u.online() {
                     u.last_seen = Some(now);
-                    gone.push(key.clone());
                 }
+                changed.push(key.clone());
             }
         }
-        for key in gone {
-            self.online.remove(&key);
-            self.announce_presence(&key, false);
+        for key in changed {
+            self.presence_changed(&key);
         }
     }
 
     /// This node's first connection of `key` opened (`online`) or its last one closed: the
-    /// other nodes learn it through the log. Returns whether the user's presence changed for
-    /// the whole chat (so this node announces it to its own connections).
-    pub(in crate::chat::core) fn local_presence(&mut self, key: &str, online: bool) -> bool {
-        if self.cluster.is_none() {
-            return true;
-        }
+    /// other nodes learn it through the log, and this node's connections as for any change.
+    pub(in crate::chat::core) fn local_presence(&mut self, key: &str, online: bool) {
         let user_key = key.to_string();
         self.write(Write::Relay(if online {
             LogEvent::Online { user_key }
         } else {
             LogEvent::Offline { user_key }
         }));
-        self.users.get(key).is_none_or(|u| u.remote.is_empty())
+        self.presence_changed(key);
+    }
+
+    /// Brings what this node's connections were told (`self.online`: announced online) in
+    /// line with where the user has connections now. Coming online is announced at once;
+    /// going offline only after [`PRESENCE_GRACE`] with no connection anywhere, because the
+    /// log may order one node's "closed" before another node's "opened" of the same moment
+    /// (a user moving between nodes): without the grace the others would see it flap.
+    pub(in crate::chat::core) fn presence_changed(&mut self, key: &str) {
+        let now = self.now.mono;
+        let Some(online) = self.users.get(key).map(|u| u.online()) else {
+            return;
+        };
+        let announced = self.online.contains(key);
+        let Some(cl) = &mut self.cluster else {
+            return;
+        };
+        if online {
+            cl.offline_due.remove(key);
+            if !announced {
+                self.online.insert(key.to_string());
+                self.membership_epoch += 1;
+                self.announce_presence(key, true);
+            }
+        } else if announced {
+            cl.offline_due
+                .entry(key.to_string())
+                .or_insert(now + PRESENCE_GRACE);
+        }
+    }
+
+    /// On each tick: users whose grace ran out with no connection anywhere are offline.
+    pub(in crate::chat::core) fn announce_due_offline(&mut self) {
+        let now = self.now.mono;
+        let Some(cl) = &mut self.cluster else {
+            return;
+        };
+        if cl.offline_due.is_empty() {
+            return;
+        }
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut cl.offline_due)
+            .into_iter()
+            .partition(|(_, at)| *at <= now);
+        cl.offline_due = waiting.into_iter().collect();
+        for (key, _) in due {
+            let gone = self.users.get(&key).is_some_and(|u| !u.online());
+            if gone && self.online.remove(&key) {
+                self.membership_epoch += 1;
+                self.announce_presence(&key, false);
+            }
+        }
     }
 
     /// Cluster mode: a typing indicator that passed this node's throttle, for the others.
