@@ -1375,3 +1375,85 @@ fn batch_timing() {
         total as f64 / secs
     );
 }
+
+/// A write whose statement fails (text PostgreSQL cannot store; an account that exists) fails
+/// alone: the rest of its batch commits, takes consecutive positions, and is logged; the
+/// failed ones get no position and no entry. `LoadUser` reports the stored row.
+#[test]
+fn one_bad_write_fails_alone() {
+    let pg = Pg::start();
+    let mut node = Node::open(&pg.url());
+    assert!(node.write(vec![user("alice")]).ok);
+    let mut taken = user("alice");
+    if let Write::InsertUser { phc, .. } = &mut taken {
+        *phc = "someone else's".into();
+    }
+    let c = node.write(vec![
+        room_msg("rust", "alice", "one", 1, "a"),
+        room_msg("rust", "alice", "nul \0 byte", 2, "b"),
+        room_msg("rust", "alice", "three", 3, "c"),
+        taken,
+        user("bob"),
+    ]);
+    assert!(c.ok, "{c:?}");
+    assert_eq!(
+        c.failed,
+        vec![3, 5],
+        "the NUL message and the existing account"
+    );
+    let ids: Vec<i64> = c.assigned.iter().map(|a| a.id).collect();
+    assert_eq!(ids, vec![2, 3]);
+    node.wait_log(4);
+    let kinds: Vec<String> = node
+        .log
+        .iter()
+        .map(|e| match &e.event {
+            LogEvent::User { key, .. } => format!("user {key}"),
+            LogEvent::Message { msg, .. } => format!("message {}", msg.text),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["user alice", "message one", "message three", "user bob"]
+    );
+    node.store.submit(vec![StoreReq::LoadUser {
+        key: "alice".into(),
+    }]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match node.store.try_event() {
+            Some(StoreEvent::UserChanged { key, user, .. }) => {
+                assert_eq!(key, "alice");
+                assert_eq!(user.unwrap().unwrap().phc, "phc-alice");
+                break;
+            }
+            Some(_) => {}
+            None => {
+                assert!(Instant::now() < deadline);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+    assert!(metric(&node, "parlor_cluster_store_rtt_seconds") > 0.0);
+}
+
+/// The server restarts while the store is idle: the next batch finds its connection closed
+/// before anything was sent, reconnects and succeeds (no failed batch for an idle restart).
+#[test]
+fn idle_connection_survives_a_restart() {
+    let mut pg = Pg::start();
+    let mut node = Node::open(&pg.url());
+    assert!(
+        node.write(vec![room_msg("rust", "alice", "one", 1, "a")])
+            .ok
+    );
+    pg.restart();
+    let c = node.write(vec![room_msg("rust", "alice", "two", 2, "b")]);
+    assert!(c.ok, "{c:?}");
+    node.wait_log(2);
+    assert_eq!(
+        node.log.iter().map(|e| e.pos).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+}

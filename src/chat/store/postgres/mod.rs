@@ -180,7 +180,8 @@ pub(crate) fn sql(context: &'static str) -> impl FnOnce(postgres::Error) -> Stor
 }
 
 /// Whether `e` means the connection is gone (or going): the server is unreachable, was shut
-/// down, or closed the session. Any other error is a statement's own failure.
+/// down, or closed the session. Any other error is a statement's own failure (which must not
+/// send the store into a reconnect loop).
 pub(crate) fn is_connection_loss(client: &postgres::Client, e: &postgres::Error) -> bool {
     if client.is_closed() || e.is_closed() {
         return true;
@@ -192,8 +193,21 @@ pub(crate) fn is_connection_loss(client: &postgres::Client, e: &postgres::Error)
             let c = code.code();
             c.starts_with("08") || c.starts_with("57P") || c == "53300"
         }
-        // Not the server's answer at all: I/O, closed, timeout.
-        None => true,
+        // Not the server's answer: the crate's error kind says whether it was the transport
+        // (its kinds are not public; their texts are stable in 0.19) or our own values.
+        None => {
+            let kind = e.to_string();
+            [
+                "error communicating with the server",
+                "timeout waiting for server",
+                "error connecting to server",
+                "unexpected message from server",
+                "error parsing response from server",
+                "error performing TLS handshake",
+            ]
+            .iter()
+            .any(|k| kind.starts_with(k))
+        }
     }
 }
 
