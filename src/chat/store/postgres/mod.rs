@@ -88,6 +88,15 @@ impl Target {
             .keepalives_interval(Duration::from_secs(2))
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(15));
+        // A node that freezes inside a transaction (stopped process, lost network with the
+        // socket still open) holds the log head lock, and with it every node's writes: the
+        // server ends such a session after 10 s, which frees the lock.
+        let mut options = config
+            .get_options()
+            .map(|o| format!("{o} "))
+            .unwrap_or_default();
+        options.push_str("-c idle_in_transaction_session_timeout=10s");
+        config.options(&options);
         let shown = shown_of(&config).unwrap_or(shown_raw);
         Ok(Target { config, shown })
     }
