@@ -31,6 +31,8 @@ struct Commit {
     failed: Vec<u64>,
     assigned: Vec<store::cluster::Assigned>,
     unavailable: bool,
+    /// The store's own measure of the batch.
+    latency: Duration,
 }
 
 /// A store with its events sorted out: log entries, query answers by qid, commits.
@@ -82,6 +84,7 @@ impl Node {
                     failed,
                     assigned,
                     unavailable,
+                    latency,
                     ..
                 } => {
                     self.assigned.extend(assigned.iter().copied());
@@ -91,6 +94,7 @@ impl Node {
                         failed,
                         assigned,
                         unavailable,
+                        latency,
                     })
                 }
                 StoreEvent::QueryDone { qid, .. }
@@ -188,6 +192,61 @@ fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// Asks both stores every query; their answers must be identical. Returns how many were not
+/// empty (so a test can tell its comparison is not vacuous).
+fn same_answers(node: &mut Node, lite: &mut Box<dyn Store>, queries: Vec<Query>) -> usize {
+    let mut nonempty = 0;
+    for (i, q) in queries.into_iter().enumerate() {
+        let qid = 10_000 + i as u64;
+        let ours = node.ask(qid, q.clone());
+        lite.submit(vec![StoreReq::Query {
+            qid,
+            query: q.clone(),
+        }]);
+        let deadline = Instant::now() + WAIT;
+        let theirs = loop {
+            match lite.try_event() {
+                Some(StoreEvent::Committed { .. }) | Some(StoreEvent::UserChanged { .. }) => {}
+                Some(ev) => break ev,
+                None => {
+                    assert!(Instant::now() < deadline);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        };
+        assert_eq!(shown(&ours), shown(&theirs), "{q:?}");
+        nonempty += match &ours {
+            StoreEvent::QueryDone { messages: m, .. }
+            | StoreEvent::SearchDone { results: m, .. } => usize::from(!m.is_empty()),
+            StoreEvent::CatchupDone { items, .. } => usize::from(!items.is_empty()),
+            _ => 1,
+        };
+    }
+    nonempty
+}
+
+/// Submits writes to a SQLite store and waits for their commit (`seq`: writes so far).
+fn lite_write(lite: &mut Box<dyn Store>, seq: &mut u64, writes: Vec<Write>) {
+    *seq += writes.len() as u64;
+    lite.submit(writes.into_iter().map(StoreReq::Write).collect());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match lite.try_event() {
+            Some(StoreEvent::Committed {
+                upto, ok, failed, ..
+            }) if upto >= *seq => {
+                assert!(ok && failed.is_empty(), "{failed:?}");
+                return;
+            }
+            Some(_) => {}
+            None => {
+                assert!(Instant::now() < deadline);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
 /// The events a query got from a store, comparable across backends.
 fn shown(ev: &StoreEvent) -> String {
     format!("{ev:?}")
@@ -276,25 +335,6 @@ fn queries_answer_like_sqlite() {
     let (mut lite, _, _) =
         store::open_sqlite(&dir, Durability::Normal, 1000, 0, Wake::default()).unwrap();
     let mut lite_seq = 0u64;
-    let mut lite_write = |lite: &mut Box<dyn Store>, writes: Vec<Write>| {
-        lite_seq += writes.len() as u64;
-        lite.submit(writes.into_iter().map(StoreReq::Write).collect());
-        let deadline = Instant::now() + WAIT;
-        loop {
-            match lite.try_event() {
-                Some(StoreEvent::Committed { upto, ok, .. }) if upto >= lite_seq => {
-                    assert!(ok);
-                    return;
-                }
-                Some(_) => {}
-                None => {
-                    assert!(Instant::now() < deadline);
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-        }
-    };
-
     // Accounts, rooms, memberships, then messages in two rooms and a DM.
     let mut setup = vec![user("alice"), user("bob"), user("carol")];
     for r in ["rust", "ops"] {
@@ -315,7 +355,7 @@ fn queries_answer_like_sqlite() {
     });
     let c = node.write(setup.clone());
     assert!(c.ok && c.failed.is_empty(), "{c:?}");
-    lite_write(&mut lite, setup);
+    lite_write(&mut lite, &mut lite_seq, setup);
 
     let dm = dm_key("alice", "bob");
     let texts = [
@@ -367,7 +407,7 @@ fn queries_answer_like_sqlite() {
             w => w,
         })
         .collect();
-    lite_write(&mut lite, lite_writes);
+    lite_write(&mut lite, &mut lite_seq, lite_writes);
 
     // Edits, a delete, reactions (seq 0: the store assigns them).
     let (m0, m1, m2, m4) = (ids[0], ids[1], ids[2], ids[4]);
@@ -539,7 +579,7 @@ fn queries_answer_like_sqlite() {
             }
         })
         .collect();
-    lite_write(&mut lite, lite_changes);
+    lite_write(&mut lite, &mut lite_seq, lite_changes);
 
     // Every query kind, on both stores.
     let convs = vec!["rust".to_string(), "ops".to_string(), dm.clone()];
@@ -630,35 +670,7 @@ fn queries_answer_like_sqlite() {
             });
         }
     }
-    let mut qid = 100;
-    let mut nonempty = 0;
-    for q in queries {
-        qid += 1;
-        let ours = node.ask(qid, q.clone());
-        lite.submit(vec![StoreReq::Query {
-            qid,
-            query: q.clone(),
-        }]);
-        let deadline = Instant::now() + WAIT;
-        let theirs = loop {
-            match lite.try_event() {
-                Some(StoreEvent::Committed { .. }) | Some(StoreEvent::UserChanged { .. }) => {}
-                Some(ev) => break ev,
-                None => {
-                    assert!(Instant::now() < deadline);
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-        };
-        assert_eq!(shown(&ours), shown(&theirs), "{q:?}");
-        nonempty += match &ours {
-            StoreEvent::QueryDone { messages: m, .. }
-            | StoreEvent::SearchDone { results: m, .. } => usize::from(!m.is_empty()),
-            StoreEvent::CatchupDone { items, .. } => usize::from(!items.is_empty()),
-            _ => 1,
-        };
-    }
-
+    let nonempty = same_answers(&mut node, &mut lite, queries);
     assert!(nonempty >= 35, "the comparison is not vacuous: {nonempty}");
 
     // Ring up to a position: only what the hub has applied.
@@ -941,4 +953,557 @@ fn postgres_restart_mid_stream() {
         .unwrap()
         .2;
     assert!(reconnects >= 2.0, "writer and bus reconnected: {m:?}");
+}
+
+fn metric(node: &Node, name: &str) -> f64 {
+    node.store
+        .metrics()
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .2
+}
+
+/// A node whose heartbeat stopped (here: a row left by a node that died an hour ago) is
+/// expired by a live one: its row and presence go, and a `NodeGone` entry tells every node.
+/// Presence of live nodes is loaded by a node that starts.
+#[test]
+fn stale_node_is_expired_and_presence_is_shared() {
+    let pg = Pg::start();
+    let url = pg.url();
+    let short = PgOptions {
+        node_ttl: Duration::from_millis(1000),
+        ..PgOptions::default()
+    };
+    let mut a = Node::open_with(&url, short);
+    let mut c = pg.client();
+    let dead = "deadbeefdeadbeef";
+    c.execute(
+        "INSERT INTO nodes (id, started, heartbeat)
+         VALUES ($1, now() - interval '2 hours', now() - interval '1 hour')",
+        &[&dead],
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO presence (node, user_key) VALUES ($1, 'zed'), ($1, 'yan')",
+        &[&dead],
+    )
+    .unwrap();
+    let online = a.write(vec![Write::Relay(LogEvent::Online {
+        user_key: "alice".into(),
+    })]);
+    assert!(online.ok);
+    a.until("the dead node's NodeGone", |n| {
+        n.log
+            .iter()
+            .any(|e| e.event == LogEvent::NodeGone { node: dead.into() })
+    });
+    let left: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM nodes WHERE id = $1)
+                  + (SELECT count(*) FROM presence WHERE node = $1)",
+            &[&dead],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    // Heartbeats keep the live node alive well past its TTL.
+    std::thread::sleep(Duration::from_millis(2500));
+    let b = Node::open(&url);
+    assert_eq!(
+        b.loaded.cluster.as_ref().unwrap().online,
+        vec![(a.node_id(), "alice".to_string())]
+    );
+    a.until("a peer counted", |n| {
+        metric(n, "parlor_cluster_peers") == 1.0
+    });
+    assert!(a
+        .log
+        .iter()
+        .all(|e| e.event != LogEvent::NodeGone { node: a.node_id() }));
+    // Offline removes the presence row.
+    assert!(
+        a.write(vec![Write::Relay(LogEvent::Offline {
+            user_key: "alice".into(),
+        })])
+        .ok
+    );
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM presence", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+    // Online, NodeGone, Offline.
+    a.until("three entries", |n| n.log.len() >= 3);
+    assert_eq!(metric(&a, "parlor_cluster_bus_entries_total"), 3.0);
+}
+
+/// A clean shutdown commits what was submitted, then removes the node (row, presence) and
+/// appends `NodeGone` for it, which the other nodes see at once.
+#[test]
+fn clean_shutdown_appends_node_gone() {
+    let pg = Pg::start();
+    let url = pg.url();
+    let mut a = Node::open(&url);
+    let mut b = Node::open(&url);
+    let b_id = b.node_id();
+    assert!(
+        b.write(vec![Write::Relay(LogEvent::Online {
+            user_key: "bob".into(),
+        })])
+        .ok
+    );
+    // Submitted right before shutdown: still committed.
+    b.store.submit(vec![StoreReq::Write(room_msg(
+        "rust", "bob", "bye", 5, "last",
+    ))]);
+    let t = Instant::now();
+    b.store.shutdown();
+    b.store.shutdown();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    b.pump();
+    let last = b.commits.last().expect("the last batch was reported");
+    assert!(last.ok && last.upto == 2, "{last:?}");
+    a.until("b's NodeGone", |n| {
+        n.log
+            .iter()
+            .any(|e| e.event == LogEvent::NodeGone { node: b_id.clone() })
+    });
+    let gone = a
+        .log
+        .iter()
+        .find(|e| matches!(&e.event, LogEvent::NodeGone { .. }))
+        .unwrap();
+    assert_eq!(gone.origin, b_id);
+    let mut c = pg.client();
+    let left: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM nodes WHERE id = $1)
+                  + (SELECT count(*) FROM presence WHERE node = $1)",
+            &[&b_id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+/// `migrate_from_sqlite` copies a populated single-node database: the cluster loads the same
+/// state and answers every query like the SQLite store; new ids continue above every old one;
+/// a target that already holds a chat is refused.
+#[test]
+fn migrate_from_sqlite_copies_everything() {
+    let pg = Pg::start();
+    let dir = temp_dir("migrate");
+    let (mut lite, first, reserved) =
+        store::open_sqlite(&dir, Durability::Normal, 1000, 0, Wake::default()).unwrap();
+    let mut seq = 0;
+    let dm = dm_key("alice", "bob");
+    let mut writes = vec![user("alice"), user("bob")];
+    writes.push(Write::InsertSession {
+        hash: [7; 32],
+        user_key: "alice".into(),
+        created: 10,
+    });
+    writes.push(Write::InsertSession {
+        hash: [9; 32],
+        user_key: "bob".into(),
+        created: 11,
+    });
+    writes.push(Write::TouchSession {
+        hash: [7; 32],
+        ts: 99,
+    });
+    for r in ["rust", "ops"] {
+        writes.push(Write::InsertRoom {
+            name: r.into(),
+            created: 1,
+        });
+        writes.push(Write::AddMember {
+            room: r.into(),
+            user_key: "alice".into(),
+        });
+    }
+    writes.push(Write::AddDmPair {
+        a: "alice".into(),
+        b: "bob".into(),
+    });
+    let mut id = first.next_id;
+    for i in 0..30 {
+        let mut m = if i % 5 == 4 {
+            msg(
+                None,
+                Some("bob"),
+                "alice",
+                &format!("dm número {i}"),
+                100 + i,
+            )
+        } else {
+            let room = if i % 2 == 0 { "rust" } else { "ops" };
+            msg(
+                Some(room),
+                None,
+                "alice",
+                &format!("mensaje número {i}"),
+                100 + i,
+            )
+        };
+        m.id = id;
+        if i == 7 {
+            m.reply_to = Some(id - 1);
+        }
+        writes.push(Write::InsertMessage {
+            dm: m.to.as_ref().map(|_| dm.clone()),
+            msg: m,
+            dedup: Some(("alice".into(), format!("ref{i}"))),
+        });
+        id += 1;
+    }
+    let m0 = first.next_id;
+    writes.extend([
+        Write::EditMessage {
+            id: m0,
+            text: "editado".into(),
+            edited_ts: 500,
+            seq: id,
+            conv: "rust".into(),
+        },
+        Write::SetReaction {
+            id: m0 + 2,
+            user: "bob".into(),
+            emoji: "👍".into(),
+            on: true,
+            seq: id + 1,
+            conv: "rust".into(),
+            ts: 501,
+        },
+        Write::DeleteMessage {
+            id: m0 + 1,
+            seq: id + 2,
+            conv: "ops".into(),
+            ts: 502,
+        },
+        Write::SetRead {
+            user_key: "alice".into(),
+            conv: "rust".into(),
+            id: m0 + 3,
+        },
+        Write::SetNotify {
+            user_key: "alice".into(),
+            conv: "ops".into(),
+            level: "none".into(),
+        },
+        Write::SetLastSeen {
+            key: "bob".into(),
+            ts: 777,
+        },
+    ]);
+    lite_write(&mut lite, &mut seq, writes);
+    let top_seq = id + 2;
+
+    let summary = store::postgres::migrate_from_sqlite(&dir, &pg.url()).unwrap();
+    assert_eq!((summary.users, summary.rooms, summary.messages), (2, 2, 30));
+
+    let mut node = Node::open(&pg.url());
+    // The same startup state as the SQLite store loads.
+    lite.shutdown();
+    drop(lite);
+    let (mut lite, l, _) =
+        store::open_sqlite(&dir, Durability::Normal, 1000, 0, Wake::default()).unwrap();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let p = &node.loaded;
+    let mut users = p.users.clone();
+    users.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut lusers = l.users.clone();
+    lusers.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(users, lusers);
+    let mut sessions = p.sessions.clone();
+    sessions.sort();
+    let mut lsessions = l.sessions.clone();
+    lsessions.sort();
+    assert_eq!(sessions, lsessions);
+    assert!(sessions.contains(&([7; 32], "alice".into(), 99)));
+    assert_eq!(sorted(p.rooms.clone()), sorted(l.rooms.clone()));
+    assert_eq!(
+        sorted(p.members.iter().map(|m| format!("{m:?}")).collect()),
+        sorted(l.members.iter().map(|m| format!("{m:?}")).collect())
+    );
+    assert_eq!(p.dm_pairs, l.dm_pairs);
+    assert_eq!(p.dedup, l.dedup);
+    assert_eq!(
+        sorted(p.conv_state.iter().map(|c| format!("{c:?}")).collect()),
+        sorted(l.conv_state.iter().map(|c| format!("{c:?}")).collect())
+    );
+    assert!(
+        p.next_id > top_seq && p.next_id >= reserved,
+        "{}",
+        p.next_id
+    );
+
+    let convs = vec!["rust".to_string(), "ops".to_string(), dm.clone()];
+    let mut queries = Vec::new();
+    for target in [
+        Target::Room("rust".into()),
+        Target::Room("ops".into()),
+        Target::Dm(dm.clone()),
+    ] {
+        queries.push(Query::History {
+            target,
+            before: None,
+            after: None,
+            limit: 100,
+            cancelled: None,
+        });
+    }
+    for id in [m0, m0 + 1, m0 + 2, m0 + 7] {
+        queries.push(Query::Message { id });
+    }
+    queries.push(Query::Catchup {
+        since: 0,
+        convs: convs.clone(),
+        limit: 100,
+        cancelled: None,
+    });
+    for q in ["numero", "NÚMERO 1", "editado", "\"dm numero\""] {
+        queries.push(Query::Search {
+            search: SearchQuery {
+                fts: parlor::chat::search::fts_query(q).unwrap(),
+                convs: convs.clone(),
+                from: None,
+                before: None,
+                limit: 50,
+            },
+            cancelled: None,
+        });
+    }
+    let n = queries.len();
+    assert_eq!(same_answers(&mut node, &mut lite, queries), n);
+
+    // New messages continue above every old id and seq.
+    let c = node.write(vec![room_msg(
+        "rust",
+        "alice",
+        "first in the cluster",
+        9,
+        "new",
+    )]);
+    assert!(c.ok);
+    assert!(c.assigned[0].id > top_seq && c.assigned[0].id >= reserved);
+
+    // A target that already holds a chat is refused, and left as it was.
+    let e = store::postgres::migrate_from_sqlite(&dir, &pg.url()).expect_err("refused");
+    assert!(
+        e.to_string().contains("already has users or messages"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains(pg.password()), "{e}");
+    let count: i64 = pg
+        .client()
+        .query_one("SELECT count(*) FROM messages", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 31);
+    lite.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Timing (printed; run with `--nocapture`): one batch of 500 messages into one room, and
+/// three nodes writing into one room at once, with the server's default
+/// `synchronous_commit = on`. The bounds asserted are loose (a shared CI machine); the
+/// figures printed are what to compare.
+#[test]
+fn batch_timing() {
+    let pg = Pg::start();
+    let url = pg.url();
+    let mut node = Node::open(&url);
+    let mut n = 0;
+    let mut batch = |node: &mut Node, size: usize, tag: &str| {
+        let writes: Vec<Write> = (0..size)
+            .map(|_| {
+                n += 1;
+                let text = format!("message number {n} from {tag}");
+                room_msg("rust", tag, &text, n as i64, &format!("r{n}"))
+            })
+            .collect();
+        let t = Instant::now();
+        let c = node.write(writes);
+        assert!(c.ok && c.assigned.len() == size);
+        (c.latency, t.elapsed())
+    };
+    // Warm up (statements, caches), then time.
+    for _ in 0..3 {
+        batch(&mut node, 500, "alice");
+    }
+    let (mut store, mut wall): (Vec<Duration>, Vec<Duration>) =
+        (0..20).map(|_| batch(&mut node, 500, "alice")).unzip();
+    store.sort();
+    wall.sort();
+    let median = store[store.len() / 2];
+    eprintln!(
+        "pg store: a batch of 500 messages: transaction {:.1} ms median (min {:.1}, max \
+         {:.1}), submit to Committed seen {:.1} ms median: {:.0} messages/s from one node",
+        median.as_secs_f64() * 1e3,
+        store[0].as_secs_f64() * 1e3,
+        store[store.len() - 1].as_secs_f64() * 1e3,
+        wall[wall.len() / 2].as_secs_f64() * 1e3,
+        500.0 / median.as_secs_f64()
+    );
+    assert!(median < Duration::from_secs(2), "{median:?}");
+    drop(node);
+
+    // Three nodes, each submitting batches of 100 back to back for 3 s.
+    let nodes: Vec<Node> = (0..3).map(|_| Node::open(&url)).collect();
+    let start = Instant::now();
+    let counts: Vec<usize> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes
+            .into_iter()
+            .enumerate()
+            .map(|(k, mut node)| {
+                s.spawn(move || {
+                    let tag = format!("user{k}");
+                    let mut sent = 0;
+                    while start.elapsed() < Duration::from_secs(3) {
+                        let writes: Vec<Write> = (0..100)
+                            .map(|j| {
+                                let r = format!("{k}-{sent}-{j}");
+                                room_msg("rust", &tag, "a message of ordinary length", 1, &r)
+                            })
+                            .collect();
+                        assert!(node.write(writes).ok);
+                        sent += 100;
+                    }
+                    sent
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let total: usize = counts.iter().sum();
+    eprintln!(
+        "pg store: 3 nodes, batches of 100 into one room: {total} messages in {secs:.1} s = \
+         {:.0} messages/s",
+        total as f64 / secs
+    );
+}
+
+/// A write whose statement fails (text PostgreSQL cannot store; an account that exists) fails
+/// alone: the rest of its batch commits, takes consecutive positions, and is logged; the
+/// failed ones get no position and no entry. `LoadUser` reports the stored row.
+#[test]
+fn one_bad_write_fails_alone() {
+    let pg = Pg::start();
+    let mut node = Node::open(&pg.url());
+    assert!(node.write(vec![user("alice")]).ok);
+    let mut taken = user("alice");
+    if let Write::InsertUser { phc, .. } = &mut taken {
+        *phc = "someone else's".into();
+    }
+    let c = node.write(vec![
+        room_msg("rust", "alice", "one", 1, "a"),
+        room_msg("rust", "alice", "nul \0 byte", 2, "b"),
+        room_msg("rust", "alice", "three", 3, "c"),
+        taken,
+        user("bob"),
+    ]);
+    assert!(c.ok, "{c:?}");
+    assert_eq!(
+        c.failed,
+        vec![3, 5],
+        "the NUL message and the existing account"
+    );
+    let ids: Vec<i64> = c.assigned.iter().map(|a| a.id).collect();
+    assert_eq!(ids, vec![2, 3]);
+    node.wait_log(4);
+    let kinds: Vec<String> = node
+        .log
+        .iter()
+        .map(|e| match &e.event {
+            LogEvent::User { key, .. } => format!("user {key}"),
+            LogEvent::Message { msg, .. } => format!("message {}", msg.text),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["user alice", "message one", "message three", "user bob"]
+    );
+    node.store.submit(vec![StoreReq::LoadUser {
+        key: "alice".into(),
+    }]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match node.store.try_event() {
+            Some(StoreEvent::UserChanged { key, user, .. }) => {
+                assert_eq!(key, "alice");
+                assert_eq!(user.unwrap().unwrap().phc, "phc-alice");
+                break;
+            }
+            Some(_) => {}
+            None => {
+                assert!(Instant::now() < deadline);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+    assert!(metric(&node, "parlor_cluster_store_rtt_seconds") > 0.0);
+}
+
+/// The server restarts while the store is idle: the next batch finds its connection closed
+/// before anything was sent, reconnects and succeeds (no failed batch for an idle restart).
+#[test]
+fn idle_connection_survives_a_restart() {
+    let mut pg = Pg::start();
+    let mut node = Node::open(&pg.url());
+    assert!(
+        node.write(vec![room_msg("rust", "alice", "one", 1, "a")])
+            .ok
+    );
+    pg.restart();
+    let c = node.write(vec![room_msg("rust", "alice", "two", 2, "b")]);
+    assert!(c.ok, "{c:?}");
+    node.wait_log(2);
+    assert_eq!(
+        node.log.iter().map(|e| e.pos).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+}
+
+/// A node whose row was removed (declared gone by another node during a long pause) puts
+/// its row back at its next heartbeat.
+#[test]
+fn node_declared_gone_registers_again() {
+    let pg = Pg::start();
+    let node = Node::open_with(
+        &pg.url(),
+        PgOptions {
+            node_ttl: Duration::from_millis(500),
+            ..PgOptions::default()
+        },
+    );
+    let mut c = pg.client();
+    let id = node.node_id();
+    let count = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM nodes WHERE id = $1", &[&id])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(count(&mut c), 1);
+    c.execute("DELETE FROM nodes WHERE id = $1", &[&id])
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while count(&mut c) == 0 {
+        assert!(Instant::now() < deadline, "never registered again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let setting: String = c
+        .query_one(
+            "SELECT setting FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(setting, "0", "only the store's own sessions set it");
 }

@@ -88,6 +88,15 @@ impl Target {
             .keepalives_interval(Duration::from_secs(2))
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(15));
+        // A node that freezes inside a transaction (stopped process, lost network with the
+        // socket still open) holds the log head lock, and with it every node's writes: the
+        // server ends such a session after 10 s, which frees the lock.
+        let mut options = config
+            .get_options()
+            .map(|o| format!("{o} "))
+            .unwrap_or_default();
+        options.push_str("-c idle_in_transaction_session_timeout=10s");
+        config.options(&options);
         let shown = shown_of(&config).unwrap_or(shown_raw);
         Ok(Target { config, shown })
     }
@@ -180,7 +189,8 @@ pub(crate) fn sql(context: &'static str) -> impl FnOnce(postgres::Error) -> Stor
 }
 
 /// Whether `e` means the connection is gone (or going): the server is unreachable, was shut
-/// down, or closed the session. Any other error is a statement's own failure.
+/// down, or closed the session. Any other error is a statement's own failure (which must not
+/// send the store into a reconnect loop).
 pub(crate) fn is_connection_loss(client: &postgres::Client, e: &postgres::Error) -> bool {
     if client.is_closed() || e.is_closed() {
         return true;
@@ -192,8 +202,21 @@ pub(crate) fn is_connection_loss(client: &postgres::Client, e: &postgres::Error)
             let c = code.code();
             c.starts_with("08") || c.starts_with("57P") || c == "53300"
         }
-        // Not the server's answer at all: I/O, closed, timeout.
-        None => true,
+        // Not the server's answer: the crate's error kind says whether it was the transport
+        // (its kinds are not public; their texts are stable in 0.19) or our own values.
+        None => {
+            let kind = e.to_string();
+            [
+                "error communicating with the server",
+                "timeout waiting for server",
+                "error connecting to server",
+                "unexpected message from server",
+                "error parsing response from server",
+                "error performing TLS handshake",
+            ]
+            .iter()
+            .any(|k| kind.starts_with(k))
+        }
     }
 }
 

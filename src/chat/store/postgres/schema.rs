@@ -7,6 +7,11 @@
 //! `nodes` (heartbeats) and `presence` (which users have connections on which node). A
 //! message's `fts` column is the `tsvector` of its text folded by [`super::fold`] (see
 //! [`super::search`]). The version is `meta.schema_version`.
+//!
+//! Every message insert happens under the log head lock, so each index on `messages` and
+//! `log` costs the whole cluster's write rate: the room and DM indexes are partial (a message
+//! is in one or the other), and the log's `ts` index (for pruning only) is a BRIN, which
+//! entries appended in time order keep tiny.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,8 +39,8 @@ CREATE TABLE messages (
     nick text NOT NULL, text text NOT NULL, ts bigint NOT NULL, reply_to bigint,
     edited_ts bigint, deleted boolean NOT NULL DEFAULT false, edits integer NOT NULL DEFAULT 0,
     fts tsvector NOT NULL DEFAULT ''::tsvector);
-CREATE INDEX messages_room ON messages (room, id);
-CREATE INDEX messages_dm ON messages (dm, id);
+CREATE INDEX messages_room ON messages (room, id) WHERE room IS NOT NULL;
+CREATE INDEX messages_dm ON messages (dm, id) WHERE dm IS NOT NULL;
 CREATE INDEX messages_fts ON messages USING gin (fts);
 CREATE TABLE edits (msg_id bigint NOT NULL, text text NOT NULL, ts bigint NOT NULL);
 CREATE INDEX edits_msg ON edits (msg_id);
@@ -57,7 +62,7 @@ CREATE TABLE conv_state (
 CREATE TABLE log (
     pos bigint PRIMARY KEY, origin text NOT NULL, body text NOT NULL,
     ts timestamptz NOT NULL DEFAULT now());
-CREATE INDEX log_ts ON log (ts);
+CREATE INDEX log_ts ON log USING brin (ts);
 CREATE TABLE log_head (one integer PRIMARY KEY CHECK (one = 1), pos bigint NOT NULL);
 INSERT INTO log_head (one, pos) VALUES (1, 0);
 CREATE TABLE nodes (id text PRIMARY KEY, started timestamptz NOT NULL, heartbeat timestamptz NOT NULL);

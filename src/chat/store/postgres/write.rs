@@ -231,6 +231,12 @@ struct Stmts {
 
 impl Stmts {
     fn prepare(c: &mut Client) -> Result<Stmts, postgres::Error> {
+        // Statements are prepared once, but a generic plan (which PostgreSQL may switch to
+        // after five runs) cannot know which room or conversation a query is for: for
+        // `room = $1 ORDER BY id DESC LIMIT n` it picks a backward scan of the whole primary
+        // key, which reads every message of the chat for a quiet room. Planning each run costs
+        // a fraction of a millisecond and always uses the (room, id) / (dm, id) indexes.
+        c.batch_execute("SET plan_cache_mode = force_custom_plan")?;
         Ok(Stmts {
             reads: Reads::prepare(c)?,
             writes: Writes::prepare(c)?,
@@ -247,6 +253,10 @@ enum Item {
 
 /// Why an attempt at a batch failed.
 enum Fail {
+    /// The connection was found gone at the batch's first statement: nothing of the batch
+    /// reached the database, so it may run again on a new connection (an idle connection
+    /// that the server closed meanwhile, e.g. across a restart, costs no failed batch).
+    Stale(postgres::Error),
     /// The connection is gone: the batch is `unavailable`.
     Conn(postgres::Error),
     /// A statement failed on its own.
@@ -596,7 +606,7 @@ fn attempt(
         Ok(h) => h,
         Err(e) => {
             return Err(if is_connection_loss(c, &e) {
-                Fail::Conn(e)
+                Fail::Stale(e)
             } else {
                 Fail::Statement(e)
             })
@@ -833,6 +843,43 @@ impl Writer {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
+    /// Runs a batch's transaction: fast, then (after a failed statement) write by write;
+    /// once more on a new connection if the connection was found gone before the batch
+    /// started. `None`: there is no connection.
+    fn attempts(&mut self, items: &[Item]) -> Option<Result<Outcome, Fail>> {
+        if items.is_empty() {
+            // A lone Shutdown: nothing to run.
+            return Some(Ok(Outcome::default()));
+        }
+        for round in 0..2 {
+            let (c, st) = self.conn.as_mut()?;
+            let mut r = attempt(c, st, &self.node, items, false);
+            if let Err(Fail::Statement(e)) = &r {
+                log::warn!(
+                    "store: a statement failed ({}); running the batch again write by write",
+                    describe(e)
+                );
+                r = match c.batch_execute("ROLLBACK") {
+                    Ok(()) => attempt(c, st, &self.node, items, true),
+                    Err(e) => Err(Fail::Conn(e)),
+                };
+            }
+            match r {
+                Err(Fail::Stale(e)) if round == 0 => {
+                    log::warn!(
+                        "store: the connection to {} was closed ({}); reconnecting",
+                        self.target.shown(),
+                        describe(&e)
+                    );
+                    self.backoff = BACKOFF_FIRST;
+                    self.reconnect();
+                }
+                r => return Some(r),
+            }
+        }
+        None
+    }
+
     /// Runs one batch and reports it; returns whether it held a Shutdown.
     fn batch(&mut self, batch: Vec<StoreReq>) -> bool {
         let start = Instant::now();
@@ -852,46 +899,31 @@ impl Writer {
             }
         }
         let mut unavailable = false;
-        let outcome = match self.conn.as_mut() {
+        let outcome = match self.attempts(&items) {
             None => {
                 unavailable = true;
                 None
             }
-            Some((c, st)) => {
-                let mut r = attempt(c, st, &self.node, &items, false);
-                if let Err(Fail::Statement(e)) = &r {
-                    log::warn!(
-                        "store: a statement failed ({}); running the batch again write by write",
-                        describe(e)
-                    );
-                    r = match c.batch_execute("ROLLBACK") {
-                        Ok(()) => attempt(c, st, &self.node, &items, true),
-                        Err(e) => Err(Fail::Conn(e)),
-                    };
+            Some(Ok(o)) => Some(o),
+            Some(Err(Fail::Statement(e))) => {
+                log::error!("store: batch failed: {}", describe(&e));
+                if let Some((c, _)) = self.conn.as_mut() {
+                    let _ = c.batch_execute("ROLLBACK");
                 }
-                match r {
-                    Ok(o) => Some(o),
-                    Err(Fail::Statement(e)) => {
-                        log::error!("store: batch failed: {}", describe(&e));
-                        let _ = c.batch_execute("ROLLBACK");
-                        None
-                    }
-                    Err(Fail::Conn(e)) => {
-                        log::error!(
-                            "store: lost the connection to {}: {}",
-                            self.target.shown(),
-                            describe(&e)
-                        );
-                        unavailable = true;
-                        None
-                    }
-                }
+                None
+            }
+            Some(Err(Fail::Conn(e) | Fail::Stale(e))) => {
+                log::error!(
+                    "store: lost the connection to {}: {}",
+                    self.target.shown(),
+                    describe(&e)
+                );
+                unavailable = true;
+                self.backoff = BACKOFF_FIRST;
+                self.lost();
+                None
             }
         };
-        if unavailable && self.conn.is_some() {
-            self.backoff = BACKOFF_FIRST;
-            self.lost();
-        }
         let ok = outcome.is_some();
         let Outcome {
             results,
