@@ -1166,6 +1166,7 @@ fn migrate_from_sqlite_copies_everything() {
             edited_ts: 500,
             seq: id,
             conv: "rust".into(),
+            dm_names: None,
         },
         Write::SetReaction {
             id: m0 + 2,
@@ -1175,12 +1176,14 @@ fn migrate_from_sqlite_copies_everything() {
             seq: id + 1,
             conv: "rust".into(),
             ts: 501,
+            dm_names: None,
         },
         Write::DeleteMessage {
             id: m0 + 1,
             seq: id + 2,
             conv: "ops".into(),
             ts: 502,
+            dm_names: None,
         },
         Write::SetRead {
             user_key: "alice".into(),
