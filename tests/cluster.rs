@@ -688,3 +688,127 @@ fn presence_counts_connections_on_every_node() {
         (Some("alice"), Some("offline"))
     );
 }
+
+/// A TCP proxy in front of PostgreSQL that can freeze one of its connections: it stops
+/// forwarding in both directions but keeps both sockets open, so the node's side sees a
+/// connection that went silent (its bytes are acknowledged by the proxy's kernel, no error,
+/// no answer), as with a frozen server process or a proxy that hung.
+struct FreezeProxy {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::Mutex<HashSet<usize>>>,
+}
+
+impl FreezeProxy {
+    fn start(upstream: u16) -> FreezeProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let frozen = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+        let f = frozen.clone();
+        std::thread::spawn(move || {
+            for (i, down) in listener.incoming().enumerate() {
+                let Ok(down) = down else { continue };
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                for (mut src, mut dst) in [
+                    (
+                        down.try_clone().expect("clone"),
+                        up.try_clone().expect("clone"),
+                    ),
+                    (up, down),
+                ] {
+                    let f = f.clone();
+                    std::thread::spawn(move || {
+                        let _ = src.set_read_timeout(Some(Duration::from_millis(50)));
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            if f.lock().map(|s| s.contains(&i)).unwrap_or(false) {
+                                std::thread::sleep(Duration::from_millis(50));
+                                continue;
+                            }
+                            match src.read(&mut buf) {
+                                Ok(0) => {
+                                    let _ = dst.shutdown(Shutdown::Write);
+                                    return;
+                                }
+                                Ok(n) => {
+                                    if dst.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        FreezeProxy { port, frozen }
+    }
+
+    /// Freezes the `i`-th connection accepted (0-based).
+    fn freeze(&self, i: usize) {
+        self.frozen.lock().expect("lock").insert(i);
+    }
+}
+
+/// A node whose bus connection goes silent (no error, no answer) notices within seconds,
+/// reads the log on a new connection and delivers what it missed, each message once.
+#[test]
+fn a_silent_bus_connection_is_replaced_and_the_node_catches_up() {
+    let pg = Pg::start();
+    let proxy = FreezeProxy::start(pg.port());
+    let direct = format!("127.0.0.1:{}", pg.port());
+    let via_proxy = pg
+        .url()
+        .replace(&direct, &format!("127.0.0.1:{}", proxy.port));
+    assert_ne!(
+        via_proxy,
+        pg.url(),
+        "the URL has no 127.0.0.1:PORT to redirect"
+    );
+    let (n1, _d1) = node(&pg, "cluster-silent-1", &[]);
+    let d2 = TempDir::new("cluster-silent-2");
+    let n2 = Server::spawn(&d2.0, &["--database", &via_proxy, "--query-rate", "0"]);
+    let (mut alice, _) = register(&n1.addr, "alice");
+    let (mut bob, _) = register(&n2.addr, "bob");
+    join(&mut alice, "ops");
+    join(&mut bob, "ops");
+    alice.send(json!({"type":"say","room":"ops","text":"before","ref":"0"}));
+    assert_eq!(collect_messages(&mut bob, "ops", 1).len(), 1);
+
+    // Node 2's connections through the proxy: 0 is its writer, 1 its bus.
+    proxy.freeze(1);
+    let frozen_at = Instant::now();
+    for k in 1..=3 {
+        alice.send(
+            json!({"type":"say","room":"ops","text":format!("after {k}"),"ref":format!("{k}")}),
+        );
+    }
+    let got = collect_messages(&mut bob, "ops", 3);
+    let texts: Vec<&str> = got.iter().map(|m| m.1.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["after 1", "after 2", "after 3"],
+        "node 2 served a stale chat"
+    );
+    assert!(
+        frozen_at.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        frozen_at.elapsed()
+    );
+    // Nothing twice, and the node keeps working on its new bus.
+    let extra = until(&mut bob, Duration::from_secs(2), |v| v["type"] == "message");
+    assert!(extra.is_none(), "delivered again: {extra:?}");
+    alice.send(json!({"type":"say","room":"ops","text":"later","ref":"4"}));
+    let later = collect_messages(&mut bob, "ops", 1);
+    assert_eq!(later.first().map(|m| m.1.as_str()), Some("later"));
+}

@@ -7,9 +7,10 @@
 //! a whole outage) cost latency only. After a reconnect it goes on from the last position
 //! delivered, so nothing is skipped and nothing delivered twice.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
@@ -31,6 +32,142 @@ const POLL: Duration = Duration::from_secs(1);
 /// How often old log entries are pruned (at most; `log_keep / 10` when that is shorter).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
+/// A bus whose loop made no progress for this long is stuck inside a call that will not
+/// return (the connection went silent with its socket still open: a frozen server process, a
+/// proxy that stopped forwarding). The watchdog replaces it with a bus on a new connection.
+/// Well above the longest healthy pause: a notification wait ([`POLL`]) plus a read.
+pub(crate) const STALL: Duration = Duration::from_secs(5);
+
+/// What every bus of a store shares, so that a replaced bus that wakes up later delivers
+/// nothing: the generation of the current bus and the last position delivered, under one
+/// lock taken for each delivery (exactly once, in order, whichever bus delivers).
+pub(crate) struct Shared {
+    delivered: Mutex<Delivered>,
+    /// Milliseconds since `epoch` of the current bus's last loop iteration.
+    beat: AtomicU64,
+    epoch: Instant,
+}
+
+struct Delivered {
+    generation: u64,
+    last: i64,
+}
+
+impl Shared {
+    pub(crate) fn new(last: i64) -> Arc<Shared> {
+        Arc::new(Shared {
+            delivered: Mutex::new(Delivered {
+                generation: 0,
+                last,
+            }),
+            beat: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn beat(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.beat.store(ms, Ordering::Relaxed);
+    }
+
+    fn quiet_for(&self) -> Duration {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(ms.saturating_sub(self.beat.load(Ordering::Relaxed)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Delivered> {
+        self.delivered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Watches the current bus and replaces it when it stalls (see [`STALL`]); stops with the
+/// store. The stuck bus is left to return on its own (its generation is stale, so it delivers
+/// nothing and exits); it cannot be interrupted inside the client library's blocking call.
+pub(crate) fn watch(first: Bus, stop: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
+    let shared = first.shared.clone();
+    let spare = first.spare();
+    shared.beat();
+    let mut current = Some(spawn(first)?);
+    std::thread::Builder::new()
+        .name("chat-bus-watch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                if shared.quiet_for() < STALL {
+                    continue;
+                }
+                let generation = {
+                    let mut d = shared.lock();
+                    d.generation += 1;
+                    d.generation
+                };
+                log::error!(
+                    "store bus: no progress for {}s (a silent connection); replacing it with a \
+                     new connection (bus generation {generation})",
+                    STALL.as_secs()
+                );
+                spare.metrics.bus_replaced();
+                shared.beat();
+                match spawn(spare.clone_for(generation)) {
+                    Ok(h) => {
+                        // The old one is not joined: it may never return.
+                        current = Some(h);
+                    }
+                    Err(e) => log::error!("store bus: cannot start a new bus thread: {e}"),
+                }
+            }
+            if let Some(h) = current.take() {
+                // Joined only if it is not stuck: a stuck bus would hold the shutdown.
+                if shared.quiet_for() < STALL {
+                    let _ = h.join();
+                }
+            }
+        })
+}
+
+fn spawn(bus: Bus) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("chat-bus".into())
+        .spawn(move || bus.run())
+}
+
+/// What a replacement bus is made from.
+pub(crate) struct Spare {
+    target: Target,
+    node: NodeId,
+    opts: PgOptions,
+    events: Sender<StoreEvent>,
+    wake: Wake,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+}
+
+impl Spare {
+    fn clone_for(&self, generation: u64) -> Bus {
+        let now = Instant::now();
+        let last = self.shared.lock().last;
+        Bus {
+            conn: None,
+            target: self.target.clone(),
+            node: self.node.clone(),
+            last,
+            opts: self.opts,
+            events: self.events.clone(),
+            wake: self.wake.clone(),
+            metrics: self.metrics.clone(),
+            stop: self.stop.clone(),
+            backoff: BACKOFF_FIRST,
+            next_try: now,
+            next_heartbeat: now,
+            next_prune: now + prune_every(&self.opts),
+            gap_reported: false,
+            shared: self.shared.clone(),
+            generation,
+        }
+    }
+}
+
 pub(crate) struct Bus {
     /// `None` while disconnected; the statement reads the log.
     conn: Option<(Client, Statement)>,
@@ -49,6 +186,9 @@ pub(crate) struct Bus {
     next_prune: Instant,
     /// Logged once: entries after `last` were pruned before this node read them.
     gap_reported: bool,
+    shared: Arc<Shared>,
+    /// This bus's generation: once the watchdog replaced it, it delivers nothing and stops.
+    generation: u64,
 }
 
 impl Bus {
@@ -63,6 +203,7 @@ impl Bus {
         wake: Wake,
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
+        shared: Arc<Shared>,
     ) -> Bus {
         let now = Instant::now();
         let mut bus = Bus {
@@ -80,6 +221,8 @@ impl Bus {
             next_heartbeat: now + heartbeat_every(&opts),
             next_prune: now + prune_every(&opts),
             gap_reported: false,
+            shared,
+            generation: 0,
         };
         match listen(client) {
             Ok(conn) => bus.conn = Some(conn),
@@ -91,8 +234,34 @@ impl Bus {
         bus
     }
 
+    fn spare(&self) -> Spare {
+        Spare {
+            target: self.target.clone(),
+            node: self.node.clone(),
+            opts: self.opts,
+            events: self.events.clone(),
+            wake: self.wake.clone(),
+            metrics: self.metrics.clone(),
+            stop: self.stop.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Whether the watchdog replaced this bus.
+    fn replaced(&self) -> bool {
+        self.shared.lock().generation != self.generation
+    }
+
     pub(crate) fn run(mut self) {
         while !self.stop.load(Ordering::Relaxed) {
+            if self.replaced() {
+                log::warn!(
+                    "store bus: generation {} returned after being replaced; it stops",
+                    self.generation
+                );
+                return;
+            }
+            self.shared.beat();
             if self.conn.is_none() {
                 let now = Instant::now();
                 if now < self.next_try {
@@ -190,6 +359,7 @@ impl Bus {
         };
         loop {
             let rows = c.query(&*st, &[&self.last, &PAGE])?;
+            self.shared.beat();
             let Some(newest) = rows.last() else {
                 self.metrics.set_bus_lag(0.0);
                 return Ok(());
@@ -224,10 +394,23 @@ impl Bus {
                 }
                 self.last = pos;
             }
-            self.metrics.add_bus_entries(entries.len() as u64);
-            if !entries.is_empty() {
-                let _ = self.events.send(StoreEvent::Log(entries));
-                self.wake.wake();
+            // Delivered under the shared lock, and only what is newer than what any bus
+            // delivered: a replaced bus that got here late sends nothing twice.
+            {
+                let mut d = self.shared.lock();
+                if d.generation != self.generation {
+                    return Ok(());
+                }
+                entries.retain(|e| e.pos > d.last);
+                if let Some(e) = entries.last() {
+                    d.last = e.pos;
+                }
+                self.last = self.last.max(d.last);
+                self.metrics.add_bus_entries(entries.len() as u64);
+                if !entries.is_empty() {
+                    let _ = self.events.send(StoreEvent::Log(entries));
+                    self.wake.wake();
+                }
             }
             if !full {
                 return Ok(());

@@ -230,6 +230,8 @@ pub(crate) struct Metrics {
     /// f64 bits: the bus's lag (s).
     bus_lag: AtomicU64,
     bus_entries: AtomicU64,
+    /// Buses the watchdog replaced because they stalled.
+    bus_stalls: AtomicU64,
 }
 
 impl Metrics {
@@ -245,6 +247,9 @@ impl Metrics {
     pub(crate) fn set_bus_lag(&self, secs: f64) {
         self.bus_lag
             .store(secs.max(0.0).to_bits(), Ordering::Relaxed);
+    }
+    pub(crate) fn bus_replaced(&self) {
+        self.bus_stalls.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn add_bus_entries(&self, n: u64) {
         self.bus_entries.fetch_add(n, Ordering::Relaxed);
@@ -322,11 +327,10 @@ impl PgStore {
             wake,
             metrics.clone(),
             stop_bus.clone(),
+            bus::Shared::new(log_pos),
         );
-        let bus = std::thread::Builder::new()
-            .name("chat-bus".into())
-            .spawn(move || bus.run())
-            .map_err(StoreError::Thread)?;
+        // The watchdog runs the bus and replaces it if it stalls on a silent connection.
+        let bus = bus::watch(bus, stop_bus.clone()).map_err(StoreError::Thread)?;
         let store = PgStore {
             tx: Some(tx),
             rx,
@@ -405,6 +409,11 @@ impl Store for PgStore {
                 "parlor_cluster_bus_entries_total",
                 "Log entries delivered by the bus.",
                 n(&m.bus_entries),
+            ),
+            (
+                "parlor_cluster_bus_stalls_total",
+                "Times the bus made no progress for 5 s (a silent connection) and was replaced.",
+                n(&m.bus_stalls),
             ),
         ]
     }
