@@ -190,6 +190,15 @@ fn where_to_look(config: &Config, addr: std::net::SocketAddr) -> String {
 /// or the reason on stderr and exit code 1.
 fn run_admin(cmd: &Admin, config: &Config) -> ExitCode {
     use parlor::chat::store;
+    if config.chat.database.is_some() && !matches!(cmd, Admin::Migrate) {
+        // Working on --data's SQLite file while the chat lives in PostgreSQL would look like
+        // success and change nothing the cluster sees.
+        eprintln!(
+            "parlor: `user`, `backup` and `restore` work on the single-node SQLite store in \
+             --data; with --database use PostgreSQL's own tools (pg_dump, psql): see docs/CLUSTER.md"
+        );
+        return ExitCode::from(exit::FAILURE);
+    }
     let (what, result) = match cmd {
         Admin::User { cmd } => return run_user(cmd, config),
         Admin::Backup { file } => (

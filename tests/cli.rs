@@ -26,6 +26,8 @@ fn help_lists_every_flag() {
         "--max-connections-per-ip",
         "--write-timeout",
         "--trusted-proxy",
+        "--database",
+        "--node-ttl",
         "--allowed-origin",
         "--max-connections",
         "--max-request-head",
@@ -355,4 +357,44 @@ fn bad_certificate_exits_5() {
     let (code, err) = start_failure(&["--tls-cert".as_ref(), cert.as_os_str()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--tls-key"), "{err}");
+}
+
+/// With --database the chat lives in PostgreSQL: the SQLite-only operator commands refuse
+/// instead of quietly working on --data's file, and `migrate` without --database says what
+/// it needs.
+#[test]
+fn sqlite_operator_commands_refuse_a_cluster_database() {
+    let dir = std::env::temp_dir().join(format!("parlor-cli-cluster-{}", std::process::id()));
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_parlor"))
+            .arg("--data")
+            .arg(&dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run parlor")
+    };
+    for args in [
+        &["--database", "postgres://u@127.0.0.1:1/db", "user", "list"][..],
+        &[
+            "--database",
+            "postgres://u@127.0.0.1:1/db",
+            "backup",
+            "/tmp/x.db",
+        ][..],
+    ] {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("pg_dump"), "{args:?}: {stderr}");
+    }
+    let out = run(&["migrate"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--database"), "{stderr}");
+    assert!(
+        !dir.join("chat.db").exists(),
+        "a refused command created a store"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
