@@ -52,6 +52,9 @@ run broadcast-rate broadcast --url "ws://$ADDR/echo" --own-only --subscribers 0 
 if [ "$has_chat" = 1 ]; then
   run chat chat --url "ws://$ADDR/ws" --subscribers 20 --publishers 2 --rate 0 --room smoke --drain 3 --strict "${common[@]}"
   run chat-rate chat --url "ws://$ADDR/ws" --subscribers 20 --publishers 2 --rate 100 --room smoke --drain 3 --strict "${common[@]}"
+  # The cluster code paths: connections spread over a URL list (here twice the same server),
+  # 3 rooms, each receiver checked against the publishers of its own room.
+  run chat-rooms chat --url "ws://$ADDR/ws,ws://$ADDR/ws" --subscribers 10 --publishers 3 --rooms 3 --rate 0 --room smoke --drain 3 --strict "${common[@]}"
 else
   echo "skip chat: this server has no chat service yet (no --rate-limit flag)"
 fi

@@ -175,6 +175,11 @@ pub enum Admin {
     /// Put the backup FILE in --data as its chat store. --data must not hold one yet; the
     /// server must not be running on it.
     Restore { file: PathBuf },
+    /// Copy the single-node SQLite store in --data into the empty PostgreSQL database of
+    /// --database (accounts with their passwords and sessions, rooms, memberships, DMs,
+    /// messages with their ids and times), once, when growing from one node to several. The
+    /// server must not be running on --data. A database that already holds a chat is refused.
+    Migrate,
     /// Manage accounts in --data's chat store, whether the server runs or not: a running
     /// server applies each change within a second (a disabled user's connections close, a
     /// new password ends every session).

@@ -69,10 +69,13 @@ fn main() -> ExitCode {
             service: Box::new(chat),
         }),
         Err(e) => {
-            log::error!(
-                "cannot open the chat store in {}: {e}",
-                config.data.display()
-            );
+            match &config.chat.database {
+                Some(_) => log::error!("cannot open the chat store in PostgreSQL: {e}"),
+                None => log::error!(
+                    "cannot open the chat store in {}: {e}",
+                    config.data.display()
+                ),
+            }
             return ExitCode::from(exit::DATA);
         }
     }
@@ -197,6 +200,16 @@ fn run_admin(cmd: &Admin, config: &Config) -> ExitCode {
             format!("restored {} into {}", file.display(), config.data.display()),
             store::restore(file, &config.data),
         ),
+        Admin::Migrate => {
+            let Some(url) = &config.chat.database else {
+                eprintln!("parlor: migrate needs --database postgres://… (the target)");
+                return ExitCode::from(exit::FAILURE);
+            };
+            (
+                format!("migrated {} into PostgreSQL", config.data.display()),
+                store::postgres::migrate_from_sqlite(&config.data, url),
+            )
+        }
     };
     match result {
         Ok(s) => {

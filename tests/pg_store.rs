@@ -418,6 +418,7 @@ fn queries_answer_like_sqlite() {
             edited_ts: 3000,
             seq: 0,
             conv: "rust".into(),
+            dm_names: None,
         },
         Write::SetReaction {
             id: m1,
@@ -427,6 +428,7 @@ fn queries_answer_like_sqlite() {
             seq: 0,
             conv: "rust".into(),
             ts: 3001,
+            dm_names: None,
         },
         Write::SetReaction {
             id: m1,
@@ -436,6 +438,7 @@ fn queries_answer_like_sqlite() {
             seq: 0,
             conv: "rust".into(),
             ts: 3002,
+            dm_names: None,
         },
         Write::SetReaction {
             id: m1,
@@ -445,6 +448,7 @@ fn queries_answer_like_sqlite() {
             seq: 0,
             conv: "rust".into(),
             ts: 3003,
+            dm_names: None,
         },
         Write::SetReaction {
             id: m1,
@@ -454,6 +458,7 @@ fn queries_answer_like_sqlite() {
             seq: 0,
             conv: "rust".into(),
             ts: 3004,
+            dm_names: None,
         },
         Write::EditMessage {
             id: m2,
@@ -461,6 +466,7 @@ fn queries_answer_like_sqlite() {
             edited_ts: 3005,
             seq: 0,
             conv: "rust".into(),
+            dm_names: None,
         },
         Write::SetReaction {
             id: m2,
@@ -470,12 +476,14 @@ fn queries_answer_like_sqlite() {
             seq: 0,
             conv: "rust".into(),
             ts: 3006,
+            dm_names: None,
         },
         Write::DeleteMessage {
             id: m2,
             seq: 0,
             conv: "rust".into(),
             ts: 3007,
+            dm_names: None,
         },
         Write::EditMessage {
             id: m0,
@@ -483,6 +491,7 @@ fn queries_answer_like_sqlite() {
             edited_ts: 3008,
             seq: 0,
             conv: "rust".into(),
+            dm_names: None,
         },
         Write::SetRead {
             user_key: "bob".into(),
@@ -539,6 +548,7 @@ fn queries_answer_like_sqlite() {
                     edited_ts,
                     seq: s,
                     conv,
+                    dm_names: None,
                 },
                 Write::SetReaction {
                     id,
@@ -556,12 +566,14 @@ fn queries_answer_like_sqlite() {
                     seq: s,
                     conv,
                     ts,
+                    dm_names: None,
                 },
                 Write::DeleteMessage { id, conv, ts, .. } => Write::DeleteMessage {
                     id,
                     seq: s,
                     conv,
                     ts,
+                    dm_names: None,
                 },
                 w => w,
             }
@@ -1154,6 +1166,7 @@ fn migrate_from_sqlite_copies_everything() {
             edited_ts: 500,
             seq: id,
             conv: "rust".into(),
+            dm_names: None,
         },
         Write::SetReaction {
             id: m0 + 2,
@@ -1163,12 +1176,14 @@ fn migrate_from_sqlite_copies_everything() {
             seq: id + 1,
             conv: "rust".into(),
             ts: 501,
+            dm_names: None,
         },
         Write::DeleteMessage {
             id: m0 + 1,
             seq: id + 2,
             conv: "ops".into(),
             ts: 502,
+            dm_names: None,
         },
         Write::SetRead {
             user_key: "alice".into(),

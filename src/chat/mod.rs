@@ -205,6 +205,17 @@ pub struct ChatConfig {
     /// argon2id iterations (OWASP: 2). Lower only for tests.
     #[arg(long, env = "PARLOR_ARGON2_ITERATIONS", default_value_t = 2)]
     pub argon2_iterations: u32,
+
+    /// Cluster mode: a PostgreSQL URL (postgres://USER:PASS@HOST:PORT/DB) used as the chat
+    /// store and as the bus between nodes, instead of SQLite in --data. Every node of one chat
+    /// gets the same URL. See docs/CLUSTER.md.
+    #[arg(long, env = "PARLOR_DATABASE")]
+    pub database: Option<String>,
+
+    /// Cluster mode: seconds after its last heartbeat that a node counts as gone (its users go
+    /// offline for the others). Nodes heartbeat every fifth of it.
+    #[arg(long, env = "PARLOR_NODE_TTL", default_value = "15", value_parser = crate::units::parse_secs)]
+    pub node_ttl: Duration,
 }
 
 /// Wakes the event loop from a worker thread. The waker only exists after

@@ -67,9 +67,25 @@ impl ChatService {
         };
         let wake = Wake::default();
         let dedup_since = start.wall_ms - cfg.dedup_window.as_millis() as i64;
-        let (store, loaded, reserved) =
-            store::open_sqlite(data, durability, ID_RESERVE, dedup_since, wake.clone())
-                .map_err(|e| e.to_string())?;
+        let (store, loaded, reserved) = match &cfg.database {
+            Some(url) => {
+                let opts = store::postgres::PgOptions {
+                    node_ttl: cfg.node_ttl,
+                    ..Default::default()
+                };
+                store::open_postgres(url, opts, dedup_since, wake.clone())
+            }
+            None => store::open_sqlite(data, durability, ID_RESERVE, dedup_since, wake.clone()),
+        }
+        .map_err(|e| e.to_string())?;
+        if let Some(c) = &loaded.cluster {
+            log::info!(
+                "cluster: node {} on PostgreSQL, log at {}, {} connections on other nodes",
+                c.node,
+                c.log_pos,
+                c.online.len()
+            );
+        }
         log::info!(
             "chat: {} users, {} rooms, {} sessions, next id {}",
             loaded.users.len(),
@@ -280,6 +296,21 @@ impl Service for ChatService {
             "code",
             ErrorCode::ALL.map(|c| (c.as_str(), m.errors[c.index()])),
         );
+        if let Some(pos) = hub.log_position() {
+            w.gauge(
+                "parlor_cluster_log_position",
+                "Cluster mode: the last replication-log position this node applied.",
+                pos,
+            );
+        }
+        // Backend figures (cluster mode: peers, bus lag, store round trips, reconnects).
+        for (name, help, value) in self.store.metrics() {
+            if name.ends_with("_total") {
+                w.counter(name, help, value);
+            } else {
+                w.gauge(name, help, value);
+            }
+        }
     }
 
     fn on_turn_end(&mut self) {

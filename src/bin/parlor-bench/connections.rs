@@ -64,7 +64,10 @@ fn raise_nofile(need: u64) -> u64 {
 
 pub fn run(a: &ConnArgs) -> Result<serde_json::Value, String> {
     let c = &a.common;
-    let target = Target::parse(&c.url, c.tls_ca.as_deref())?;
+    let target = Target::parse(c.single_url("connections")?, c.tls_ca.as_deref())?;
+    if c.pid.len() > 1 {
+        return Err("connections takes one --pid (memory per connection of one server)".into());
+    }
     let n = a.connections;
     let limit = raise_nofile(n as u64 + 64);
     if limit < n as u64 + 16 {
@@ -82,10 +85,10 @@ pub fn run(a: &ConnArgs) -> Result<serde_json::Value, String> {
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
         .collect();
     let use_sources = k > 1 || a.source_addrs.is_some();
-    let pid = c.pid.map(|p| p.to_string());
+    let pid = c.pid.first().map(|p| p.to_string());
     let rss_before = pid.as_deref().and_then(rss_kib);
 
-    let mut pool = Pool::new(target).map_err(|e| format!("poll: {e}"))?;
+    let mut pool = Pool::new(vec![target]).map_err(|e| format!("poll: {e}"))?;
     let mut h = Idle {
         failures: 0,
         first_error: None,
@@ -95,7 +98,7 @@ pub fn run(a: &ConnArgs) -> Result<serde_json::Value, String> {
     let mut last_change = Instant::now();
     let mut last_done = 0;
     const MAX_PENDING: usize = 256;
-    let cpu = CpuWindow::start(c.pid);
+    let cpu = CpuWindow::start(&c.pid, c.db_pid);
     loop {
         let done = pool.open + pool.closed;
         if done >= n {
@@ -116,7 +119,8 @@ pub fn run(a: &ConnArgs) -> Result<serde_json::Value, String> {
             if let Err(e) = pool.add(src) {
                 return Err(format!(
                     "connection {i} to {}: {e} ({} open so far)",
-                    pool.target.addr, pool.open
+                    pool.target_for(i).addr,
+                    pool.open
                 ));
             }
         }

@@ -89,8 +89,8 @@ impl Handler for Echo {
 
 pub fn run(a: &EchoArgs) -> Result<serde_json::Value, String> {
     let c = &a.common;
-    let target = Target::parse(&c.url, c.tls_ca.as_deref())?;
-    let mut pool = Pool::new(target).map_err(|e| format!("poll: {e}"))?;
+    let target = Target::parse(c.single_url("echo")?, c.tls_ca.as_deref())?;
+    let mut pool = Pool::new(vec![target]).map_err(|e| format!("poll: {e}"))?;
     let payload: Vec<u8> = (0..a.size).map(|i| b'a' + (i % 26) as u8).collect();
     let mut h = Echo {
         payload,
@@ -112,7 +112,7 @@ pub fn run(a: &EchoArgs) -> Result<serde_json::Value, String> {
         check_alive(&pool)?;
     }
     h.measuring = true;
-    let cpu = CpuWindow::start(c.pid);
+    let cpu = CpuWindow::start(&c.pid, c.db_pid);
     let start = Instant::now();
     let end = start + c.duration;
     let mut progress = Progress::new(c.quiet);
@@ -185,8 +185,11 @@ pub fn run(a: &EchoArgs) -> Result<serde_json::Value, String> {
         "max_us": h.hist.max(),
         "mean_us": h.hist.mean(),
         "bench_cpu_pct": report.bench_pct,
+        "server_pids": c.pid,
         "server_cpu_secs": report.server_secs,
         "server_ns_per_msg": server_ns,
+        "db_pid": c.db_pid,
+        "db_cpu_secs": report.db_secs,
         "wrong": h.wrong,
     }))
 }

@@ -62,10 +62,11 @@ enum Mode {
     /// Example: parlor-bench echo --url ws://127.0.0.1:8080/echo -c 100 --size 20 --inflight 1
     Echo(echo::EchoArgs),
     /// Chat fan-out over protocol v1 (`/ws`): registers (or logs in, or resumes with cached
-    /// tokens) users bench-s-N and bench-p-N, joins them all to one room, then the publishers
-    /// `say` messages whose text carries publisher, sequence and send time. Every receiver
-    /// (subscribers and publishers) computes end-to-end latency. Prints deliveries/s,
-    /// p50/p99/p999, and lost and duplicated counts after a drain period.
+    /// tokens) users bench-s-N and bench-p-N, joins them all to one room (or spreads them over
+    /// --rooms N), then the publishers `say` messages whose text carries publisher, sequence
+    /// and send time. Every receiver (subscribers and publishers) computes end-to-end latency.
+    /// Prints deliveries/s, accepted (acked) messages/s, p50/p99/p999, and lost and duplicated
+    /// counts after a drain period. --url may list several servers (the nodes of a cluster).
     ///
     /// The server must run with `--rate-limit 0` (or the publishers get rate_limited errors,
     /// which are reported).
@@ -91,6 +92,9 @@ enum Mode {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
     /// Target, e.g. ws://127.0.0.1:8080/echo, or wss://localhost:8443/echo with --tls-ca.
+    /// `chat` also takes a comma-separated list (the nodes of a cluster, e.g.
+    /// ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws): connection i goes to URL i % n, so
+    /// publishers and subscribers are both spread over the nodes. Other modes take one URL.
     #[arg(long)]
     pub url: String,
     /// For a wss:// URL: PEM file of the certificate (or CA) to trust.
@@ -103,15 +107,49 @@ pub struct Common {
     #[arg(long, default_value = "1", value_parser = parlor::units::parse_secs)]
     pub warmup: Duration,
     /// Server process ID: report its CPU time during the window (and memory, for
-    /// `connections`). For a multi-process server, give the process doing the work.
+    /// `connections`). For a multi-process server, give the process doing the work. Several
+    /// (repeat the flag, or comma-separated; not for `connections`), e.g. the nodes of a
+    /// cluster: their CPU is summed (and listed per PID in the JSON).
+    #[arg(long, value_delimiter = ',')]
+    pub pid: Vec<u32>,
+    /// A database server's parent process, e.g. PostgreSQL's postmaster: its CPU during the
+    /// window, with its children's (the backends; those that exited through the parent's
+    /// cutime/cstime), reported apart from the server's, per delivery and per accepted message.
     #[arg(long)]
-    pub pid: Option<u32>,
+    pub db_pid: Option<u32>,
     /// Print one JSON object on one line at the end instead of the human summary.
     #[arg(long)]
     pub json: bool,
     /// No progress lines on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+impl Common {
+    /// The `--url` list (one or more URLs).
+    pub fn urls(&self) -> Result<Vec<&str>, String> {
+        parse_url_list(&self.url)
+    }
+
+    /// The one `--url` of a mode that takes no list.
+    pub fn single_url(&self, mode: &str) -> Result<&str, String> {
+        match self.urls()?[..] {
+            [u] => Ok(u),
+            _ => Err(format!(
+                "--url: {mode} takes one URL; a comma-separated list is for chat"
+            )),
+        }
+    }
+}
+
+/// Splits a comma-separated `--url` list; blanks around items are ignored, empty items are
+/// an error (a stray comma usually means a variable was empty).
+pub fn parse_url_list(s: &str) -> Result<Vec<&str>, String> {
+    let urls: Vec<&str> = s.split(',').map(str::trim).collect();
+    if urls.iter().any(|u| u.is_empty()) {
+        return Err(format!("--url {s:?}: empty item in the list"));
+    }
+    Ok(urls)
 }
 
 /// A progress line on stderr once a second.
@@ -178,7 +216,7 @@ pub fn connect_all(
             let i = pool.conns.len();
             let src = sources.map(|s| s[i % s.len()]);
             pool.add(src)
-                .map_err(|e| format!("connect to {}: {e}", pool.target.addr))?;
+                .map_err(|e| format!("connect to {}: {e}", pool.target_for(i).addr))?;
             to_add -= 1;
         }
         pool.turn(Duration::from_millis(10), h)
@@ -226,11 +264,28 @@ pub fn print_cpu(r: &CpuReport, server_ns: Option<f64>, unit: &str) {
     );
     if let (Some(s), Some(ns)) = (r.server_secs, server_ns) {
         println!(
-            "server CPU: {:.2} s over {:.1} s ({:.0}% of one core), {:.0} ns per {unit}",
+            "server CPU: {:.2} s over {:.1} s ({:.0}% of one core), {:.0} ns per {unit}{}",
             s,
             r.wall_secs,
             100.0 * s / r.wall_secs.max(1e-9),
-            ns
+            ns,
+            if r.server_by_pid.len() > 1 {
+                let each: Vec<String> = r
+                    .server_by_pid
+                    .iter()
+                    .map(|(p, s)| format!("{p}: {s:.2} s"))
+                    .collect();
+                format!(" ({} processes: {})", each.len(), each.join(", "))
+            } else {
+                String::new()
+            }
+        );
+    }
+    if let Some(s) = r.db_secs {
+        println!(
+            "database CPU: {:.2} s ({:.0}% of one core)",
+            s,
+            100.0 * s / r.wall_secs.max(1e-9)
         );
     }
 }
@@ -240,19 +295,21 @@ fn main() -> ExitCode {
     let (json, result) = match &cli.mode {
         Mode::Echo(a) => (
             a.common.json,
-            stats::check_pid(a.common.pid).and_then(|_| echo::run(a)),
+            stats::check_pids(&a.common.pid, a.common.db_pid).and_then(|_| echo::run(a)),
         ),
         Mode::Chat(a) => (
             a.common.json,
-            stats::check_pid(a.common.pid).and_then(|_| fanout::run(a, fanout::Kind::Chat)),
+            stats::check_pids(&a.common.pid, a.common.db_pid)
+                .and_then(|_| fanout::run(a, fanout::Kind::Chat)),
         ),
         Mode::Broadcast(a) => (
             a.common.json,
-            stats::check_pid(a.common.pid).and_then(|_| fanout::run(a, fanout::Kind::Broadcast)),
+            stats::check_pids(&a.common.pid, a.common.db_pid)
+                .and_then(|_| fanout::run(a, fanout::Kind::Broadcast)),
         ),
         Mode::Connections(a) => (
             a.common.json,
-            stats::check_pid(a.common.pid).and_then(|_| connections::run(a)),
+            stats::check_pids(&a.common.pid, a.common.db_pid).and_then(|_| connections::run(a)),
         ),
     };
     match result {

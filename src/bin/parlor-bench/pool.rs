@@ -32,33 +32,41 @@ pub struct Pool {
     events: Events,
     pub conns: Vec<Conn>,
     pub rng: Rng,
-    pub target: Target,
+    /// Where connections go: connection i to `targets[i % len]`.
+    pub targets: Vec<Target>,
     dirty: Vec<usize>,
     pub open: usize,
     pub closed: usize,
 }
 
 impl Pool {
-    pub fn new(target: Target) -> io::Result<Pool> {
+    /// A pool whose connections go round-robin over `targets` (at least one).
+    pub fn new(targets: Vec<Target>) -> io::Result<Pool> {
+        assert!(!targets.is_empty(), "a pool needs a target");
         Ok(Pool {
             poll: Poll::new()?,
             events: Events::with_capacity(4096),
             conns: Vec::new(),
             rng: Rng::from_clock(),
-            target,
+            targets,
             dirty: Vec::new(),
             open: 0,
             closed: 0,
         })
     }
 
-    /// Starts one more connection; returns its index.
+    /// The target of connection `idx`.
+    pub fn target_for(&self, idx: usize) -> &Target {
+        &self.targets[idx % self.targets.len()]
+    }
+
+    /// Starts one more connection (to the next target, round-robin); returns its index.
     pub fn add(&mut self, source: Option<IpAddr>) -> io::Result<usize> {
         let idx = self.conns.len();
         let c = Conn::open(
             self.poll.registry(),
             Token(idx),
-            &self.target,
+            &self.targets[idx % self.targets.len()],
             source,
             &mut self.rng,
         )?;

@@ -123,10 +123,8 @@ fn clk_tck() -> f64 {
 /// utime + stime of a process (all its threads), in seconds, from /proc/PID/stat.
 pub fn process_cpu_secs(pid: &str) -> Option<f64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime is field 14, stime 15.
+    let f = stat_fields(&s)?;
+    // f starts at field 3 (state); utime is field 14, stime 15.
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
     Some((utime + stime) / clk_tck())
@@ -152,54 +150,122 @@ pub fn rss_kib(pid: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// CPU use over a measurement window: ours and, if a PID was given, the server's.
+/// CPU time of a process tree, in seconds: the process itself, its reaped children (cutime +
+/// cstime: a PostgreSQL backend that exited during the window is counted there) and its live
+/// children (found by their parent PID in /proc/*/stat). For a database server started as one
+/// parent process that forks a worker per connection.
+pub fn tree_cpu_secs(pid: u32) -> Option<f64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f = stat_fields(&s)?;
+    let field = |i: usize| -> Option<f64> { f.get(i)?.parse().ok() };
+    // After the name: state is index 0, so utime (field 14) is 11, cutime (16) is 13.
+    let mut ticks = field(11)? + field(12)? + field(13)? + field(14)?;
+    let me = pid.to_string();
+    for e in fs::read_dir("/proc").ok()?.flatten() {
+        let name = e.file_name();
+        let Some(child) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(cs) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let Some(cf) = stat_fields(&cs) else {
+            continue;
+        };
+        if cf.get(1) == Some(&me.as_str()) {
+            let t = |i: usize| cf.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            ticks += t(11) + t(12);
+        }
+    }
+    Some(ticks / clk_tck())
+}
+
+/// The fields of a /proc/PID/stat line after the command name (which is in parentheses and
+/// may contain spaces): index 0 is the state (field 3), 1 the parent PID (field 4).
+fn stat_fields(s: &str) -> Option<Vec<&str>> {
+    Some(s.get(s.rfind(')')? + 2..)?.split_whitespace().collect())
+}
+
+/// CPU use over a measurement window: ours, the server processes' (summed, e.g. the nodes of
+/// a cluster), and a database process tree's if given.
 pub struct CpuWindow {
     start: Instant,
     self_start: f64,
-    server_pid: Option<String>,
-    server_start: Option<f64>,
+    server_pids: Vec<u32>,
+    server_start: Vec<Option<f64>>,
+    db_pid: Option<u32>,
+    db_start: Option<f64>,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CpuReport {
     pub wall_secs: f64,
     /// Bench CPU as % of one core.
     pub bench_pct: f64,
+    /// Sum over the server PIDs; None without --pid or if one could not be read.
     pub server_secs: Option<f64>,
+    /// Per server PID (those that could be read at both ends).
+    pub server_by_pid: Vec<(u32, f64)>,
+    /// The database process tree (--db-pid).
+    pub db_secs: Option<f64>,
 }
 
 impl CpuWindow {
-    pub fn start(server_pid: Option<u32>) -> CpuWindow {
-        let server_pid = server_pid.map(|p| p.to_string());
-        let server_start = server_pid.as_deref().and_then(process_cpu_secs);
+    pub fn start(server_pids: &[u32], db_pid: Option<u32>) -> CpuWindow {
         CpuWindow {
+            server_start: server_pids
+                .iter()
+                .map(|p| process_cpu_secs(&p.to_string()))
+                .collect(),
+            server_pids: server_pids.to_vec(),
+            db_start: db_pid.and_then(tree_cpu_secs),
+            db_pid,
             start: Instant::now(),
             self_start: self_cpu_secs(),
-            server_pid,
-            server_start,
         }
     }
 
     pub fn stop(&self) -> CpuReport {
         let wall = self.start.elapsed().as_secs_f64();
         let me = self_cpu_secs() - self.self_start;
-        let server_secs = match (&self.server_pid, self.server_start) {
-            (Some(pid), Some(s0)) => process_cpu_secs(pid).map(|s1| s1 - s0),
+        let mut server_by_pid = Vec::new();
+        for (&pid, s0) in self.server_pids.iter().zip(&self.server_start) {
+            if let (Some(s0), Some(s1)) = (s0, process_cpu_secs(&pid.to_string())) {
+                server_by_pid.push((pid, s1 - s0));
+            }
+        }
+        let server_secs = (!self.server_pids.is_empty()
+            && server_by_pid.len() == self.server_pids.len())
+        .then(|| server_by_pid.iter().map(|(_, s)| s).sum());
+        let db_secs = match (self.db_pid, self.db_start) {
+            (Some(pid), Some(s0)) => tree_cpu_secs(pid).map(|s1| s1 - s0),
             _ => None,
         };
         CpuReport {
             wall_secs: wall,
             bench_pct: if wall > 0.0 { 100.0 * me / wall } else { 0.0 },
             server_secs,
+            server_by_pid,
+            db_secs,
         }
     }
 }
 
-/// Checks that a server PID exists before a run, so a typo fails early.
-pub fn check_pid(pid: Option<u32>) -> Result<(), String> {
-    if let Some(p) = pid {
+/// Checks that the server (and database) PIDs exist before a run, so a typo fails early.
+pub fn check_pids(pids: &[u32], db_pid: Option<u32>) -> Result<(), String> {
+    for &p in pids {
         if process_cpu_secs(&p.to_string()).is_none() {
             return Err(format!("--pid {p}: no such process (or /proc unreadable)"));
+        }
+    }
+    if let Some(p) = db_pid {
+        if tree_cpu_secs(p).is_none() {
+            return Err(format!(
+                "--db-pid {p}: no such process (or /proc unreadable)"
+            ));
         }
     }
     Ok(())
@@ -243,5 +309,22 @@ mod tests {
         assert!((990..=1000).contains(&p99), "{p99}");
         assert_eq!(h.quantile(1.0), 1000);
         assert_eq!(h.count(), 1000);
+    }
+
+    #[test]
+    fn tree_cpu_counts_this_process() {
+        let me = std::process::id();
+        // Burn a little CPU so the tick counters move.
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed().as_millis() < 30 {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        let tree = tree_cpu_secs(me).unwrap();
+        let own = process_cpu_secs(&me.to_string()).unwrap();
+        assert!(tree >= own, "{tree} < {own}");
+        assert!(check_pids(&[me], Some(me)).is_ok());
+        assert!(check_pids(&[u32::MAX], None).is_err());
     }
 }

@@ -4,18 +4,29 @@
 use crate::chat::core::cmd::auth::{token_hash, ACCOUNT_DISABLED};
 use crate::chat::core::{Hub, Pending, QueryWaiter};
 use crate::chat::protocol::{ChatMessage, ErrorCode, ServerFrame};
+use crate::chat::store::cluster::Assigned;
 use crate::service::CloseCode;
 
 impl Hub {
     /// Runs what waited for writes up to `upto`. A reply whose own write failed (in `failed`,
     /// or the whole batch when `!batch_ok`) reports `internal` instead of promising durability.
+    /// Cluster mode: `assigned` gives the ids and `seq`s the store chose, and `unavailable`
+    /// says a failure was the database being unreachable (replies say `unavailable`).
     pub(in crate::chat::core) fn on_committed(
         &mut self,
         upto: u64,
         batch_ok: bool,
         failed: &[u64],
+        assigned: &[Assigned],
+        unavailable: bool,
     ) {
         let now = self.now.mono;
+        let (fail_code, fail_what) = if unavailable {
+            (ErrorCode::Unavailable, "database unavailable; ")
+        } else {
+            (ErrorCode::Internal, "")
+        };
+        let given = |seq: u64| assigned.iter().find(|a| a.write == seq);
         while self.pending.front().is_some_and(|(s, _)| *s <= upto) {
             let Some((seq, p)) = self.pending.pop_front() else {
                 break;
@@ -26,17 +37,21 @@ impl Hub {
                     conn,
                     user,
                     reference,
-                    id,
+                    id: placeholder,
                     ts,
                     accepted,
                 } => {
+                    // Cluster mode: the id is the message's log position (or, for a retry
+                    // the database already had, the original's id and time).
+                    let (id, ts) = given(seq).map_or((placeholder, ts), |a| (a.id, a.ts));
                     let mut waiters = Vec::new();
                     if let Some(reference) = &reference {
                         if let Some(u) = self.users.get_mut(&user) {
                             if let Some(e) = u.dedup.entries.get_mut(reference) {
-                                if e.id == id {
+                                if e.id == placeholder {
                                     waiters = std::mem::take(&mut e.waiters);
                                     e.committed = ok;
+                                    (e.id, e.ts) = (id, ts);
                                     if !ok {
                                         // Not stored: a retry must be able to store it.
                                         u.dedup.entries.remove(reference);
@@ -65,13 +80,9 @@ impl Hub {
                             self.send_json(*last, json);
                         }
                     } else {
+                        let msg = format!("{fail_what}message could not be stored");
                         for c in waiters {
-                            self.error(
-                                c,
-                                ErrorCode::Internal,
-                                "message could not be stored",
-                                reference.as_deref(),
-                            );
+                            self.error(c, fail_code, &msg, reference.as_deref());
                         }
                     }
                 }
@@ -98,12 +109,8 @@ impl Hub {
                         self.authenticate(conn, &user, &token, reference.as_deref());
                     } else {
                         self.forget_session(&user, hash);
-                        self.auth_failed(
-                            conn,
-                            ErrorCode::Internal,
-                            "could not store the session",
-                            reference.as_deref(),
-                        );
+                        let msg = format!("{fail_what}could not store the session");
+                        self.auth_failed(conn, fail_code, &msg, reference.as_deref());
                     }
                 }
                 Pending::Close { conns } => {
@@ -133,9 +140,15 @@ impl Hub {
                     conn,
                     reference,
                     id,
-                    seq,
+                    seq: change_seq,
                     ts,
+                    assigned: from_store,
                 } => {
+                    let seq = if from_store {
+                        given(seq).map(|a| a.id)
+                    } else {
+                        change_seq
+                    };
                     if ok {
                         let ack = ServerFrame::Ack {
                             reference: reference.as_deref(),
@@ -146,12 +159,8 @@ impl Hub {
                         self.send(conn, &ack);
                     } else {
                         self.change_failed(id);
-                        self.error(
-                            conn,
-                            ErrorCode::Internal,
-                            "change could not be stored",
-                            reference.as_deref(),
-                        );
+                        let msg = format!("{fail_what}change could not be stored");
+                        self.error(conn, fail_code, &msg, reference.as_deref());
                     }
                 }
             }

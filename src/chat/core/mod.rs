@@ -116,6 +116,8 @@ enum Pending {
         id: i64,
         seq: Option<i64>,
         ts: i64,
+        /// Cluster mode: the `seq` is the one the store assigned to this write.
+        assigned: bool,
     },
 }
 
@@ -346,7 +348,14 @@ impl Hub {
                 );
             }
         }
-        let cluster = loaded.cluster.map(cmd::cluster::ClusterState::new);
+        let cluster = loaded.cluster.as_ref().map(cmd::cluster::ClusterState::new);
+        let mut online = HashSet::new();
+        for (node, key) in loaded.cluster.map(|c| c.online).unwrap_or_default() {
+            if let Some(u) = users.get_mut(&key) {
+                u.remote.push(node);
+                online.insert(key);
+            }
+        }
         let login_limit = |n: usize| if cfg.login_throttle == 0 { 0 } else { n };
         Hub {
             membership_epoch: 0,
@@ -390,7 +399,7 @@ impl Hub {
             last_sweep: None,
             rooms,
             conns: HashMap::new(),
-            online: HashSet::new(),
+            online,
             dedup_users,
             maybe_unwatched: HashSet::new(),
             next_id: loaded.next_id,
@@ -449,7 +458,8 @@ impl Hub {
                 failed,
                 batch,
                 latency,
-                ..
+                assigned,
+                unavailable,
             } => {
                 self.m.store_batch_seconds.add(latency.as_secs_f64());
                 self.m.store_batch_writes.add(batch as f64);
@@ -464,7 +474,7 @@ impl Hub {
                     // lock held elsewhere, a full disk); one bad row among good ones does not.
                     st.failing = !ok || failed.len() == batch;
                 }
-                self.on_committed(upto, ok, &failed);
+                self.on_committed(upto, ok, &failed, &assigned, unavailable);
             }
             StoreEvent::QueryDone {
                 qid,
@@ -512,7 +522,7 @@ impl Hub {
             StoreEvent::UserChanged { change, key, user } => {
                 self.on_user_changed(change, key, user)
             }
-            StoreEvent::Log(_) => {}
+            StoreEvent::Log(entries) => self.on_log(entries),
         }
     }
 
@@ -578,6 +588,7 @@ impl Hub {
         for room in std::mem::take(&mut self.maybe_unwatched) {
             self.cool_if_unwatched(&room);
         }
+        self.retry_parked(true);
     }
 
     // ----- outputs --------------------------------------------------------------------------
@@ -696,11 +707,14 @@ impl Hub {
         }
         let ts = self.now.wall_ms;
         u.last_seen = Some(ts);
-        self.online.remove(&key);
         self.write(Write::SetLastSeen {
             key: key.clone(),
             ts,
         });
+        if !self.local_presence(&key, false) {
+            return; // still online on another node
+        }
+        self.online.remove(&key);
         self.collect_sharer_conns(&key, conn);
         let u = &self.users[&key];
         let json = ServerFrame::Presence {
@@ -733,7 +747,7 @@ impl Hub {
         self.after_commit(p);
         if self.write_seq <= self.store_state.committed {
             let upto = self.store_state.committed;
-            self.on_committed(upto, true, &[]);
+            self.on_committed(upto, true, &[], &[], false);
         }
     }
 

@@ -19,8 +19,10 @@ pub struct User {
     pub nick: String,
     pub phc: String,
     pub last_seen: Option<i64>,
-    /// Live authenticated connections; non-empty means online.
+    /// Live authenticated connections on this node.
     pub conns: Vec<ConnId>,
+    /// Cluster mode: the other nodes where the user has a connection open.
+    pub remote: Vec<String>,
     pub rooms: BTreeSet<String>,
     /// Users this one has exchanged DMs with (keys), for nick broadcasts.
     pub dm_partners: HashSet<String>,
@@ -49,6 +51,7 @@ impl User {
             phc,
             last_seen: None,
             conns: Vec::new(),
+            remote: Vec::new(),
             rooms: BTreeSet::new(),
             dm_partners: HashSet::new(),
             bucket: None,
@@ -61,8 +64,9 @@ impl User {
         }
     }
 
+    /// A connection is open here, or (cluster mode) on another node.
     pub fn online(&self) -> bool {
-        !self.conns.is_empty()
+        !self.conns.is_empty() || !self.remote.is_empty()
     }
 }
 

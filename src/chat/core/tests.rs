@@ -804,3 +804,310 @@ fn registration_whose_row_never_stored_leaves_nothing_behind() {
     t.run_store(&[], no_answer);
     assert_eq!(t.outcome(c), ["welcome"]);
 }
+
+// ----- cluster mode: two hubs and a fake PostgreSQL (the log, its positions, dedup) -----------
+
+/// Plays PostgreSQL for several hubs: each hub's writes get log positions in the order the
+/// "database" takes them, messages and changes their ids from them, retried refs are
+/// reported as duplicates; every hub then reads the log.
+struct FakeCluster {
+    nodes: Vec<T>,
+    log: Vec<crate::chat::store::cluster::LogEntry>,
+    /// How far each node has read the log.
+    read: Vec<usize>,
+    refs: HashMap<(String, String), (i64, i64)>,
+}
+
+impl FakeCluster {
+    fn new(n: usize) -> FakeCluster {
+        use crate::chat::store::cluster::ClusterLoaded;
+        let nodes = (0..n)
+            .map(|i| {
+                let mut t = T::with_alice_and_bob(&[]);
+                let loaded = Loaded {
+                    users: vec![user("alice"), user("bob")],
+                    sessions: vec![
+                        (token_hash("tok-alice"), "alice".into(), 1_800_000_000_000),
+                        (token_hash("tok-bob"), "bob".into(), 1_800_000_000_000),
+                    ],
+                    rooms: vec!["general".into(), "rust".into()],
+                    members: [("general", "alice"), ("general", "bob")]
+                        .iter()
+                        .map(|(r, u)| (r.to_string(), u.to_string()))
+                        .collect(),
+                    next_id: 1,
+                    cluster: Some(ClusterLoaded {
+                        node: format!("n{i}"),
+                        log_pos: 0,
+                        online: Vec::new(),
+                    }),
+                    ..Loaded::default()
+                };
+                let cfg = t.hub.cfg.clone();
+                t.hub = Hub::new(cfg, loaded, i64::MAX, t.now);
+                t
+            })
+            .collect();
+        FakeCluster {
+            nodes,
+            log: Vec::new(),
+            read: vec![0; n],
+            refs: HashMap::new(),
+        }
+    }
+
+    /// Commits node `i`'s queued requests (one batch) and reports it to that node.
+    fn commit(&mut self, i: usize) {
+        use crate::chat::store::cluster::{Assigned, LogEntry, LogEvent};
+        let t = &mut self.nodes[i];
+        t.answer_unread();
+        let reqs = std::mem::take(&mut t.store);
+        let mut assigned = Vec::new();
+        let mut results = Vec::new();
+        let mut writes = 0;
+        for r in reqs {
+            match r {
+                StoreReq::Write(w) => {
+                    t.seq += 1;
+                    writes += 1;
+                    let Some(mut ev) = LogEvent::of_write(&w) else {
+                        continue;
+                    };
+                    let pos = self.log.len() as i64 + 1;
+                    if let LogEvent::Message {
+                        msg,
+                        sender,
+                        reference: Some(r),
+                        ..
+                    } = &mut ev
+                    {
+                        if let Some(&(id, ts)) = self.refs.get(&(sender.clone(), r.clone())) {
+                            assigned.push(Assigned {
+                                write: t.seq,
+                                id,
+                                ts,
+                                duplicate: true,
+                            });
+                            continue;
+                        }
+                        self.refs.insert((sender.clone(), r.clone()), (pos, msg.ts));
+                    }
+                    if let LogEvent::Message { msg, .. } = &mut ev {
+                        msg.id = pos;
+                    }
+                    if ev.takes_position() {
+                        assigned.push(Assigned {
+                            write: t.seq,
+                            id: pos,
+                            ts: 0,
+                            duplicate: false,
+                        });
+                    }
+                    self.log.push(LogEntry {
+                        pos,
+                        origin: format!("n{i}"),
+                        event: ev,
+                    });
+                }
+                StoreReq::Query {
+                    qid,
+                    query: Query::Message { id },
+                } => {
+                    let found = self.log.iter().find_map(|e| match &e.event {
+                        LogEvent::Message { msg, dm, .. } if e.pos == id => {
+                            Some(crate::chat::store::StoredMessage {
+                                msg: msg.clone().into_message(),
+                                dm: dm.clone(),
+                                edits: 0,
+                            })
+                        }
+                        _ => None,
+                    });
+                    results.push(StoreEvent::MessageFound { qid, found });
+                }
+                StoreReq::Query { qid, .. } => results.push(StoreEvent::QueryDone {
+                    qid,
+                    messages: Vec::new(),
+                    more: false,
+                }),
+                StoreReq::LoadUser { .. } | StoreReq::Shutdown => {}
+            }
+        }
+        for ev in results {
+            t.hub.handle_store_event(ev, t.now);
+            t.drain();
+        }
+        t.hub.handle_store_event(
+            StoreEvent::Committed {
+                upto: t.seq,
+                ok: true,
+                failed: Vec::new(),
+                batch: writes,
+                latency: Duration::ZERO,
+                assigned,
+                unavailable: false,
+            },
+            t.now,
+        );
+        t.drain();
+        t.answer_unread();
+    }
+
+    /// Node `i` reads what the log has for it.
+    fn tail(&mut self, i: usize) {
+        let entries = self.log[self.read[i]..].to_vec();
+        self.read[i] = self.log.len();
+        let t = &mut self.nodes[i];
+        t.hub.handle_store_event(StoreEvent::Log(entries), t.now);
+        t.drain();
+    }
+
+    /// Commits and tails everywhere until nothing is left to do.
+    fn settle(&mut self) {
+        for _ in 0..5 {
+            for i in 0..self.nodes.len() {
+                self.commit(i);
+            }
+            for i in 0..self.nodes.len() {
+                self.tail(i);
+            }
+        }
+    }
+
+    fn resume(&mut self, i: usize, n: u64, token: &str) -> ConnId {
+        let c = self.nodes[i].open(n);
+        self.nodes[i].send(c, json!({"type":"resume","token":token}));
+        self.settle();
+        let f = self.nodes[i].take(c);
+        assert!(f.iter().any(|v| v["type"] == "welcome"), "{f:?}");
+        c
+    }
+}
+
+/// Two nodes: messages are delivered from the log only, in log order on both nodes (also
+/// on the sender's own node); acks carry the log position; presence and joins cross nodes.
+#[test]
+fn cluster_nodes_deliver_in_log_order_and_share_presence() {
+    let mut cl = FakeCluster::new(2);
+    let a = cl.resume(0, 1, "tok-alice");
+    cl.nodes[0].take(a);
+    let b = cl.resume(1, 2, "tok-bob");
+    let f = cl.nodes[0].take(a);
+    assert!(
+        f.iter()
+            .any(|v| v["type"] == "presence" && v["user"] == "bob" && v["event"] == "online"),
+        "alice (node 0) did not see bob (node 1) come online: {f:?}"
+    );
+    cl.nodes[1].take(b);
+    cl.nodes[0].send(
+        a,
+        json!({"type":"say","room":"general","text":"one","ref":"a1"}),
+    );
+    cl.nodes[1].send(
+        b,
+        json!({"type":"say","room":"general","text":"two","ref":"b1"}),
+    );
+    assert!(
+        cl.nodes[0].take(a).is_empty(),
+        "nothing is delivered before the log has it"
+    );
+    // Node 1 commits first: its message gets the lower id everywhere.
+    cl.commit(1);
+    cl.commit(0);
+    cl.tail(0);
+    cl.tail(1);
+    let fa = cl.nodes[0].take(a);
+    let fb = cl.nodes[1].take(b);
+    let msgs = |f: &[Value]| -> Vec<(i64, String)> {
+        f.iter()
+            .filter(|v| v["type"] == "message")
+            .map(|v| {
+                (
+                    v["id"].as_i64().unwrap(),
+                    v["text"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(msgs(&fa), msgs(&fb));
+    assert_eq!(
+        msgs(&fa).iter().map(|m| m.1.as_str()).collect::<Vec<_>>(),
+        ["two", "one"]
+    );
+    let ack = fa.iter().find(|v| v["type"] == "ack").expect("ack");
+    assert_eq!(ack["id"].as_i64(), Some(msgs(&fa)[1].0));
+
+    // A retry of a1 on node 1 (alice resumed there) is answered with the original ack.
+    let a2 = cl.resume(1, 3, "tok-alice");
+    cl.nodes[1].send(
+        a2,
+        json!({"type":"say","room":"general","text":"one","ref":"a1"}),
+    );
+    let f = cl.nodes[1].take(a2);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(
+        (f[0]["type"].clone(), f[0]["id"].clone()),
+        (json!("ack"), ack["id"].clone())
+    );
+
+    // bob closes his only connection on node 1: alice is told he is offline; alice's second
+    // connection on node 1 does not make her flap.
+    cl.nodes[0].take(a);
+    cl.nodes[1].close(b);
+    cl.settle();
+    let f = cl.nodes[0].take(a);
+    assert!(
+        f.iter()
+            .any(|v| v["type"] == "presence" && v["user"] == "bob" && v["event"] == "offline"),
+        "{f:?}"
+    );
+    assert!(
+        !f.iter()
+            .any(|v| v["type"] == "presence" && v["user"] == "alice"),
+        "{f:?}"
+    );
+
+    // A join on node 1 of a room created on node 0 tells node 0's members.
+    cl.nodes[0].send(a, json!({"type":"join","room":"ops","ref":"j"}));
+    cl.settle();
+    cl.nodes[0].take(a);
+    let c = cl.resume(1, 4, "tok-bob");
+    cl.nodes[1].send(c, json!({"type":"join","room":"ops","ref":"j"}));
+    cl.settle();
+    let f = cl.nodes[0].take(a);
+    assert!(
+        f.iter()
+            .any(|v| v["type"] == "presence" && v["event"] == "join" && v["room"] == "ops"),
+        "{f:?}"
+    );
+    // An edit on node 1 reaches node 0 with the log's seq.
+    let first = msgs(&fa)[0].0;
+    cl.nodes[1].send(c, json!({"type":"edit","id":first,"text":"two!","ref":"e"}));
+    cl.settle();
+    let f = cl.nodes[0].take(a);
+    let edited = f.iter().find(|v| v["type"] == "edited");
+    assert!(edited.is_some(), "{f:?}");
+}
+
+/// A node that is gone (its heartbeat expired) takes its users offline for the others.
+#[test]
+fn cluster_node_gone_takes_its_users_offline() {
+    use crate::chat::store::cluster::{LogEntry, LogEvent};
+    let mut cl = FakeCluster::new(2);
+    let a = cl.resume(0, 1, "tok-alice");
+    let _b = cl.resume(1, 2, "tok-bob");
+    cl.nodes[0].take(a);
+    let pos = cl.log.len() as i64 + 1;
+    cl.log.push(LogEntry {
+        pos,
+        origin: "n0".into(),
+        event: LogEvent::NodeGone { node: "n1".into() },
+    });
+    cl.tail(0);
+    let f = cl.nodes[0].take(a);
+    assert!(
+        f.iter()
+            .any(|v| v["type"] == "presence" && v["user"] == "bob" && v["event"] == "offline"),
+        "{f:?}"
+    );
+}

@@ -95,10 +95,15 @@ pub enum LogEvent {
         text: String,
         edited_ts: i64,
         conv: String,
+        /// For a DM: (author, recipient) names, which change frames carry.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dm_names: Option<(String, String)>,
     },
     Delete {
         id: i64,
         conv: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dm_names: Option<(String, String)>,
     },
     React {
         id: i64,
@@ -106,6 +111,8 @@ pub enum LogEvent {
         emoji: String,
         on: bool,
         conv: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dm_names: Option<(String, String)>,
     },
     User {
         key: String,
@@ -274,16 +281,21 @@ impl LogEvent {
                 text,
                 edited_ts,
                 conv,
+                dm_names,
                 ..
             } => LogEvent::Edit {
                 id: *id,
                 text: text.clone(),
                 edited_ts: *edited_ts,
                 conv: conv.clone(),
+                dm_names: dm_names.clone(),
             },
-            Write::DeleteMessage { id, conv, .. } => LogEvent::Delete {
+            Write::DeleteMessage {
+                id, conv, dm_names, ..
+            } => LogEvent::Delete {
                 id: *id,
                 conv: conv.clone(),
+                dm_names: dm_names.clone(),
             },
             Write::SetReaction {
                 id,
@@ -291,6 +303,7 @@ impl LogEvent {
                 emoji,
                 on,
                 conv,
+                dm_names,
                 ..
             } => LogEvent::React {
                 id: *id,
@@ -298,6 +311,7 @@ impl LogEvent {
                 emoji: emoji.clone(),
                 on: *on,
                 conv: conv.clone(),
+                dm_names: dm_names.clone(),
             },
             Write::SetRead { user_key, conv, id } => LogEvent::Read {
                 user_key: user_key.clone(),

@@ -111,6 +111,8 @@ pub enum Write {
         edited_ts: i64,
         seq: i64,
         conv: String,
+        /// For a DM: the message's author and recipient (names), which change frames carry.
+        dm_names: Option<(String, String)>,
     },
     /// Message `id` loses its text, edit history and reactions for good.
     DeleteMessage {
@@ -118,6 +120,7 @@ pub enum Write {
         seq: i64,
         conv: String,
         ts: i64,
+        dm_names: Option<(String, String)>,
     },
     /// `user` (an account name) adds (`on`) or removes a reaction. Only sent for a change.
     SetReaction {
@@ -128,6 +131,7 @@ pub enum Write {
         seq: i64,
         conv: String,
         ts: i64,
+        dm_names: Option<(String, String)>,
     },
     /// Forgets change events older than `before_ts`, except the newest `keep`; catch-up from
     /// before the oldest kept one is answered with a reset.

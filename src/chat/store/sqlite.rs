@@ -782,6 +782,7 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             edited_ts,
             seq,
             conv,
+            ..
         } => {
             conn.prepare_cached(
                 "INSERT INTO edits (msg_id, text, ts)
@@ -794,7 +795,9 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             .execute(params![id, text, edited_ts])?;
             insert_event(conn, *seq, conv, EV_EDITED, *id, None, *edited_ts)
         }
-        Write::DeleteMessage { id, seq, conv, ts } => {
+        Write::DeleteMessage {
+            id, seq, conv, ts, ..
+        } => {
             conn.prepare_cached("UPDATE messages SET text = '', deleted = 1 WHERE id = ?1")?
                 .execute(params![id])?;
             conn.prepare_cached("DELETE FROM edits WHERE msg_id = ?1")?
@@ -811,6 +814,7 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             seq,
             conv,
             ts,
+            ..
         } => {
             if *on {
                 conn.prepare_cached(

@@ -208,6 +208,19 @@ impl Hub {
     }
 
     fn resume(&mut self, conn: ConnId, token: &str, reference: Option<String>) {
+        self.resume_with(conn, token, reference, true);
+    }
+
+    /// `resume`; with `may_park` (cluster mode) an unknown token waits a moment for the log
+    /// instead of failing at once (see `park_resume`). Returns whether the connection signs in
+    /// (or waits to): false when it was refused.
+    pub(in crate::chat::core) fn resume_with(
+        &mut self,
+        conn: ConnId,
+        token: &str,
+        reference: Option<String>,
+        may_park: bool,
+    ) -> bool {
         let r = reference.as_deref();
         // A valid token is never refused because of anyone's failed logins: it is
         // 128 random bits, so there is nothing to guess, and refusing it would let a
@@ -229,19 +242,24 @@ impl Hub {
             Some(_) if disabled => {
                 self.m.logins_failed += 1;
                 self.error(conn, ErrorCode::AccountDisabled, ACCOUNT_DISABLED, r);
+                false
             }
             Some(key) if !expired => {
                 self.touch_session(hash, now_ms);
                 self.authenticate(conn, &key, token, reference.as_deref());
+                true
             }
             Some(key) => {
                 self.revoke_session(&key, hash);
                 self.m.logins_failed += 1;
                 self.error(conn, ErrorCode::AuthFailed, "session expired", r);
+                false
             }
+            None if may_park && self.park_resume(conn, token, &reference) => true,
             None => {
                 self.m.logins_failed += 1;
                 self.error(conn, ErrorCode::AuthFailed, "invalid token", r);
+                false
             }
         }
     }
@@ -514,7 +532,7 @@ impl Hub {
         let first = u.conns.is_empty();
         u.conns.push(conn);
         self.membership_epoch += 1;
-        if first {
+        if first && self.local_presence(key, true) {
             self.online.insert(key.to_string());
             self.collect_sharer_conns(key, conn);
             let u = &self.users[key];
@@ -534,7 +552,7 @@ impl Hub {
             nick: &u.nick,
             token,
             rooms: u.rooms.iter().map(|s| s.as_str()).collect(),
-            seq: self.next_id - 1,
+            seq: self.head_seq(),
             conversations: self.conversations_info(key, convs, counts),
             reference,
         }

@@ -42,7 +42,51 @@ pub(in crate::chat::core) enum Conv {
     },
 }
 
+/// A decided change to a message, as every node applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub(in crate::chat::core) enum Change {
+    Edit {
+        text: String,
+        edited_ts: i64,
+    },
+    Delete,
+    /// `user` is the account name.
+    React {
+        user: String,
+        emoji: String,
+        on: bool,
+    },
+}
+
+impl Change {
+    fn apply_to(&self, msg: &mut ChatMessage) {
+        match self {
+            Change::Edit { text, edited_ts } => {
+                msg.text = text.clone();
+                msg.edited_ts = Some(*edited_ts);
+            }
+            Change::Delete => msg.mark_deleted(),
+            Change::React { user, emoji, on } => {
+                msg.set_reaction(user, emoji, *on);
+            }
+        }
+    }
+}
+
 impl Conv {
+    /// The conversation of a change-log key: a DM pair key holds a newline (two user keys),
+    /// a room name never does.
+    pub(in crate::chat::core) fn of_key(key: &str) -> Conv {
+        match key.split_once('\n') {
+            Some((a, b)) => Conv::Dm {
+                pair: key.to_string(),
+                a: a.to_string(),
+                b: b.to_string(),
+            },
+            None => Conv::Room(key.to_string()),
+        }
+    }
+
     fn store_key(&self) -> &str {
         match self {
             Conv::Room(r) => r,
@@ -356,92 +400,175 @@ impl Hub {
                     id,
                     seq: None,
                     ts,
+                    assigned: false,
                 };
                 return self.after_commit_or_now(ack);
             }
         }
-        let Some(seq) = self.take_id() else {
-            return self.error(conn, ErrorCode::RateLimited, "server busy; try again", r);
+        // Cluster mode: the database gives the change its `seq` (its log position) and every
+        // node, this one included, applies and broadcasts it from the log in that order.
+        let clustered = self.cluster.is_some();
+        let seq = if clustered {
+            0
+        } else {
+            match self.take_id() {
+                Some(seq) => seq,
+                None => {
+                    return self.error(conn, ErrorCode::RateLimited, "server busy; try again", r)
+                }
+            }
         };
-        let Some(k) = self.changes.known.get_mut(&id) else {
+        let Some(k) = self.changes.known.get(&id) else {
             return;
         };
         let conv_key = k.conv.store_key().to_string();
-        let (json, write) = match op {
-            Op::Edit { text } => {
-                k.msg.text = text;
-                k.msg.edited_ts = Some(ts);
-                k.edits += 1;
-                let json = ServerFrame::Edited {
+        let dm_names = match &k.conv {
+            Conv::Room(_) => None,
+            Conv::Dm { .. } => Some((k.msg.from.clone(), k.msg.to.clone().unwrap_or_default())),
+        };
+        let (change, write) = match op {
+            Op::Edit { text } => (
+                Change::Edit {
+                    text: text.clone(),
+                    edited_ts: ts,
+                },
+                Write::EditMessage {
                     id,
-                    conv: ConvRef::of(&k.msg),
-                    text: &k.msg.text,
+                    text,
                     edited_ts: ts,
                     seq,
-                }
-                .to_json();
-                let write = Write::EditMessage {
-                    id,
-                    text: k.msg.text.clone(),
-                    edited_ts: ts,
-                    seq,
-                    conv: conv_key,
-                };
-                (json, write)
-            }
-            Op::Delete => {
-                k.msg.mark_deleted();
-                let json = ServerFrame::Deleted {
-                    id,
-                    conv: ConvRef::of(&k.msg),
-                    seq,
-                }
-                .to_json();
-                let write = Write::DeleteMessage {
+                    conv: conv_key.clone(),
+                    dm_names: dm_names.clone(),
+                },
+            ),
+            Op::Delete => (
+                Change::Delete,
+                Write::DeleteMessage {
                     id,
                     seq,
-                    conv: conv_key,
+                    conv: conv_key.clone(),
                     ts,
-                };
-                (json, write)
-            }
-            Op::React { emoji, on } => {
-                k.msg.set_reaction(&user_name, &emoji, on);
-                let json = ServerFrame::Reaction {
-                    id,
-                    conv: ConvRef::of(&k.msg),
-                    user: &user_name,
-                    emoji: &emoji,
+                    dm_names: dm_names.clone(),
+                },
+            ),
+            Op::React { emoji, on } => (
+                Change::React {
+                    user: user_name.clone(),
+                    emoji: emoji.clone(),
                     on,
-                    seq,
-                }
-                .to_json();
-                let write = Write::SetReaction {
+                },
+                Write::SetReaction {
                     id,
                     user: user_name.clone(),
                     emoji,
                     on,
                     seq,
-                    conv: conv_key,
+                    conv: conv_key.clone(),
                     ts,
-                };
-                (json, write)
-            }
+                    dm_names: dm_names.clone(),
+                },
+            ),
             Op::Reply { .. } => return,
         };
-        let (conv, state) = (k.conv.clone(), k.msg.clone());
         self.m.changes_in += 1;
-        self.refresh_ring(&conv, state);
-        self.broadcast_to(&conv, &json);
+        if !clustered {
+            self.publish_change(id, seq, &conv_key, dm_names.as_ref(), change);
+        }
         self.write(write);
         self.after_commit(Pending::ChangeAck {
             conn,
             reference: r.map(str::to_string),
             id,
-            seq: Some(seq),
+            seq: (!clustered).then_some(seq),
             ts,
+            assigned: clustered,
         });
-        self.reserve_ids_if_low();
+        if !clustered {
+            self.reserve_ids_if_low();
+        }
+    }
+
+    /// Applies a change to what the hub holds of message `id` (its state for changes, the
+    /// join ring) and tells every connection that can see it. A single node calls this when it
+    /// accepts the change; a cluster node when the change comes back through the log, where
+    /// the message may be unknown to it (then `conv_key` and `dm_names` say where it lives).
+    pub(in crate::chat::core) fn publish_change(
+        &mut self,
+        id: i64,
+        seq: i64,
+        conv_key: &str,
+        dm_names: Option<&(String, String)>,
+        change: Change,
+    ) {
+        let (conv, state) = match self.changes.known.get_mut(&id) {
+            Some(k) => {
+                change.apply_to(&mut k.msg);
+                if let Change::Edit { .. } = change {
+                    k.edits += 1;
+                }
+                (k.conv.clone(), Some(k.msg.clone()))
+            }
+            None => {
+                let conv = Conv::of_key(conv_key);
+                let mut state = self.ring_copy(&conv, id);
+                if let Some(m) = &mut state {
+                    change.apply_to(m);
+                }
+                (conv, state)
+            }
+        };
+        if let Some(state) = state {
+            self.refresh_ring(&conv, state);
+        }
+        let conv_ref = match &conv {
+            Conv::Room(room) => ConvRef {
+                room: Some(room),
+                from: None,
+                to: None,
+            },
+            Conv::Dm { .. } => ConvRef {
+                room: None,
+                from: dm_names.map(|(f, _)| f.as_str()),
+                to: dm_names.map(|(_, t)| t.as_str()),
+            },
+        };
+        let json = match &change {
+            Change::Edit { text, edited_ts } => ServerFrame::Edited {
+                id,
+                conv: conv_ref,
+                text,
+                edited_ts: *edited_ts,
+                seq,
+            },
+            Change::Delete => ServerFrame::Deleted {
+                id,
+                conv: conv_ref,
+                seq,
+            },
+            Change::React { user, emoji, on } => ServerFrame::Reaction {
+                id,
+                conv: conv_ref,
+                user,
+                emoji,
+                on: *on,
+                seq,
+            },
+        }
+        .to_json();
+        self.broadcast_to(&conv, &json);
+    }
+
+    /// A copy of message `id` from a room's join ring, if it is there.
+    fn ring_copy(&self, conv: &Conv, id: i64) -> Option<ChatMessage> {
+        use crate::chat::core::state::Ring;
+        let Conv::Room(room) = conv else { return None };
+        let rm = self.rooms.get(room)?;
+        let found = match &rm.ring {
+            Ring::Warm(ring) => ring.iter().find(|m| m.id == id),
+            Ring::Loading(tail) => tail.iter().find(|m| m.id == id),
+            Ring::Cold => None,
+        };
+        found.map(|m| (**m).clone())
     }
 
     /// A room's join ring holds the newest messages: keep a changed one up to date there.
@@ -494,7 +621,7 @@ impl Hub {
         if !self.admit_query(conn, key, r) {
             return;
         }
-        let head = self.next_id - 1;
+        let head = self.head_seq();
         if since > head {
             // From another server, or a restored backup: nothing to continue from.
             let json = catchup_json(&[], head, false, true, r);
@@ -535,7 +662,7 @@ impl Hub {
         }
         let r = reference.as_deref();
         if reset {
-            let json = catchup_json(&[], self.next_id - 1, false, true, r);
+            let json = catchup_json(&[], self.head_seq(), false, true, r);
             return self.send_json(conn, json);
         }
         let events: Vec<String> = items.iter().map(render).collect();

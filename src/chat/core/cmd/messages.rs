@@ -104,6 +104,9 @@ impl Hub {
                 r,
             );
         }
+        if self.cluster.is_some() {
+            return self.say_clustered(conn, key, room, to_key, text, reply_to, r);
+        }
         let Some(id) = self.take_id() else {
             return self.error(
                 conn,
@@ -129,6 +132,102 @@ impl Hub {
             return;
         };
         self.record(conn, key, r, msg, dm);
+    }
+
+    /// Cluster mode: the message is stored with id 0 and the database numbers it (its log
+    /// position). Nothing is broadcast here: every node, this one included, delivers it when
+    /// it comes through the log, so all see one order. The ack waits for the commit report,
+    /// which carries the id.
+    #[allow(clippy::too_many_arguments)]
+    fn say_clustered(
+        &mut self,
+        conn: ConnId,
+        key: &str,
+        room: Option<String>,
+        to_key: Option<String>,
+        text: String,
+        reply_to: Option<i64>,
+        r: Option<&str>,
+    ) {
+        let u = &self.users[key];
+        let msg = Rc::new(ChatMessage {
+            id: 0,
+            room,
+            from: u.name.clone(),
+            to: to_key.as_ref().map(|k| self.users[k].name.clone()),
+            nick: u.nick.clone(),
+            text,
+            ts: self.now.wall_ms,
+            reply_to,
+            ..ChatMessage::default()
+        });
+        self.m.messages_in += 1;
+        let dm = to_key.map(|tk| {
+            self.note_dm_pair(key, &tk);
+            store::dm_key(key, &tk)
+        });
+        self.record(conn, key, r, msg, dm);
+    }
+
+    /// Cluster mode: a message from the log (any node's, this one's too), delivered to this
+    /// node's connections in log order. A remote sender's `ref` is remembered, so a retry that
+    /// reaches this node gets the original ack.
+    pub(in crate::chat::core) fn deliver_logged(
+        &mut self,
+        msg: ChatMessage,
+        sender: &str,
+        reference: Option<String>,
+        own: bool,
+    ) {
+        let msg = Rc::new(msg);
+        let to_key = msg.to.as_deref().map(validate::user_key);
+        if let (false, Some(reference)) = (own, reference) {
+            let (max, now) = (self.cfg.dedup_max_refs, self.now.mono);
+            if let Some(u) = self.users.get_mut(sender) {
+                if !u.dedup.entries.contains_key(&reference) {
+                    let entry = DedupEntry {
+                        at: now,
+                        id: msg.id,
+                        ts: msg.ts,
+                        committed: true,
+                        waiters: Vec::new(),
+                    };
+                    u.dedup.insert(reference, entry, max);
+                    self.dedup_users.insert(sender.to_string());
+                }
+            }
+        }
+        let json = ServerFrame::Message(&msg).to_json();
+        match (&msg.room, to_key) {
+            (Some(room), _) => {
+                let cap = self.cfg.history_on_join;
+                let Some(rm) = self.rooms.get_mut(room) else {
+                    return;
+                };
+                rm.remember(&msg, cap);
+                let from = self.fx.recipients.len();
+                self.append_room_fanout(room);
+                self.broadcast_appended(&json, true, from);
+            }
+            (None, Some(tk)) => {
+                let pair = [sender.to_string(), tk.clone()];
+                let n = if tk == sender { 1 } else { 2 };
+                self.collect_conns(pair.iter().take(n), NOBODY);
+                self.broadcast(&json, true);
+                self.partners_in_memory(sender, &tk);
+            }
+            _ => {}
+        }
+    }
+
+    /// Two users have a DM conversation (memory only: the store has it from whoever wrote it).
+    pub(in crate::chat::core) fn partners_in_memory(&mut self, a: &str, b: &str) {
+        if let Some(u) = self.users.get_mut(a) {
+            u.dm_partners.insert(b.to_string());
+        }
+        if let Some(u) = self.users.get_mut(b) {
+            u.dm_partners.insert(a.to_string());
+        }
     }
 
     /// A retry of a ref seen within `--dedup-window` gets the original ack (now, or when the
@@ -253,6 +352,15 @@ impl Hub {
         self.reserve_ids_if_low();
     }
 
+    /// The newest id or `seq` handed out: what `welcome.seq` and catch-up report as the head.
+    /// In cluster mode, the newest log position this node has applied.
+    pub(in crate::chat::core) fn head_seq(&self) -> i64 {
+        match &self.cluster {
+            Some(c) => c.log_pos,
+            None => self.next_id - 1,
+        }
+    }
+
     /// The next number of the one sequence of message ids and change `seq`s, if the durable
     /// reservation covers it (else the caller answers "busy" until it does).
     pub(in crate::chat::core) fn take_id(&mut self) -> Option<i64> {
@@ -266,6 +374,9 @@ impl Hub {
 
     /// Persists a new id reservation when half of the current one is used.
     pub(in crate::chat::core) fn reserve_ids_if_low(&mut self) {
+        if self.cluster.is_some() {
+            return; // the database numbers messages and changes
+        }
         if self.next_id + ID_RESERVE / 2 > self.id_requested {
             self.id_requested = self.next_id + ID_RESERVE;
             let upto = self.id_requested;

@@ -110,7 +110,7 @@ impl Hub {
 
     /// A user who joins a room has "read" it up to now: its history is not unread.
     pub(in crate::chat::core) fn read_on_join(&mut self, key: &str, room: &str) {
-        let head = self.next_id - 1;
+        let head = self.head_seq();
         self.advance_read(key, room, head);
     }
 
@@ -126,7 +126,7 @@ impl Hub {
         let Some(named) = self.conversation(conn, key, room, with, r) else {
             return;
         };
-        if id < 0 || id >= self.next_id {
+        if id < 0 || id > self.head_seq() {
             return self.error(conn, ErrorCode::BadRequest, "no such message id", r);
         }
         if self.advance_read(key, &named.conv, id) {
@@ -146,6 +146,7 @@ impl Hub {
                 id,
                 seq: None,
                 ts: self.now.wall_ms,
+                assigned: false,
             };
             self.after_commit_or_now(ack);
         }

@@ -78,5 +78,7 @@ impl Hub {
         }
         .to_json();
         self.broadcast(&json, false);
+        let to_key = to.as_deref().map(validate::user_key);
+        self.relay_typing(key, room.as_deref(), to_key);
     }
 }
