@@ -182,10 +182,13 @@ fn user(key: &str) -> Write {
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
     let d = std::env::temp_dir().join(format!(
-        "parlor-pgtest-{tag}-{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos()
+        "parlor-pgtest-{tag}-{}-{nanos:x}",
+        std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();

@@ -18,7 +18,7 @@
 //! log — which is why messages carry dedup refs: the client's retry finds the original.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,10 @@ use crate::chat::Wake;
 
 /// Most requests folded into one transaction (as SQLite).
 const MAX_BATCH: usize = 4096;
+
+/// While a connection is being made in the background, how often the idle writer looks
+/// whether it is ready.
+const CONNECT_POLL: Duration = Duration::from_millis(20);
 
 /// Reconnect backoff: from the first to the last, doubling.
 pub(crate) const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -746,6 +750,10 @@ pub(crate) struct Writer {
     backoff: Duration,
     /// When to try reconnecting next (while disconnected).
     next_try: Instant,
+    /// A connection being made on a helper thread (while disconnected), so that batches go
+    /// on failing at once however long connecting takes (up to the connect timeout for an
+    /// unreachable host).
+    connecting: Option<Receiver<Result<(Client, Stmts), postgres::Error>>>,
 }
 
 impl Writer {
@@ -768,6 +776,7 @@ impl Writer {
             seq: 0,
             backoff: BACKOFF_FIRST,
             next_try: Instant::now(),
+            connecting: None,
         })
     }
 
@@ -780,13 +789,17 @@ impl Writer {
                 let got = if self.conn.is_some() {
                     rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
                 } else {
-                    let wait = self.next_try.saturating_duration_since(Instant::now());
+                    let wait = if self.connecting.is_some() {
+                        CONNECT_POLL
+                    } else {
+                        self.next_try.saturating_duration_since(Instant::now())
+                    };
                     rx.recv_timeout(wait)
                 };
                 match got {
                     Ok(reqs) => queued.extend(reqs),
                     Err(RecvTimeoutError::Timeout) => {
-                        self.reconnect();
+                        self.connect_in_background();
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => return,
@@ -800,8 +813,8 @@ impl Writer {
             }
             let take = queued.len().min(MAX_BATCH);
             let batch: Vec<StoreReq> = queued.drain(..take).collect();
-            if self.conn.is_none() && Instant::now() >= self.next_try {
-                self.reconnect();
+            if self.conn.is_none() {
+                self.connect_in_background();
             }
             if self.batch(batch) {
                 self.goodbye();
@@ -810,8 +823,65 @@ impl Writer {
         }
     }
 
-    /// Tries to connect (and prepare); on failure schedules the next try with backoff.
+    /// While disconnected: adopts the connection a helper thread made, or starts one when
+    /// the backoff has passed. Never waits for the server.
+    fn connect_in_background(&mut self) {
+        if let Some(rx) = &self.connecting {
+            match rx.try_recv() {
+                Err(TryRecvError::Empty) => return,
+                Ok(Ok(conn)) => {
+                    self.connecting = None;
+                    log::info!("store: reconnected to {}", self.target.shown());
+                    self.conn = Some(conn);
+                    self.metrics.reconnected();
+                    self.backoff = BACKOFF_FIRST;
+                    return;
+                }
+                Ok(Err(e)) => {
+                    self.connecting = None;
+                    if self.backoff == BACKOFF_FIRST {
+                        log::warn!(
+                            "store: reconnecting to {}: {}",
+                            self.target.shown(),
+                            describe(&e)
+                        );
+                    }
+                    self.lost();
+                }
+                Err(TryRecvError::Disconnected) => {
+                    self.connecting = None;
+                    self.lost();
+                }
+            }
+        }
+        if self.conn.is_some() || Instant::now() < self.next_try {
+            return;
+        }
+        let (tx, rx) = channel();
+        let target = self.target.clone();
+        let spawned = std::thread::Builder::new()
+            .name("chat-store-connect".into())
+            .spawn(move || {
+                let r = target.connect().and_then(|mut c| {
+                    let st = Stmts::prepare(&mut c)?;
+                    Ok((c, st))
+                });
+                let _ = tx.send(r);
+            });
+        match spawned {
+            Ok(_) => self.connecting = Some(rx),
+            Err(e) => {
+                log::warn!("store: starting a connect thread: {e}; connecting here");
+                self.reconnect();
+            }
+        }
+    }
+
+    /// Connects (and prepares) on this thread; on failure schedules the next try with
+    /// backoff. For the moments a batch may wait for it: a connection found closed before
+    /// its batch started, and leaving the cluster at shutdown.
     fn reconnect(&mut self) {
+        self.connecting = None;
         let r = self.target.connect().and_then(|mut c| {
             let st = Stmts::prepare(&mut c)?;
             Ok((c, st))
@@ -969,6 +1039,13 @@ impl Writer {
     /// Leaves the cluster cleanly: this node's presence and `nodes` row go, and a `NodeGone`
     /// entry tells the other nodes at once (rather than at heartbeat expiry).
     fn goodbye(&mut self) {
+        if self.conn.is_none() {
+            if let Some(rx) = self.connecting.take() {
+                if let Ok(Ok(conn)) = rx.recv_timeout(Duration::from_secs(5)) {
+                    self.conn = Some(conn);
+                }
+            }
+        }
         if self.conn.is_none() {
             self.reconnect();
         }
