@@ -404,6 +404,12 @@ fn catch_up_on_another_node_after_a_node_dies() {
     let (mut carol, token) = register(&n3.addr, "carol");
     join(&mut alice, "ops");
     join(&mut carol, "ops");
+    // `joined` does not wait for the membership to commit (no durability promise, as on one
+    // node): node 1 hearing of it proves it did, before node 3 is killed.
+    let stored = until(&mut alice, Duration::from_secs(10), |v| {
+        v["type"] == "presence" && v["event"] == "join" && v["user"] == "carol"
+    });
+    assert!(stored.is_some(), "carol's join never reached node 1");
     alice.send(json!({"type":"say","room":"ops","text":"seen","ref":"1"}));
     let seen = collect_messages(&mut carol, "ops", 1);
     let last_seen = seen[0].0;

@@ -1164,3 +1164,30 @@ fn cluster_move_between_nodes_does_not_flap() {
     assert_eq!(offline.len(), 1, "{f:?}");
     assert_eq!(offline[0]["event"], "offline");
 }
+
+/// A node declared gone while it still runs (a stall) announces its users again: the others
+/// do not see them go offline if that happens within the grace.
+#[test]
+fn cluster_node_declared_gone_announces_its_users_again() {
+    use crate::chat::store::cluster::{LogEntry, LogEvent};
+    let mut cl = FakeCluster::new(2);
+    let a = cl.resume(0, 1, "tok-alice");
+    let _b = cl.resume(1, 2, "tok-bob");
+    cl.nodes[0].take(a);
+    let pos = cl.log.len() as i64 + 1;
+    cl.log.push(LogEntry {
+        pos,
+        origin: "n0".into(),
+        event: LogEvent::NodeGone { node: "n1".into() },
+    });
+    cl.settle();
+    cl.tick_after(Duration::from_secs(2));
+    let f = cl.nodes[0].take(a);
+    assert!(
+        !f.iter()
+            .any(|v| v["type"] == "presence" && v["user"] == "bob"),
+        "bob flapped: {f:?}"
+    );
+    assert!(cl.log.iter().any(|e| e.origin == "n1"
+        && matches!(&e.event, LogEvent::Online { user_key } if user_key == "bob")));
+}

@@ -9,6 +9,13 @@
 //! node. NOTIFY only says "the log grew"; nodes read the entries from the table, so a missed
 //! notification costs latency, never an entry.
 //!
+//! A store reports log entries ([`super::StoreEvent::Log`]) and commit reports
+//! ([`super::StoreEvent::Committed`]) from two threads, in no order relative to each other: a
+//! node may read its own message from the log before or after the commit report that acks it.
+//! A batch reported `unavailable` may still have committed (its `COMMIT` answer was lost): its
+//! entries then arrive through the log like any others; a resent message is recognised by its
+//! `ref`, a resent edit is applied again (another entry in its edit history).
+//!
 //! Nothing here knows SQL or threads: these are values, serialized as the log's JSON body.
 
 use serde::{Deserialize, Serialize};

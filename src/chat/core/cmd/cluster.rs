@@ -177,6 +177,8 @@ impl Hub {
             LogEvent::NodeGone { node } => {
                 if self.cluster.as_ref().is_some_and(|c| c.node != node) {
                     self.node_gone(&node);
+                } else {
+                    self.declared_gone();
                 }
             }
             // This node decided the rest of its own entries when it wrote them.
@@ -488,6 +490,22 @@ impl Hub {
         }
         for key in changed {
             self.presence_changed(&key);
+        }
+    }
+
+    /// Another node took this one for dead (its heartbeat stalled) and told everyone its users
+    /// are offline; the store registered it again. Its users with connections here are
+    /// announced again, within the others' offline grace if the stall was short.
+    fn declared_gone(&mut self) {
+        log::warn!("cluster: this node was declared gone; announcing its users again");
+        let here: Vec<String> = self
+            .users
+            .values()
+            .filter(|u| !u.conns.is_empty())
+            .map(|u| u.key.clone())
+            .collect();
+        for user_key in here {
+            self.write(Write::Relay(LogEvent::Online { user_key }));
         }
     }
 
