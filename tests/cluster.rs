@@ -546,10 +546,11 @@ fn migrate_moves_a_single_node_store_into_the_cluster() {
 
     let pg = Pg::start();
     let migrate = || {
+        // The form: the subcommand first, then its --data and --database.
         Command::new(env!("CARGO_BIN_EXE_parlor"))
-            .arg("--data")
+            .args(["migrate", "--data"])
             .arg(&data.0)
-            .args(["--database", &pg.url(), "migrate"])
+            .args(["--database", &pg.url()])
             .output()
             .expect("run migrate")
     };

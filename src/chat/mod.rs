@@ -209,7 +209,7 @@ pub struct ChatConfig {
     /// Cluster mode: a PostgreSQL URL (postgres://USER:PASS@HOST:PORT/DB) used as the chat
     /// store and as the bus between nodes, instead of SQLite in --data. Every node of one chat
     /// gets the same URL. See docs/CLUSTER.md.
-    #[arg(long, env = "PARLOR_DATABASE")]
+    #[arg(long, env = "PARLOR_DATABASE", global = true)]
     pub database: Option<String>,
 
     /// Cluster mode: seconds after its last heartbeat that a node counts as gone (its users go
