@@ -376,6 +376,7 @@ fn killed_node_users_go_offline_within_the_ttl() {
         v["type"] == "presence" && v["user"] == "bob" && v["event"] == "offline"
     });
     let after = killed.elapsed();
+    eprintln!("bob offline for node 1 {after:?} after his node was killed (TTL 3 s)");
     assert!(off.is_some(), "bob stayed online after his node died");
     assert!(
         after < Duration::from_secs(10),
@@ -468,6 +469,10 @@ fn postgres_restart_keeps_connections_and_loses_nothing() {
     })
     .expect("no answer while PostgreSQL is down: the node hangs");
     assert_eq!(answer["code"], "unavailable", "{answer}");
+    eprintln!(
+        "unavailable {:?} after the say, PostgreSQL down",
+        asked.elapsed()
+    );
     assert!(
         asked.elapsed() < Duration::from_secs(15),
         "took {:?}",
@@ -801,6 +806,10 @@ fn a_silent_bus_connection_is_replaced_and_the_node_catches_up() {
         );
     }
     let got = collect_messages(&mut bob, "ops", 3);
+    eprintln!(
+        "node 2 caught up {:?} after its bus froze",
+        frozen_at.elapsed()
+    );
     let texts: Vec<&str> = got.iter().map(|m| m.1.as_str()).collect();
     assert_eq!(
         texts,
