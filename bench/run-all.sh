@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Parlor vs the reference peers (tokio-tungstenite, Node ws), same machine, same run.
+# Parlor vs the reference peers (uWebSockets, tokio-tungstenite, Node ws), same machine, same run.
 #
 # Builds everything (release), then for every scenario runs ROUNDS rounds, each round running
 # Parlor and both peers one after the other (interleaved), each on a freshly started server
@@ -11,7 +11,11 @@
 # SERVER_CPU (0), BENCH_CPU (1), OLD_BIN (a second parlor binary, the target `parlor-old`, for
 # A/B runs of a change: e.g. TARGETS="parlor parlor-old" OLD_BIN=/path/to/old/parlor), and the
 # target `parlor-tls` (Parlor with --tls-cert on a certificate made here, over wss://: e.g.
-# TARGETS="parlor parlor-tls" SCENARIOS="echo-100x20B fanout-1000-max").
+# TARGETS="parlor parlor-tls" SCENARIOS="echo-100x20B fanout-1000-max"), and the target `uws`: an
+# external uWebSockets peer named by UWS_BIN (built outside the repository, never by this script;
+# docs/BENCHMARKS.md says what it does and how it was built), run as `$UWS_BIN PORT`, serving
+# /broadcast (publish to one topic every connection subscribes to) and echo on every other path:
+# e.g. TARGETS="parlor uws tokio-tungstenite" UWS_BIN=/work/peer-uws/peer.
 # See docs/BENCHMARKS.md for the method.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +26,7 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-1}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 TARGETS=${TARGETS:-"parlor tokio-tungstenite node-ws"}
-SCENARIOS=${SCENARIOS:-"echo-100x20B echo-100x16KiB echo-10x16inflight fanout-1000-max fanout-1000-max-w128 fanout-1000-at-100 fanout-1000-at-1000 idle-memory"}
+SCENARIOS=${SCENARIOS:-"echo-100x20B echo-100x16KiB echo-10x16inflight fanout-1000-max fanout-1000-max-w128 fanout-100x10-max fanout-1000-at-100 fanout-1000-at-1000 idle-memory"}
 OUT_DIR=${OUT_DIR:-$CARGO_TARGET_DIR/bench-results}
 SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
@@ -41,6 +45,11 @@ if [[ " $TARGETS " == *" node-ws "* ]]; then
     cp -r "$PEERS_SRC/node-ws" "$PEERS/"
     (cd "$PEERS/node-ws" && npm install --silent >&2)
   fi
+fi
+
+if [[ " $TARGETS " == *" uws "* ]]; then
+  : "${UWS_BIN:?the target uws needs UWS_BIN, the path of a uWebSockets peer binary built outside the repository (see docs/BENCHMARKS.md)}"
+  [ -x "$UWS_BIN" ] || { echo "UWS_BIN=$UWS_BIN is not an executable file" >&2; exit 1; }
 fi
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -95,6 +104,13 @@ start_server() {
       for _ in $(seq 300); do grep -q 'listening' "$SERVER_LOG" && break; sleep 0.05; done
       BASE="ws://127.0.0.1:$port"
       ;;
+    uws)
+      port=19103
+      taskset -c "$SERVER_CPU" "$UWS_BIN" $port >"$SERVER_LOG" 2>&1 &
+      SERVER_PID=$!
+      for _ in $(seq 300); do grep -q 'listening' "$SERVER_LOG" && break; sleep 0.05; done
+      BASE="ws://127.0.0.1:$port"
+      ;;
     node-ws)
       port=19102
       taskset -c "$SERVER_CPU" node "$PEERS/node-ws/server.js" $port >"$SERVER_LOG" 2>&1 &
@@ -133,6 +149,7 @@ args_for() {
     fanout-1000-max) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 0 $common" ;;
     # The same with 128 messages in flight: tokio-tungstenite's best window in our runs.
     fanout-1000-max-w128) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 0 --max-inflight 128 $common" ;;
+    fanout-100x10-max) [ -n "$fan" ] && echo "$fan --subscribers 100 --publishers 10 --rate 0 $common" ;;
     fanout-1000-at-100) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 100 $common" ;;
     fanout-1000-at-1000) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 1000 $common" ;;
     idle-memory) echo "connections --url $BASE/echo -c $IDLE_CONNS --hold 5 --pid $SERVER_PID --json -q" ;;
@@ -147,7 +164,7 @@ for t in parlor parlor-old; do
     start_server "$t"
     taskset -c "$BENCH_CPU" "$BIN/parlor-bench" chat --url "$BASE/ws" --room bench \
       --tokens "$(data_of "$t")/bench-tokens.txt" \
-      --subscribers 1000 --publishers 1 --rate 10 --duration 1 --warmup 0 -q >/dev/null
+      --subscribers 1000 --publishers 10 --rate 10 --duration 1 --warmup 0 -q >/dev/null
     stop_server
   fi
 done
@@ -193,18 +210,23 @@ for f in glob.glob(os.path.join(out_dir, "*.json")):
         continue
     if "error" in v:
         continue
+    if v.get("server_cpu_secs") is not None and v.get("seconds"):
+        v["server_cpu_pct"] = 100.0 * v["server_cpu_secs"] / v["seconds"]
     res.setdefault((s, t), []).append(v)
 
 metrics = {
     "echo": [("msgs_per_sec", "msg/s", "{:,.0f}", True), ("p99_us", "p99 µs", "{:,.0f}", False),
-             ("server_ns_per_msg", "server ns/msg", "{:,.0f}", False)],
-    "fanout": [("deliveries_per_sec", "deliveries/s", "{:,.0f}", True), ("p99_us", "p99 µs", "{:,.0f}", False),
-               ("server_ns_per_delivery", "server ns/delivery", "{:,.0f}", False), ("lost", "lost (max)", "{:,.0f}", False)],
+             ("server_ns_per_msg", "server ns/msg", "{:,.0f}", False),
+             ("server_cpu_pct", "server CPU %", "{:,.0f}", False), ("bench_cpu_pct", "bench CPU %", "{:,.0f}", False)],
+    "fanout": [("deliveries_per_sec", "deliveries/s", "{:,.0f}", True), ("p50_us", "p50 µs", "{:,.0f}", False), ("p99_us", "p99 µs", "{:,.0f}", False),
+               ("server_ns_per_delivery", "server ns/delivery", "{:,.0f}", False),
+               ("server_cpu_pct", "server CPU %", "{:,.0f}", False), ("bench_cpu_pct", "bench CPU %", "{:,.0f}", False),
+               ("lost", "lost (max)", "{:,.0f}", False)],
     "idle": [("kib_per_conn", "KiB/conn", "{:,.2f}", False), ("still_open", "still open (min)", "{:,.0f}", True)],
 }
-order = ["echo-100x20B", "echo-100x16KiB", "echo-10x16inflight", "fanout-1000-max", "fanout-1000-max-w128", "fanout-1000-at-100",
+order = ["echo-100x20B", "echo-100x16KiB", "echo-10x16inflight", "fanout-1000-max", "fanout-1000-max-w128", "fanout-100x10-max", "fanout-1000-at-100",
          "fanout-1000-at-1000", "idle-memory"]
-names = {"parlor": "Parlor", "parlor-old": "Parlor (old)", "parlor-tls": "Parlor TLS", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
+names = {"parlor": "Parlor", "parlor-old": "Parlor (old)", "parlor-tls": "Parlor TLS", "uws": "uWebSockets", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
 peers = [t for t in targets if t != "parlor"]
 hdr = ["scenario", "metric"] + [names.get(t, t) for t in targets]
 if "parlor" in targets:

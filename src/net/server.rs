@@ -19,7 +19,7 @@ use slab::Slab;
 
 use super::connection::{Connection, Phase};
 use super::metrics::Metrics;
-use super::outbound::{Chunk, MAX_IOVECS};
+use super::outbound::{Chunk, CORK_BYTES, MAX_IOVECS};
 use super::timers::Timers;
 use super::tls::{self, Tls, TlsError};
 use crate::config::Config;
@@ -93,6 +93,9 @@ pub struct Server {
     plain: Vec<u8>,
     /// One record's worth of frames gathered for encryption (see [`tls`]).
     cork: Vec<u8>,
+    /// Small frames gathered for one plain `write` ([`OutQueue::write_corked`]), lent to each
+    /// connection in turn; up to [`CORK_BYTES`].
+    write_cork: Vec<u8>,
     /// `--metrics-listen`: only /metrics and /healthz, to anyone who reaches it.
     metrics_listener: Option<TcpListener>,
     /// Connections open on the metrics listener.
@@ -167,6 +170,7 @@ impl Server {
             tls_reload: None,
             plain: Vec::new(),
             cork: Vec::new(),
+            write_cork: Vec::with_capacity(CORK_BYTES),
             metrics_listener,
             metrics_open: 0,
         })
@@ -1084,6 +1088,8 @@ impl Server {
             }
             return;
         }
+        // Quiet for a while: a drained queue gives back the ring it kept for reuse.
+        conn.out.release_idle();
         let idle_at = conn.last_rx + self.config.ping_interval;
         if now < idle_at {
             self.set_deadline(idx, idle_at);
@@ -1335,9 +1341,12 @@ impl Server {
             let max_chunks = if conn.pending_pong.is_some() {
                 1
             } else {
-                MAX_IOVECS
+                usize::MAX
             };
-            match conn.out.write_to(&mut conn.socket, max_chunks) {
+            match conn
+                .out
+                .write_corked(&mut conn.socket, max_chunks, &mut self.write_cork)
+            {
                 Ok(0) => {
                     self.kill(idx);
                     return;
