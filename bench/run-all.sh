@@ -15,7 +15,9 @@
 # external uWebSockets peer named by UWS_BIN (built outside the repository, never by this script;
 # docs/BENCHMARKS.md says what it does and how it was built), run as `$UWS_BIN PORT`, serving
 # /broadcast (publish to one topic every connection subscribes to) and echo on every other path:
-# e.g. TARGETS="parlor uws tokio-tungstenite" UWS_BIN=/work/peer-uws/peer.
+# e.g. TARGETS="parlor uws tokio-tungstenite" UWS_BIN=/work/peer-uws/peer. PARLOR_BIN runs another
+# parlor binary as the target `parlor` (parlor-bench is still this tree's); SKIP_BUILD=1 skips
+# the build (for A/B runs of saved binaries while the tree changes).
 # See docs/BENCHMARKS.md for the method.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,8 +35,10 @@ BENCH_CPU=${BENCH_CPU:-1}
 PEERS_SRC=${PEERS_SRC:-$ROOT/../shared/peers}
 PEERS=$CARGO_TARGET_DIR/peers
 
-echo "== build" >&2
-cargo build --release --bins --quiet
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  echo "== build" >&2
+  cargo build --release --bins --quiet
+fi
 BIN=$CARGO_TARGET_DIR/release
 if [[ " $TARGETS " == *" tokio-tungstenite "* ]]; then
   cargo build --release --locked --quiet --manifest-path "$PEERS_SRC/tokio-tungstenite/Cargo.toml" --target-dir "$PEERS"
@@ -65,7 +69,7 @@ cleanup() {
 trap cleanup EXIT
 
 HAS_CHAT=0
-if "$BIN/parlor" --help | grep -q -- '--rate-limit'; then HAS_CHAT=1; fi
+if "${PARLOR_BIN:-$BIN/parlor}" --help | grep -q -- '--rate-limit'; then HAS_CHAT=1; fi
 
 stop_server() {
   if [ -n "$SERVER_PID" ]; then
@@ -84,7 +88,7 @@ start_server() {
       # /echo is opt-in; every client is 127.0.0.1 (idle-memory opens $IDLE_CONNS). Creating
       # the 1001 bench accounts keeps sockets waiting for argon2 (one hash at a time, ~20 s in
       # all) longer than --auth-timeout lets a real client wait.
-      local extra=(--echo --max-connections-per-ip 0) exe=$BIN/parlor
+      local extra=(--echo --max-connections-per-ip 0) exe=${PARLOR_BIN:-$BIN/parlor}
       if "$exe" --help | grep -q -- '--auth-timeout'; then extra+=(--auth-timeout 600); fi
       [ "$t" = parlor-old ] && exe=${OLD_BIN:?OLD_BIN must name the other parlor binary}
       [ "$HAS_CHAT" = 1 ] && extra+=(--rate-limit 0)

@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::ops::Deref;
+use std::rc::Rc;
 
 use crate::service::SharedFrame;
 
@@ -55,15 +56,46 @@ fn owned_len(c: &Chunk) -> usize {
     }
 }
 
+/// The loop's cork: one buffer that small frames are copied into for one plain `write`, lent
+/// to each connection in turn ([`OutQueue::write_corked`]). A broadcast gives every recipient
+/// the same frames in the same order, so the cork also remembers which shared frames its bytes
+/// are: the next connection whose queue starts with the same frames writes the same bytes
+/// without copying them again. It holds references to those frames, so their memory (and
+/// thus their address, which is what is compared) cannot be reused while it does; the loop
+/// calls [`Cork::release`] at the end of every turn.
+#[derive(Debug, Default)]
+pub struct Cork {
+    buf: Vec<u8>,
+    /// The frames `buf` holds, in order, whole; empty when it holds anything else.
+    frames: Vec<SharedFrame>,
+    /// Writes that reused the bytes already in the cork (for tests and metrics).
+    pub reused: u64,
+}
+
+impl Cork {
+    pub fn with_capacity(bytes: usize) -> Cork {
+        Cork {
+            buf: Vec::with_capacity(bytes),
+            ..Cork::default()
+        }
+    }
+
+    /// Forgets the bytes and drops the frame references (end of a loop turn).
+    pub fn release(&mut self) {
+        self.buf.clear();
+        self.frames.clear();
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct OutQueue {
     chunks: VecDeque<Chunk>,
     /// Bytes of the head chunk already written.
     head_offset: usize,
-    /// Bytes not yet written, over all chunks.
-    bytes: usize,
     /// Memory the queue holds on the connection's behalf: unwritten bytes plus a per-chunk
-    /// overhead, so a flood of tiny frames is bounded like a few big ones.
+    /// overhead, so a flood of tiny frames is bounded like a few big ones. (The unwritten
+    /// bytes themselves are this less the overhead: not stored, to keep idle connections
+    /// small.)
     cost: usize,
     /// The head chunk is an HTTP response (the 101) that nothing may overtake.
     pinned_head: bool,
@@ -75,10 +107,18 @@ pub struct OutQueue {
 
 impl OutQueue {
     pub fn push(&mut self, chunk: Chunk) {
-        self.bytes += chunk.len();
         self.cost += chunk.len() + CHUNK_OVERHEAD;
         self.owned += owned_len(&chunk);
         self.chunks.push_back(chunk);
+    }
+
+    /// [`OutQueue::push`] of a broadcast frame, the fan-out's hot path (no owned bytes to
+    /// count).
+    #[inline]
+    pub fn push_shared(&mut self, frame: SharedFrame) {
+        let len = frame.len();
+        self.cost += len + CHUNK_OVERHEAD;
+        self.chunks.push_back(Chunk::Shared(frame));
     }
 
     /// Queues the HTTP response that must precede every frame (the 101 of an upgrade).
@@ -92,7 +132,6 @@ impl OutQueue {
     /// how a pong overtakes queued data without splitting a frame.
     pub fn push_front(&mut self, chunk: Chunk) {
         debug_assert!(self.at_frame_boundary());
-        self.bytes += chunk.len();
         self.cost += chunk.len() + CHUNK_OVERHEAD;
         self.owned += owned_len(&chunk);
         self.chunks.push_front(chunk);
@@ -122,7 +161,7 @@ impl OutQueue {
 
     /// Unwritten bytes.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.cost - self.chunks.len() * CHUNK_OVERHEAD
     }
 
     /// Unwritten bytes plus per-chunk overhead (what the queue limit is checked against).
@@ -147,7 +186,6 @@ impl OutQueue {
         let keep = usize::from(self.head_offset > 0 || self.pinned_head);
         while self.chunks.len() > keep {
             let c = self.chunks.pop_back().expect("non-empty");
-            self.bytes -= c.len();
             self.cost -= c.len() + CHUNK_OVERHEAD;
             self.owned -= owned_len(&c);
         }
@@ -175,42 +213,91 @@ impl OutQueue {
 
     /// One write from the head, corked: when the head and the chunk after it fit in
     /// [`CORK_BYTES`] together, the head and as many following chunks as fit (at most
-    /// `max_chunks` in all; [`MAX_IOVECS`] does not limit a copy) are copied into `cork` and
-    /// written with one `write`; otherwise (a lone chunk, or big ones) this is
-    /// [`OutQueue::write_to`], in place. A partial write
-    /// leaves the rest queued exactly as `write_to` does: nothing written is kept twice, and
-    /// `cork` holds nothing between calls. Returns the bytes written.
+    /// `max_chunks` in all; [`MAX_IOVECS`] does not limit a copy) go out with one plain
+    /// `write` of the [`Cork`]; otherwise (a lone chunk, or big ones) this is
+    /// [`OutQueue::write_to`], in place. If the queue starts with exactly the shared frames the
+    /// cork already holds (the previous recipient of the same broadcasts), their bytes are
+    /// written again without being copied. A partial write leaves the rest queued exactly as
+    /// `write_to` does. Returns the bytes written.
     pub fn write_corked<W: Write>(
         &mut self,
         w: &mut W,
         max_chunks: usize,
-        cork: &mut Vec<u8>,
+        cork: &mut Cork,
     ) -> io::Result<usize> {
-        let mut it = self.chunks.iter();
-        let (Some(head), Some(next)) = (it.next(), it.next()) else {
+        let (Some(head), Some(next)) = (self.chunks.front(), self.chunks.get(1)) else {
             return self.write_to(w, max_chunks);
         };
-        let head = &head[self.head_offset..];
-        if max_chunks < 2 || head.len() + next.len() > CORK_BYTES {
+        if max_chunks < 2 || head.len() - self.head_offset + next.len() > CORK_BYTES {
             return self.write_to(w, max_chunks);
         }
-        cork.clear();
-        cork.extend_from_slice(head);
-        cork.extend_from_slice(next);
-        for c in self.chunks.iter().take(max_chunks).skip(2) {
-            if cork.len() + c.len() > CORK_BYTES {
-                break;
-            }
-            cork.extend_from_slice(c);
+        if !self.starts_with_cork(cork, max_chunks) {
+            self.fill_cork(cork, max_chunks);
+        } else {
+            cork.reused += 1;
         }
-        let written = w.write(cork)?;
-        cork.clear();
+        let written = w.write(&cork.buf)?;
         self.advance(written);
         Ok(written)
     }
 
+    /// Whether the queue starts with the cork's frames, whole, and the cork is all that one
+    /// corked write would take from it (nothing more would fit, or nothing more is queued).
+    fn starts_with_cork(&self, cork: &Cork, max_chunks: usize) -> bool {
+        let n = cork.frames.len();
+        if n == 0 || self.head_offset != 0 || self.chunks.len() < n {
+            return false;
+        }
+        let same = self
+            .chunks
+            .iter()
+            .zip(&cork.frames)
+            .all(|(c, f)| matches!(c, Chunk::Shared(s) if Rc::ptr_eq(s, f)));
+        same && match self.chunks.get(n) {
+            None => true,
+            Some(more) => n >= max_chunks || cork.buf.len() + more.len() > CORK_BYTES,
+        }
+    }
+
+    /// Copies chunks from the head into the cork while they fit (at least two: the caller
+    /// checked). The cork remembers the frames only if all of them are shared and whole.
+    fn fill_cork(&self, cork: &mut Cork, max_chunks: usize) {
+        cork.buf.clear();
+        cork.frames.clear();
+        let mut cacheable = self.head_offset == 0;
+        for (i, c) in self.chunks.iter().take(max_chunks).enumerate() {
+            let bytes: &[u8] = if i == 0 { &c[self.head_offset..] } else { c };
+            if i > 0 && cork.buf.len() + bytes.len() > CORK_BYTES {
+                break;
+            }
+            cork.buf.extend_from_slice(bytes);
+            match c {
+                Chunk::Shared(f) if cacheable => cork.frames.push(f.clone()),
+                _ => cacheable = false,
+            }
+        }
+        if !cacheable {
+            cork.frames.clear();
+        }
+    }
+
     fn advance(&mut self, mut written: usize) {
-        self.bytes -= written;
+        if written > 0 && written == self.bytes() {
+            // Everything went (the common case after a turn's writes): one pass that only
+            // drops the chunks, instead of retiring them one at a time. The ring is kept for
+            // the next turn, unless this was the 101 response: a connection that just opened
+            // may stay idle for long.
+            let opened = self.pinned_head;
+            self.chunks.clear();
+            self.cost = 0;
+            self.owned = 0;
+            self.head_offset = 0;
+            self.pinned_head = false;
+            if opened || self.chunks.capacity() > RING_KEEP {
+                self.chunks = VecDeque::new();
+            }
+            return;
+        }
         self.cost -= written;
         while written > 0 {
             let head_left = self.chunks[0].len() - self.head_offset;
@@ -350,13 +437,12 @@ mod tests {
                 limit,
                 ..Default::default()
             };
-            let mut cork = Vec::new();
+            let mut cork = Cork::default();
             let mut calls = 0;
             while !q.is_empty() {
                 let before = q.bytes();
                 let n = q.write_corked(&mut w, MAX_IOVECS, &mut cork).unwrap();
                 assert_eq!(q.bytes(), before - n, "limit {limit}");
-                assert!(cork.is_empty(), "the cork keeps nothing between calls");
                 calls += 1;
                 assert!(calls < 1_000_000);
             }
@@ -378,7 +464,7 @@ mod tests {
             limit: usize::MAX / 2,
             ..Default::default()
         };
-        let mut cork = Vec::new();
+        let mut cork = Cork::default();
         // 200 × 170 bytes fit in the cork: one write, no writev (MAX_IOVECS is no limit here).
         assert_eq!(
             q.write_corked(&mut w, usize::MAX, &mut cork).unwrap(),
@@ -408,7 +494,7 @@ mod tests {
             limit: 3,
             ..Default::default()
         };
-        let mut cork = Vec::new();
+        let mut cork = Cork::default();
         q.write_corked(&mut w, 1, &mut cork).unwrap();
         assert!(q.mid_frame());
         w.limit = 100;
@@ -432,7 +518,7 @@ mod tests {
             limit: usize::MAX / 2,
             ..Default::default()
         };
-        let mut cork = Vec::new();
+        let mut cork = Cork::default();
         let mut q = OutQueue::default();
         assert_eq!(q.ring_bytes(), 0);
         for _ in 0..30 {
@@ -460,7 +546,73 @@ mod tests {
             q.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
         }
         assert_eq!(q.ring_bytes(), 0);
+        cork.release();
         assert_eq!(Rc::strong_count(&frame), 1);
+    }
+
+    #[test]
+    fn the_next_recipient_of_the_same_frames_reuses_the_cork() {
+        let f1: SharedFrame = Rc::from(&b"one"[..]);
+        let f2: SharedFrame = Rc::from(&b"two"[..]);
+        let f3: SharedFrame = Rc::from(&b"three"[..]);
+        let queue = |chunks: Vec<Chunk>| {
+            let mut q = OutQueue::default();
+            for c in chunks {
+                q.push(c);
+            }
+            q
+        };
+        let shared = |f: &SharedFrame| Chunk::Shared(f.clone());
+        let mut w = Counting {
+            limit: usize::MAX / 2,
+            ..Default::default()
+        };
+        let mut cork = Cork::default();
+        let mut a = queue(vec![shared(&f1), shared(&f2)]);
+        let mut b = queue(vec![shared(&f1), shared(&f2)]);
+        a.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        assert_eq!(cork.reused, 0);
+        // The cork holds its own references: the test's, b's and the cork's.
+        assert_eq!(Rc::strong_count(&f1), 3);
+        b.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        assert_eq!(cork.reused, 1);
+        assert_eq!(w.got, b"onetwoonetwo");
+        // Same frames with an owned one between them: copied afresh, not cached.
+        let mut c = queue(vec![shared(&f1), Chunk::Owned(b"x".to_vec()), shared(&f2)]);
+        c.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        assert_eq!(cork.reused, 1);
+        assert_eq!(
+            Rc::strong_count(&f1),
+            1,
+            "an uncacheable cork holds no frames"
+        );
+        // A queue that holds more than the cached frames, and the rest would fit: it takes
+        // them all in one write instead of reusing a shorter cork.
+        let mut d = queue(vec![shared(&f1), shared(&f2)]);
+        let mut e = queue(vec![shared(&f1), shared(&f2), shared(&f3)]);
+        d.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        let writes = w.writes;
+        e.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        assert_eq!(cork.reused, 1);
+        assert_eq!(w.writes, writes + 1);
+        assert!(e.is_empty());
+        // A partly written head is never matched against the cork.
+        let mut f = queue(vec![shared(&f1), shared(&f2), shared(&f3)]);
+        w.limit = 2;
+        f.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        assert!(f.mid_frame());
+        assert_eq!(cork.reused, 2, "f's whole queue matched the cork e left");
+        w.limit = usize::MAX / 2;
+        f.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        assert_eq!(cork.reused, 2);
+        assert!(f.is_empty());
+        assert_eq!(
+            w.got,
+            b"onetwoonetwoonextwoonetwoonetwothreeonetwothree".to_vec()
+        );
+        cork.release();
+        assert_eq!(Rc::strong_count(&f1), 1);
+        assert_eq!(Rc::strong_count(&f3), 1);
     }
 
     #[test]
@@ -476,6 +628,15 @@ mod tests {
         q.write_to(&mut w, MAX_IOVECS).unwrap();
         assert!(q.at_frame_boundary());
         q.push_front(Chunk::Owned(b"pong".to_vec()));
+        let mut opened = OutQueue::default();
+        opened.push_pinned(Chunk::Owned(b"HTTP/1.1 101\r\n\r\n".to_vec()));
+        opened.write_to(&mut Vec::new(), MAX_IOVECS).unwrap();
+        assert!(opened.is_empty());
+        assert_eq!(
+            opened.ring_bytes(),
+            0,
+            "a connection that just opened keeps no ring"
+        );
         while !q.is_empty() {
             q.write_to(&mut w, MAX_IOVECS).unwrap();
         }
