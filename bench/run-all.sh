@@ -15,7 +15,8 @@
 # external uWebSockets peer named by UWS_BIN (built outside the repository, never by this script;
 # docs/BENCHMARKS.md says what it does and how it was built), run as `$UWS_BIN PORT`, serving
 # /broadcast (publish to one topic every connection subscribes to) and echo on every other path:
-# e.g. TARGETS="parlor uws tokio-tungstenite" UWS_BIN=/work/peer-uws/peer. PARLOR_BIN runs another
+# e.g. TARGETS="parlor uws tokio-tungstenite" UWS_BIN=/work/peer-uws/peer; `uws-170` is the same
+# peer with 170-byte message texts in the fan-out scenarios (a chat frame's size). PARLOR_BIN runs another
 # parlor binary as the target `parlor` (parlor-bench is still this tree's); SKIP_BUILD=1 skips
 # the build (for A/B runs of saved binaries while the tree changes).
 # See docs/BENCHMARKS.md for the method.
@@ -51,7 +52,7 @@ if [[ " $TARGETS " == *" node-ws "* ]]; then
   fi
 fi
 
-if [[ " $TARGETS " == *" uws "* ]]; then
+if [[ " $TARGETS " == *" uws "* || " $TARGETS " == *" uws-170 "* ]]; then
   : "${UWS_BIN:?the target uws needs UWS_BIN, the path of a uWebSockets peer binary built outside the repository (see docs/BENCHMARKS.md)}"
   [ -x "$UWS_BIN" ] || { echo "UWS_BIN=$UWS_BIN is not an executable file" >&2; exit 1; }
 fi
@@ -108,7 +109,7 @@ start_server() {
       for _ in $(seq 300); do grep -q 'listening' "$SERVER_LOG" && break; sleep 0.05; done
       BASE="ws://127.0.0.1:$port"
       ;;
-    uws)
+    uws|uws-170)
       port=19103
       taskset -c "$SERVER_CPU" "$UWS_BIN" $port >"$SERVER_LOG" 2>&1 &
       SERVER_PID=$!
@@ -140,6 +141,12 @@ args_for() {
   local s=$1 t=$2 fan
   local common="--duration $DURATION --warmup $WARMUP --pid $SERVER_PID --json -q"
   [ "$t" = parlor-tls ] && common="$common --tls-ca $DATA/cert.pem"
+  if [ "$t" = uws-170 ]; then
+    # uWebSockets with message texts padded to 170 bytes, about the size of a chat `message`
+    # frame, so the bytes per delivery match Parlor's; fan-out scenarios only.
+    [[ $s == fanout-* ]] || return 0
+    common="$common --size 170"
+  fi
   if [[ $t == parlor* ]]; then
     [ "$HAS_CHAT" = 1 ] || fan=""
     [ "$HAS_CHAT" = 1 ] && fan="chat --url $BASE/ws --room bench --tokens $(data_of "$t")/bench-tokens.txt"
@@ -230,7 +237,7 @@ metrics = {
 }
 order = ["echo-100x20B", "echo-100x16KiB", "echo-10x16inflight", "fanout-1000-max", "fanout-1000-max-w128", "fanout-100x10-max", "fanout-1000-at-100",
          "fanout-1000-at-1000", "idle-memory"]
-names = {"parlor": "Parlor", "parlor-old": "Parlor (old)", "parlor-tls": "Parlor TLS", "uws": "uWebSockets", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
+names = {"parlor": "Parlor", "parlor-old": "Parlor (old)", "parlor-tls": "Parlor TLS", "uws": "uWebSockets", "uws-170": "uWebSockets 170 B", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
 peers = [t for t in targets if t != "parlor"]
 hdr = ["scenario", "metric"] + [names.get(t, t) for t in targets]
 if "parlor" in targets:
