@@ -776,14 +776,13 @@ impl Server {
             }
         };
         self.metrics.handshakes += 1;
-        let max_message = self.endpoints[endpoint].max_message;
         let conn = &mut self.conns[idx];
         conn.out
             .push_pinned(Chunk::Owned(http::switching_protocols(&accept)));
         conn.phase = Phase::Open;
         conn.endpoint = u16::try_from(endpoint).expect("fewer than 65,536 endpoints");
-        // The frame reader is made when the first bytes arrive (see `on_frames`).
-        let _ = max_message;
+        // The frame reader, with this endpoint's limits, is made when frames arrive (see
+        // `on_frames`).
         conn.reader = None;
         let rest = conn.rbuf.split_off(head_len);
         conn.rbuf = Vec::new();
