@@ -30,6 +30,11 @@ pub trait Outbox {
     /// Returns `false` if the connection is gone or closing; if the queue limit is exceeded the
     /// loop closes that connection with [`CloseCode::PolicyViolation`] and also returns `false`.
     fn send_frame(&mut self, conn: ConnId, frame: &SharedFrame) -> bool;
+    /// Queues the same already-encoded frame on each of `conns` (a broadcast) and returns how
+    /// many took it; each is as [`Outbox::send_frame`]. The loop does it in one lean pass.
+    fn send_frame_to_all(&mut self, conns: &[ConnId], frame: &SharedFrame) -> usize {
+        conns.iter().filter(|&&c| self.send_frame(c, frame)).count()
+    }
     /// Encodes `text` as one text frame and queues it.
     fn send_text(&mut self, conn: ConnId, text: &str) -> bool;
     /// Encodes `data` as one binary frame for this connection alone and queues it. Like

@@ -131,12 +131,7 @@ impl ChatService {
                     to,
                     message,
                 } => {
-                    let mut n = 0;
-                    for c in &fx.recipients[from..to] {
-                        if out.send_frame(*c, &frame) {
-                            n += 1;
-                        }
-                    }
+                    let n = out.send_frame_to_all(&fx.recipients[from..to], &frame) as u64;
                     self.frames_out += n;
                     if message {
                         self.deliveries += n;

@@ -1,6 +1,6 @@
 //! One TCP connection's state: where it is in its life, its buffers and its deadlines.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use mio::net::TcpStream;
@@ -40,8 +40,10 @@ pub struct Connection {
     /// The TCP peer is a trusted proxy whose request head has not been read yet: the client
     /// address (and its per-address count) is still to be resolved.
     pub via_proxy: bool,
-    /// The address this connection is counted under for `--max-connections-per-ip`.
-    pub counted_ip: Option<IpAddr>,
+    /// Counted under `peer`'s address for `--max-connections-per-ip` (which is always the
+    /// address a connection is counted under: a proxied one is counted once `peer` is the
+    /// client's).
+    pub counted: bool,
     /// Admitted into the loopback reserve past a connection limit: only `/healthz` and
     /// `/metrics` are served; anything else gets this status.
     pub reserve: Option<u16>,
@@ -57,18 +59,20 @@ pub struct Connection {
     pub in_backlog: bool,
     pub phase: Phase,
     /// Index of the endpoint (service) this WebSocket belongs to.
-    pub endpoint: usize,
+    pub endpoint: u16,
     /// Unconsumed input. Empty (no allocation) almost always: the reader consumes payloads as
     /// they arrive, so this holds at most a partial request head, frame header or control frame.
     pub rbuf: Vec<u8>,
     /// TLS state on a `--tls-cert` listener: bytes on the socket are records, and everything
     /// above sees only their plaintext.
     pub tls: Option<Box<Tls>>,
-    pub reader: MessageReader,
+    /// The frame reader, while a frame or fragmented message is incomplete; `None` between
+    /// whole messages (see `Server::on_frames`), which is where an idle connection is.
+    pub reader: Option<Box<MessageReader>>,
     pub out: OutQueue,
     /// The latest unanswered ping's payload, sent at the next frame boundary. A ping flood
     /// replaces it instead of growing the queue.
-    pub pending_pong: Option<Vec<u8>>,
+    pub pending_pong: Option<Box<[u8]>>,
     pub last_rx: Instant,
     /// When we pinged and are still waiting for any sign of life.
     pub ping_sent: Option<Instant>,
@@ -93,6 +97,19 @@ impl Connection {
 
     /// Bytes this connection holds in user space (for memory accounting and tests).
     pub fn buffered(&self) -> usize {
-        self.rbuf.capacity() + self.reader.buffered() + self.out.bytes()
+        self.rbuf.capacity() + self.reader.as_ref().map_or(0, |r| r.buffered()) + self.out.bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every idle connection is one of these in the loop's slab, which is most of what an idle
+    /// connection costs in memory (docs/BENCHMARKS.md, idle memory; target ≤ 0.30 KiB in all).
+    /// Growing it is a decision, not an accident.
+    #[test]
+    fn connection_stays_small() {
+        let size = std::mem::size_of::<super::Connection>();
+        eprintln!("Connection is {size} bytes");
+        assert!(size <= 264, "Connection is {size} bytes");
     }
 }

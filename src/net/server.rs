@@ -19,7 +19,7 @@ use slab::Slab;
 
 use super::connection::{Connection, Phase};
 use super::metrics::Metrics;
-use super::outbound::{Chunk, MAX_IOVECS};
+use super::outbound::{Chunk, Cork, CORK_BYTES, MAX_IOVECS};
 use super::timers::Timers;
 use super::tls::{self, Tls, TlsError};
 use crate::config::Config;
@@ -39,6 +39,8 @@ const FIRST_CONN: usize = 4;
 const SCRATCH: usize = 64 * 1024;
 /// How long accepting pauses after the process ran out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Most connections the slab and timer heap are sized for at start (see `Server::bind`).
+const PRESIZE_MAX: usize = 1 << 18;
 /// Largest static site we cache in memory.
 const MAX_STATIC_BYTES: usize = 64 * 1024 * 1024;
 
@@ -93,6 +95,9 @@ pub struct Server {
     plain: Vec<u8>,
     /// One record's worth of frames gathered for encryption (see [`tls`]).
     cork: Vec<u8>,
+    /// Small frames gathered for one plain `write` ([`OutQueue::write_corked`]), lent to each
+    /// connection in turn; up to [`CORK_BYTES`]. Released at the end of every turn.
+    write_cork: Cork,
     /// `--metrics-listen`: only /metrics and /healthz, to anyone who reaches it.
     metrics_listener: Option<TcpListener>,
     /// Connections open on the metrics listener.
@@ -138,6 +143,13 @@ impl Server {
                 );
             }
         }
+        // Sized for the connection limits up front. Only address space: pages are touched as
+        // connections arrive. Growing by doubling instead copies the slab each time and, once
+        // it is in the malloc heap, leaves the old copies resident (≈ 0.1 KiB per connection
+        // of idle memory with 10,000 connections).
+        let presize =
+            (config.max_connections + config.loopback_reserve + config.metrics_max_connections)
+                .min(PRESIZE_MAX);
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -147,10 +159,12 @@ impl Server {
             config,
             endpoints,
             static_files,
-            conns: Slab::new(),
+            conns: Slab::with_capacity(presize),
             generation: 0,
             scratch: vec![0; SCRATCH],
-            timers: Timers::default(),
+            // A connection has at most two entries for long: its handshake deadline, stale
+            // once it is open, and its keepalive deadline.
+            timers: Timers::with_capacity(2 * presize),
             ready: VecDeque::new(),
             dirty: Vec::new(),
             dead: Vec::new(),
@@ -167,6 +181,7 @@ impl Server {
             tls_reload: None,
             plain: Vec::new(),
             cork: Vec::new(),
+            write_cork: Cork::with_capacity(CORK_BYTES),
             metrics_listener,
             metrics_open: 0,
         })
@@ -410,7 +425,7 @@ impl Server {
             token,
             peer,
             via_proxy,
-            counted_ip,
+            counted: counted_ip.is_some(),
             reserve,
             monitor,
             charged_in: 0,
@@ -421,7 +436,7 @@ impl Server {
             endpoint: 0,
             rbuf: Vec::new(),
             tls,
-            reader: MessageReader::default(),
+            reader: None,
             out: Default::default(),
             pending_pong: None,
             last_rx: self.now,
@@ -668,7 +683,6 @@ impl Server {
                 if matches!(conn.phase, Phase::Open | Phase::CloseSent) {
                     conn.rbuf.extend_from_slice(&data[used..]);
                 }
-                conn.reader.release_delivered();
                 if !self.recharge_in(idx) {
                     self.fail_over_budget(idx);
                 }
@@ -728,7 +742,7 @@ impl Server {
                 return;
             }
             self.count_ip(ip);
-            self.conns[idx].counted_ip = Some(ip);
+            self.conns[idx].counted = true;
         }
         if !http::is_upgrade(&request) {
             self.metrics.http_requests += 1;
@@ -762,24 +776,25 @@ impl Server {
             }
         };
         self.metrics.handshakes += 1;
-        let max_message = self.endpoints[endpoint].max_message;
         let conn = &mut self.conns[idx];
         conn.out
             .push_pinned(Chunk::Owned(http::switching_protocols(&accept)));
         conn.phase = Phase::Open;
-        conn.endpoint = endpoint;
-        conn.reader = MessageReader::new(
-            Role::Server,
-            ReadLimits {
-                max_message,
-                max_fragments: self.config.max_fragments,
-            },
-        );
+        conn.endpoint = u16::try_from(endpoint).expect("fewer than 65,536 endpoints");
+        // The frame reader, with this endpoint's limits, is made when frames arrive (see
+        // `on_frames`).
+        conn.reader = None;
         let rest = conn.rbuf.split_off(head_len);
         conn.rbuf = Vec::new();
         let token = conn.token;
         let peer = conn.peer;
-        self.set_deadline(idx, self.now + self.config.ping_interval);
+        // Keepalive from now on. A handshake deadline that comes first stays armed instead of
+        // adding a second timer entry (24 bytes per connection): when it fires on an open
+        // connection, `check_idle` re-arms from the last input.
+        let idle_at = self.now + self.config.ping_interval;
+        if conn.deadline > idle_at {
+            self.set_deadline(idx, idle_at);
+        }
         self.mark_dirty(idx);
         log::debug!(
             "{peer}: WebSocket open on {}",
@@ -881,8 +896,22 @@ impl Server {
 
     /// Runs the frame reader over `data`; returns the bytes consumed. Stops early when the
     /// connection leaves the Open/CloseSent phases.
+    ///
+    /// A connection keeps a reader only while a frame or a fragmented message is incomplete;
+    /// between whole messages (almost always) it holds none and a fresh one is made here, so
+    /// an idle connection does not carry the reader's ~100 bytes.
     fn on_frames(&mut self, idx: usize, data: &mut [u8]) -> usize {
-        let mut reader = mem::take(&mut self.conns[idx].reader);
+        let conn = &mut self.conns[idx];
+        let mut reader = match conn.reader.take() {
+            Some(r) => *r,
+            None => MessageReader::new(
+                Role::Server,
+                ReadLimits {
+                    max_message: self.endpoints[usize::from(conn.endpoint)].max_message,
+                    max_fragments: self.config.max_fragments,
+                },
+            ),
+        };
         let mut pos = 0;
         loop {
             let phase = self.conns[idx].phase;
@@ -914,9 +943,11 @@ impl Server {
                 }
             }
         }
+        // The last message (if its bytes were assembled) has been handled: free them now.
+        reader.release_delivered();
         let c = &mut self.conns[idx];
-        if matches!(c.phase, Phase::Open | Phase::CloseSent) {
-            c.reader = reader;
+        if matches!(c.phase, Phase::Open | Phase::CloseSent) && !reader.is_idle() {
+            c.reader = Some(Box::new(reader));
         }
         // Otherwise no more input is parsed: the reader (and a half-assembled message) goes.
         pos
@@ -957,7 +988,7 @@ impl Server {
     fn deliver(&mut self, idx: usize, msg: Message<'_>) {
         self.metrics.messages_in += 1;
         let conn = &self.conns[idx];
-        let (endpoint, id) = (conn.endpoint, ConnId(conn.token as u64));
+        let (endpoint, id) = (usize::from(conn.endpoint), ConnId(conn.token as u64));
         self.with_service(endpoint, |svc, out| svc.on_message(out, id, msg));
     }
 
@@ -970,7 +1001,7 @@ impl Server {
             self.flush(idx);
         } else {
             // Backlogged: keep only the latest ping's answer.
-            conn.pending_pong = Some(payload.to_vec());
+            conn.pending_pong = Some(payload.into());
             self.mark_dirty(idx);
         }
     }
@@ -1016,7 +1047,7 @@ impl Server {
         let was_open = conn.phase == Phase::Open;
         conn.phase = phase;
         let token = conn.token;
-        let endpoint = conn.endpoint;
+        let endpoint = usize::from(conn.endpoint);
         self.set_deadline(idx, self.now + self.config.close_timeout);
         self.mark_dirty(idx);
         if was_open {
@@ -1031,7 +1062,8 @@ impl Server {
             return;
         }
         if conn.phase == Phase::Open {
-            self.closed.push((conn.endpoint, ConnId(conn.token as u64)));
+            self.closed
+                .push((usize::from(conn.endpoint), ConnId(conn.token as u64)));
         }
         conn.phase = Phase::Dead;
         self.dead.push(idx);
@@ -1084,6 +1116,8 @@ impl Server {
             }
             return;
         }
+        // Quiet for a while: a drained queue gives back the ring it kept for reuse.
+        conn.out.release_idle();
         let idle_at = conn.last_rx + self.config.ping_interval;
         if now < idle_at {
             self.set_deadline(idx, idle_at);
@@ -1109,7 +1143,7 @@ impl Server {
     /// changes): the caller fails the connection.
     fn recharge_in(&mut self, idx: usize) -> bool {
         let c = &self.conns[idx];
-        let (old, new) = (c.charged_in, c.reader.buffered());
+        let (old, new) = (c.charged_in, c.reader.as_ref().map_or(0, |r| r.buffered()));
         if !self.budget_allows(old, new) {
             return false;
         }
@@ -1144,7 +1178,7 @@ impl Server {
             conn.peer,
             self.mem_used
         );
-        conn.reader = MessageReader::default();
+        conn.reader = None;
         conn.rbuf = Vec::new();
         conn.pending_pong = None;
         let mid_frame = conn.out.mid_frame();
@@ -1335,9 +1369,12 @@ impl Server {
             let max_chunks = if conn.pending_pong.is_some() {
                 1
             } else {
-                MAX_IOVECS
+                usize::MAX
             };
-            match conn.out.write_to(&mut conn.socket, max_chunks) {
+            match conn
+                .out
+                .write_corked(&mut conn.socket, max_chunks, &mut self.write_cork)
+            {
                 Ok(0) => {
                     self.kill(idx);
                     return;
@@ -1462,6 +1499,8 @@ impl Server {
         }
         dirty.clear();
         self.dirty = dirty;
+        // The cork's frame references must not outlive the turn (see `Cork`).
+        self.write_cork.release();
         self.notify_closed();
         // Closes found while flushing may have produced work too.
         self.services_turn_end();
@@ -1470,7 +1509,8 @@ impl Server {
                 let _ = self.poll.registry().deregister(&mut conn.socket);
                 log::debug!("{}: connection closed", conn.peer);
                 self.mem_used -= conn.charged_in + conn.charged_out;
-                self.release_slot(conn.counted_ip, conn.reserve.is_some(), conn.monitor);
+                let counted_ip = conn.counted.then(|| conn.peer.ip());
+                self.release_slot(counted_ip, conn.reserve.is_some(), conn.monitor);
             }
         }
     }
@@ -1533,6 +1573,54 @@ impl Server {
         }
     }
 
+    /// [`Server::queue_frame`] for a shared (broadcast) frame: the fan-out's per-recipient
+    /// step, kept small (one slab access, no memory-budget charge, the slow-consumer close out
+    /// of line) because it runs once per delivery. Does not count `frames_out`.
+    #[inline]
+    fn queue_shared(&mut self, id: ConnId, frame: &SharedFrame) -> bool {
+        let token = id.0 as usize;
+        let Some(idx) = index_of(token) else {
+            return false;
+        };
+        let Some(conn) = self.conns.get_mut(idx) else {
+            return false;
+        };
+        if conn.token != token || conn.phase != Phase::Open {
+            return false;
+        }
+        if conn.out.cost() > self.config.max_queue {
+            self.drop_slow_consumer(idx);
+            return false;
+        }
+        conn.out.push_shared(frame.clone());
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(idx);
+        }
+        true
+    }
+
+    /// A queue already over `--max-queue`: the client stopped reading. Unstarted output goes
+    /// and the connection is closed with 1008.
+    #[cold]
+    #[inline(never)]
+    fn drop_slow_consumer(&mut self, idx: usize) {
+        let limit = self.config.max_queue;
+        let conn = &mut self.conns[idx];
+        self.metrics.slow_consumer_drops += 1;
+        log::info!(
+            "{}: outbound queue over {limit} bytes, closing with 1008",
+            conn.peer
+        );
+        conn.out.discard_unstarted();
+        conn.pending_pong = None;
+        self.initiate_close(
+            idx,
+            CloseCode::PolicyViolation,
+            "too slow: outbound queue full",
+        );
+    }
+
     fn queue_frame(&mut self, id: ConnId, chunk: Chunk) -> bool {
         let Some(idx) = self.lookup(id) else {
             return false;
@@ -1545,20 +1633,8 @@ impl Server {
         // frame is accepted, so one frame of the endpoint's largest message always fits on top
         // of --max-queue (a 16 MiB echo works) while a pile of small frames cannot pass it.
         // The cost includes per-frame bookkeeping, so tiny frames are bounded as well.
-        let limit = self.config.max_queue;
-        if conn.out.cost() > limit {
-            self.metrics.slow_consumer_drops += 1;
-            log::info!(
-                "{}: outbound queue over {limit} bytes, closing with 1008",
-                conn.peer
-            );
-            conn.out.discard_unstarted();
-            conn.pending_pong = None;
-            self.initiate_close(
-                idx,
-                CloseCode::PolicyViolation,
-                "too slow: outbound queue full",
-            );
+        if conn.out.cost() > self.config.max_queue {
+            self.drop_slow_consumer(idx);
             return false;
         }
         let owned = matches!(chunk, Chunk::Owned(_));
@@ -1575,7 +1651,18 @@ impl Server {
 
 impl Outbox for Server {
     fn send_frame(&mut self, conn: ConnId, frame: &SharedFrame) -> bool {
-        self.queue_frame(conn, Chunk::Shared(frame.clone()))
+        let queued = self.queue_shared(conn, frame);
+        self.metrics.frames_out += u64::from(queued);
+        queued
+    }
+
+    fn send_frame_to_all(&mut self, conns: &[ConnId], frame: &SharedFrame) -> usize {
+        let mut n = 0;
+        for &conn in conns {
+            n += usize::from(self.queue_shared(conn, frame));
+        }
+        self.metrics.frames_out += n as u64;
+        n
     }
 
     fn send_text(&mut self, conn: ConnId, text: &str) -> bool {

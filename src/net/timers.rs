@@ -16,6 +16,12 @@ pub struct Timers {
 }
 
 impl Timers {
+    pub fn with_capacity(n: usize) -> Timers {
+        Timers {
+            heap: BinaryHeap::with_capacity(n),
+        }
+    }
+
     pub fn push(&mut self, at: Instant, token: usize) {
         self.heap.push(Reverse((at, token)));
     }

@@ -112,6 +112,16 @@ impl MessageReader {
         }
     }
 
+    /// Nothing in progress: no partial frame, no fragmented message, no buffer held. A reader
+    /// in this state is interchangeable with a fresh one of the same role and limits.
+    pub fn is_idle(&self) -> bool {
+        self.frame.is_none()
+            && self.message.is_none()
+            && self.assembled.capacity() == 0
+            && !self.delivered
+            && self.fragments == 0
+    }
+
     /// Bytes held for a message being assembled (for memory accounting).
     pub fn buffered(&self) -> usize {
         self.assembled.capacity()
@@ -367,6 +377,50 @@ mod tests {
         let mut v = Vec::new();
         encode(&mut v, fin, op, payload, MASK);
         v
+    }
+
+    #[test]
+    fn idle_only_between_whole_messages() {
+        let mut r = reader(1 << 20);
+        assert!(r.is_idle());
+        // A whole frame in the buffer: handed out in place, nothing kept.
+        let mut whole = frame(true, OpCode::Text, b"hello");
+        assert!(matches!(
+            r.next(&mut whole),
+            Ok((_, Some(Event::Text("hello"))))
+        ));
+        assert!(r.is_idle());
+        // Half a frame's payload: a partial frame is in progress.
+        let mut big = frame(true, OpCode::Binary, &[7u8; 300]);
+        let (first, second) = big.split_at_mut(150);
+        let (n, ev) = r.next(first).unwrap();
+        assert!(ev.is_none());
+        let (m, ev) = r.next(&mut first[n..]).unwrap();
+        assert!(ev.is_none());
+        assert!(!r.is_idle());
+        assert_eq!(n + m, 150);
+        let (_, ev) = r.next(second).unwrap();
+        assert!(matches!(ev, Some(Event::Binary(b)) if b == [7u8; 300]));
+        // Its bytes were assembled and lent out: not idle until released.
+        assert!(!r.is_idle());
+        r.release_delivered();
+        assert!(r.is_idle());
+        // A first fragment: a message is in progress even with no frame open.
+        let mut frag = frame(false, OpCode::Text, b"par");
+        let mut pos = 0;
+        while pos < frag.len() {
+            let (n, ev) = r.next(&mut frag[pos..]).unwrap();
+            assert!(ev.is_none() && n > 0);
+            pos += n;
+        }
+        assert!(!r.is_idle());
+        let mut last = frame(true, OpCode::Continuation, b"t");
+        let (n, ev) = r.next(&mut last).unwrap();
+        assert!(ev.is_none());
+        let (_, ev) = r.next(&mut last[n..]).unwrap();
+        assert!(matches!(ev, Some(Event::Text("part"))));
+        r.release_delivered();
+        assert!(r.is_idle());
     }
 
     fn run(stream: &[u8], cuts: &[usize]) -> (Vec<OwnedEvent>, Option<ReadError>) {
