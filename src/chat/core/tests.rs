@@ -953,6 +953,19 @@ impl FakeCluster {
         t.answer_unread();
     }
 
+    /// Node `by` found node `gone`'s heartbeat expired: the log says so.
+    fn node_gone_noticed_by(&mut self, by: usize, gone: usize) {
+        use crate::chat::store::cluster::{LogEntry, LogEvent};
+        let pos = self.log.len() as i64 + 1;
+        self.log.push(LogEntry {
+            pos,
+            origin: format!("n{by}"),
+            event: LogEvent::NodeGone {
+                node: format!("n{gone}"),
+            },
+        });
+    }
+
     /// Node `i` reads what the log has for it.
     fn tail(&mut self, i: usize) {
         let entries = self.log[self.read[i]..].to_vec();
@@ -1107,17 +1120,11 @@ fn cluster_nodes_deliver_in_log_order_and_share_presence() {
 /// A node that is gone (its heartbeat expired) takes its users offline for the others.
 #[test]
 fn cluster_node_gone_takes_its_users_offline() {
-    use crate::chat::store::cluster::{LogEntry, LogEvent};
     let mut cl = FakeCluster::new(2);
     let a = cl.resume(0, 1, "tok-alice");
     let _b = cl.resume(1, 2, "tok-bob");
     cl.nodes[0].take(a);
-    let pos = cl.log.len() as i64 + 1;
-    cl.log.push(LogEntry {
-        pos,
-        origin: "n0".into(),
-        event: LogEvent::NodeGone { node: "n1".into() },
-    });
+    cl.node_gone_noticed_by(0, 1);
     cl.tail(0);
     cl.tick_after(Duration::from_secs(2));
     let f = cl.nodes[0].take(a);
@@ -1169,17 +1176,12 @@ fn cluster_move_between_nodes_does_not_flap() {
 /// do not see them go offline if that happens within the grace.
 #[test]
 fn cluster_node_declared_gone_announces_its_users_again() {
-    use crate::chat::store::cluster::{LogEntry, LogEvent};
+    use crate::chat::store::cluster::LogEvent;
     let mut cl = FakeCluster::new(2);
     let a = cl.resume(0, 1, "tok-alice");
     let _b = cl.resume(1, 2, "tok-bob");
     cl.nodes[0].take(a);
-    let pos = cl.log.len() as i64 + 1;
-    cl.log.push(LogEntry {
-        pos,
-        origin: "n0".into(),
-        event: LogEvent::NodeGone { node: "n1".into() },
-    });
+    cl.node_gone_noticed_by(0, 1);
     cl.settle();
     cl.tick_after(Duration::from_secs(2));
     let f = cl.nodes[0].take(a);

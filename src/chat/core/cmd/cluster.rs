@@ -12,7 +12,7 @@ use crate::chat::confusable::skeleton_keys;
 use crate::chat::core::cmd::auth::token_hash;
 use crate::chat::core::cmd::changes::Change;
 use crate::chat::core::state::{Ring, Room, Session, User};
-use crate::chat::core::{extend_conns_of, Hub, NOBODY};
+use crate::chat::core::{Hub, NOBODY};
 use crate::chat::protocol::{PresenceEvent, ServerFrame};
 use crate::chat::store::cluster::{unhex, ClusterLoaded, LogEntry, LogEvent, NodeId};
 use crate::chat::store::Write;
@@ -196,7 +196,9 @@ impl Hub {
                         .insert(key.clone(), User::new(key, name, nick, phc));
                 }
             }
-            LogEvent::Nick { key, nick } => self.remote_nick(&key, nick),
+            LogEvent::Nick { key, nick } => {
+                self.change_nick(&key, &nick, &skeleton_keys(&nick), NOBODY)
+            }
             LogEvent::LastSeen { key, ts } => {
                 if let Some(u) = self.users.get_mut(&key) {
                     u.last_seen = Some(ts);
@@ -293,29 +295,6 @@ impl Hub {
                 self.close(c, CloseCode::Normal, "logged out");
             }
         }
-    }
-
-    fn remote_nick(&mut self, key: &str, nick: String) {
-        let Some(u) = self.users.get_mut(key) else {
-            return;
-        };
-        self.nick_skeletons.remove(&skeleton_keys(&u.nick), key);
-        self.nick_skeletons.insert(&skeleton_keys(&nick), key);
-        u.nick = nick.clone();
-        let mut hearers: Vec<String> = u.dm_partners.iter().cloned().collect();
-        hearers.push(key.to_string());
-        self.collect_sharer_conns(key, NOBODY);
-        extend_conns_of(&mut self.scratch, &self.users, hearers.iter(), NOBODY);
-        self.scratch.sort_unstable();
-        self.scratch.dedup();
-        let name = self.users[key].name.clone();
-        let json = ServerFrame::Nick {
-            user: &name,
-            nick: &nick,
-            reference: None,
-        }
-        .to_json();
-        self.broadcast(&json, false);
     }
 
     fn remote_leave(&mut self, room: &str, key: &str) {

@@ -30,31 +30,15 @@ impl Hub {
         if !self.take_token(key, self.now.mono) {
             return self.error(conn, ErrorCode::RateLimited, "changing nick too fast", r);
         }
-        let Some(u) = self.users.get_mut(key) else {
+        if !self.users.contains_key(key) {
             return;
-        };
-        self.nick_skeletons.remove(&skeleton_keys(&u.nick), key);
-        self.nick_skeletons.insert(&skeleton, key);
-        u.nick = nick.clone();
-        let mut hearers: Vec<String> = u.dm_partners.iter().cloned().collect();
-        hearers.push(key.to_string());
+        }
         self.write(Write::SetNick {
             key: key.to_string(),
             nick: nick.clone(),
         });
-        // Room sharers, DM partners and the user's other connections: each connection once.
-        self.collect_sharer_conns(key, conn);
-        extend_conns_of(&mut self.scratch, &self.users, hearers.iter(), conn);
-        self.scratch.sort_unstable();
-        self.scratch.dedup();
+        self.change_nick(key, &nick, &skeleton, conn);
         let name = self.users[key].name.clone();
-        let json = ServerFrame::Nick {
-            user: &name,
-            nick: &nick,
-            reference: None,
-        }
-        .to_json();
-        self.broadcast(&json, false);
         self.send(
             conn,
             &ServerFrame::Nick {
@@ -63,5 +47,37 @@ impl Hub {
                 reference: r,
             },
         );
+    }
+
+    /// Gives `key` the nick `nick` (whose look-alike keys are `skeleton`) in memory and tells
+    /// room sharers, DM partners and the user's other connections (each connection once,
+    /// `skip` excepted). A nick decided here and one another node decided (cluster mode) take
+    /// the same path.
+    pub(in crate::chat::core) fn change_nick(
+        &mut self,
+        key: &str,
+        nick: &str,
+        skeleton: &[String],
+        skip: ConnId,
+    ) {
+        let Some(u) = self.users.get_mut(key) else {
+            return;
+        };
+        self.nick_skeletons.remove(&skeleton_keys(&u.nick), key);
+        self.nick_skeletons.insert(skeleton, key);
+        u.nick = nick.to_string();
+        let mut hearers: Vec<String> = u.dm_partners.iter().cloned().collect();
+        hearers.push(key.to_string());
+        self.collect_sharer_conns(key, skip);
+        extend_conns_of(&mut self.scratch, &self.users, hearers.iter(), skip);
+        self.scratch.sort_unstable();
+        self.scratch.dedup();
+        let json = ServerFrame::Nick {
+            user: &self.users[key].name,
+            nick,
+            reference: None,
+        }
+        .to_json();
+        self.broadcast(&json, false);
     }
 }
