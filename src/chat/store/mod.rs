@@ -8,9 +8,11 @@
 //! [`StoreEvent`]s, query results of a batch before the [`StoreEvent::Committed`] that ends
 //! it, and wakes the loop (through [`Wake`]) after sending them.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -525,6 +527,65 @@ pub trait Store: Send {
     /// block (atomics the worker updates).
     fn metrics(&self) -> Vec<(&'static str, &'static str, f64)> {
         Vec::new()
+    }
+}
+
+/// Requests one store transaction takes at most (every backend): bounds the latency of a batch
+/// under flood.
+pub(crate) const MAX_BATCH: usize = 4096;
+
+/// A store worker's next batch: what is `queued` plus whatever the loop sent meanwhile, at
+/// most [`MAX_BATCH`] requests (the rest stays queued for the next one).
+pub(crate) fn next_batch(
+    queued: &mut VecDeque<StoreReq>,
+    rx: &Receiver<Vec<StoreReq>>,
+) -> Vec<StoreReq> {
+    while queued.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(reqs) => queued.extend(reqs),
+            Err(_) => break,
+        }
+    }
+    let take = queued.len().min(MAX_BATCH);
+    queued.drain(..take).collect()
+}
+
+/// The loop's end of a store worker's two channels, behind [`Store::submit`] and
+/// [`Store::try_event`] for every backend.
+pub(crate) struct Channels {
+    /// `None` once the worker was asked to stop.
+    tx: Option<Sender<Vec<StoreReq>>>,
+    rx: Receiver<StoreEvent>,
+}
+
+impl Channels {
+    pub(crate) fn new(tx: Sender<Vec<StoreReq>>, rx: Receiver<StoreEvent>) -> Channels {
+        Channels { tx: Some(tx), rx }
+    }
+
+    pub(crate) fn submit(&mut self, reqs: Vec<StoreReq>) {
+        if reqs.is_empty() {
+            return;
+        }
+        let sent = match &self.tx {
+            Some(tx) => tx.send(reqs).is_ok(),
+            None => false,
+        };
+        if !sent {
+            log::error!("chat: store thread is gone; writes dropped");
+        }
+    }
+
+    pub(crate) fn try_event(&mut self) -> Option<StoreEvent> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Sends [`StoreReq::Shutdown`] (the worker commits everything sent before it) and
+    /// closes the request channel; later calls do nothing.
+    pub(crate) fn stop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(vec![StoreReq::Shutdown]);
+        }
     }
 }
 

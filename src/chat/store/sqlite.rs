@@ -21,14 +21,11 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    ChangeItem, ChangeKind, Durability, Loaded, LoadedUser, Query, Store, StoreError, StoreEvent,
-    StoreReq, StoredMessage, Target, UserChange, Write,
+    next_batch, ChangeItem, ChangeKind, Channels, Durability, Loaded, LoadedUser, Query, Store,
+    StoreError, StoreEvent, StoreReq, StoredMessage, Target, UserChange, Write,
 };
 use crate::chat::protocol::ChatMessage;
 use crate::chat::Wake;
-
-/// Most requests folded into one transaction; bounds the latency of a batch under flood.
-const MAX_BATCH: usize = 4096;
 
 /// How often the store thread looks at `admin_changes` for accounts changed by an operator
 /// command (`parlor user …`) in another process. The bound on how long a disabled user or a
@@ -646,9 +643,7 @@ pub fn restore(src: &Path, dir: &Path) -> Result<CopySummary, StoreError> {
 
 /// The SQLite store: owns the request channel, the event channel and the store thread.
 pub struct SqliteStore {
-    /// `None` after [`Store::shutdown`].
-    tx: Option<Sender<Vec<StoreReq>>>,
-    rx: Receiver<StoreEvent>,
+    channels: Channels,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -684,8 +679,7 @@ impl SqliteStore {
             .spawn(move || run(conn, req_rx, ev_tx, wake, watch))
             .map_err(StoreError::Thread)?;
         let store = SqliteStore {
-            tx: Some(tx),
-            rx,
+            channels: Channels::new(tx, rx),
             thread: Some(thread),
         };
         Ok((store, loaded, reserved))
@@ -694,27 +688,16 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn submit(&mut self, reqs: Vec<StoreReq>) {
-        if reqs.is_empty() {
-            return;
-        }
-        let sent = match &self.tx {
-            Some(tx) => tx.send(reqs).is_ok(),
-            None => false,
-        };
-        if !sent {
-            log::error!("chat: store thread is gone; writes dropped");
-        }
+        self.channels.submit(reqs);
     }
 
     fn try_event(&mut self) -> Option<StoreEvent> {
-        self.rx.try_recv().ok()
+        self.channels.try_event()
     }
 
     fn shutdown(&mut self) {
         // Everything sent before Shutdown is committed before the thread exits.
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(vec![StoreReq::Shutdown]);
-        }
+        self.channels.stop();
         if let Some(h) = self.thread.take() {
             if h.join().is_err() {
                 log::error!("chat: store thread panicked");
@@ -1394,14 +1377,7 @@ fn run(
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
-        while queued.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(reqs) => queued.extend(reqs),
-                Err(_) => break,
-            }
-        }
-        let take = queued.len().min(MAX_BATCH);
-        let batch: Vec<StoreReq> = queued.drain(..take).collect();
+        let batch = next_batch(&mut queued, &rx);
         let start = Instant::now();
         let mut results = Vec::new();
         let mut failed = Vec::new();

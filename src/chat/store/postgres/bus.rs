@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Statement};
 
-use super::write::{append, begin_locked, body, APPEND, BACKOFF_FIRST, BACKOFF_MAX};
-use super::{describe, is_connection_loss, Metrics, PgOptions, Target, CHANNEL};
+use super::write::{append, begin_locked, body, APPEND};
+use super::{describe, is_connection_loss, Backoff, Metrics, PgOptions, Target, CHANNEL};
 use crate::chat::store::cluster::{LogEntry, LogEvent, NodeId};
 use crate::chat::store::StoreEvent;
 use crate::chat::Wake;
@@ -144,7 +144,13 @@ pub(crate) struct Spare {
 }
 
 impl Spare {
+    /// A replacement bus: connects on its first round and heartbeats at once.
     fn clone_for(&self, generation: u64) -> Bus {
+        self.bus(generation, Instant::now())
+    }
+
+    /// A bus of `generation`, not connected yet, from the last position delivered.
+    fn bus(&self, generation: u64, next_heartbeat: Instant) -> Bus {
         let now = Instant::now();
         let last = self.shared.lock().last;
         Bus {
@@ -157,9 +163,8 @@ impl Spare {
             wake: self.wake.clone(),
             metrics: self.metrics.clone(),
             stop: self.stop.clone(),
-            backoff: BACKOFF_FIRST,
-            next_try: now,
-            next_heartbeat: now,
+            backoff: Backoff::new(),
+            next_heartbeat,
             next_prune: now + prune_every(&self.opts),
             gap_reported: false,
             shared: self.shared.clone(),
@@ -180,8 +185,7 @@ pub(crate) struct Bus {
     wake: Wake,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
-    backoff: Duration,
-    next_try: Instant,
+    backoff: Backoff,
     next_heartbeat: Instant,
     next_prune: Instant,
     /// Logged once: entries after `last` were pruned before this node read them.
@@ -197,7 +201,6 @@ impl Bus {
         client: Client,
         target: Target,
         node: NodeId,
-        last: i64,
         opts: PgOptions,
         events: Sender<StoreEvent>,
         wake: Wake,
@@ -205,25 +208,17 @@ impl Bus {
         stop: Arc<AtomicBool>,
         shared: Arc<Shared>,
     ) -> Bus {
-        let now = Instant::now();
-        let mut bus = Bus {
-            conn: None,
+        let spare = Spare {
             target,
             node,
-            last,
             opts,
             events,
             wake,
             metrics,
             stop,
-            backoff: BACKOFF_FIRST,
-            next_try: now,
-            next_heartbeat: now + heartbeat_every(&opts),
-            next_prune: now + prune_every(&opts),
-            gap_reported: false,
             shared,
-            generation: 0,
         };
+        let mut bus = spare.bus(0, Instant::now() + heartbeat_every(&opts));
         match listen(client) {
             Ok(conn) => bus.conn = Some(conn),
             Err(e) => {
@@ -263,9 +258,9 @@ impl Bus {
             }
             self.shared.beat();
             if self.conn.is_none() {
-                let now = Instant::now();
-                if now < self.next_try {
-                    std::thread::sleep((self.next_try - now).min(Duration::from_millis(100)));
+                if !self.backoff.due() {
+                    let wait = self.backoff.until_next();
+                    std::thread::sleep(wait.min(Duration::from_millis(100)));
                     continue;
                 }
                 self.reconnect();
@@ -314,7 +309,7 @@ impl Bus {
                 self.target.shown(),
                 describe(&e)
             );
-            self.backoff = BACKOFF_FIRST;
+            self.backoff.restart();
             self.lost();
         } else {
             log::error!("store bus: {what}: {}", describe(&e));
@@ -327,29 +322,14 @@ impl Bus {
 
     fn lost(&mut self) {
         self.conn = None;
-        self.next_try = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.backoff.failed();
     }
 
     fn reconnect(&mut self) {
-        match self.target.connect().and_then(listen) {
-            Ok(conn) => {
-                log::info!("store bus: reconnected to {}", self.target.shown());
-                self.conn = Some(conn);
-                self.metrics.reconnected();
-                self.backoff = BACKOFF_FIRST;
-            }
-            Err(e) => {
-                if self.backoff == BACKOFF_FIRST {
-                    log::warn!(
-                        "store bus: reconnecting to {}: {}",
-                        self.target.shown(),
-                        describe(&e)
-                    );
-                }
-                self.lost();
-            }
-        }
+        let r = self.target.connect().and_then(listen);
+        self.conn = self
+            .backoff
+            .outcome("store bus", &self.target, &self.metrics, r);
     }
 
     /// Delivers every entry after `last`.

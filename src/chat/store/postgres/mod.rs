@@ -16,12 +16,12 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{Loaded, Store, StoreError, StoreEvent, StoreReq};
+use super::{Channels, Loaded, Store, StoreError, StoreEvent, StoreReq};
 use crate::chat::Wake;
 
 mod bus;
@@ -63,6 +63,77 @@ const SCHEMA_LOCK: i64 = 0x7061_726c_6f72;
 
 /// The channel `NOTIFY` uses when the log grew (payload: the new head position).
 const CHANNEL: &str = "parlor_log";
+
+/// Reconnect backoff: from the first to the last, doubling.
+pub(crate) const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// When the writer or the bus tries a lost connection again: the first retry after
+/// [`BACKOFF_FIRST`], each failed attempt doubling the wait up to [`BACKOFF_MAX`].
+pub(crate) struct Backoff {
+    delay: Duration,
+    next_try: Instant,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff {
+            delay: BACKOFF_FIRST,
+            next_try: Instant::now(),
+        }
+    }
+
+    /// A working connection was lost just now: the first retry comes soon.
+    pub(crate) fn restart(&mut self) {
+        self.delay = BACKOFF_FIRST;
+    }
+
+    /// The connection went, or an attempt failed: the next try is after the delay, which
+    /// doubles.
+    pub(crate) fn failed(&mut self) {
+        self.next_try = Instant::now() + self.delay;
+        self.delay = (self.delay * 2).min(BACKOFF_MAX);
+    }
+
+    pub(crate) fn until_next(&self) -> Duration {
+        self.next_try.saturating_duration_since(Instant::now())
+    }
+
+    pub(crate) fn due(&self) -> bool {
+        Instant::now() >= self.next_try
+    }
+
+    /// Takes the result of a connection attempt by `who` ("store", "store bus"): a success is
+    /// logged, counted and resets the delay; a failure is logged only as the first of a row
+    /// (an outage is one line, not one per retry) and schedules the next try.
+    pub(crate) fn outcome<T>(
+        &mut self,
+        who: &str,
+        target: &Target,
+        metrics: &Metrics,
+        r: Result<T, postgres::Error>,
+    ) -> Option<T> {
+        match r {
+            Ok(conn) => {
+                log::info!("{who}: reconnected to {}", target.shown());
+                metrics.reconnected();
+                self.delay = BACKOFF_FIRST;
+                Some(conn)
+            }
+            Err(e) => {
+                if self.delay == BACKOFF_FIRST {
+                    log::warn!(
+                        "{who}: reconnecting to {}: {}",
+                        target.shown(),
+                        describe(&e)
+                    );
+                }
+                self.failed();
+                None
+            }
+        }
+    }
+}
 
 /// Where to connect, and how to name it in messages (the URL without its password).
 #[derive(Clone)]
@@ -260,8 +331,7 @@ impl Metrics {
 /// send on, and the two threads.
 pub struct PgStore {
     /// `None` after [`Store::shutdown`].
-    tx: Option<Sender<Vec<StoreReq>>>,
-    rx: Receiver<StoreEvent>,
+    channels: Channels,
     writer: Option<JoinHandle<()>>,
     bus: Option<JoinHandle<()>>,
     stop_bus: Arc<AtomicBool>,
@@ -321,7 +391,6 @@ impl PgStore {
             bus_client,
             target,
             node,
-            log_pos,
             opts,
             ev_tx,
             wake,
@@ -332,8 +401,7 @@ impl PgStore {
         // The watchdog runs the bus and replaces it if it stalls on a silent connection.
         let bus = bus::watch(bus, stop_bus.clone()).map_err(StoreError::Thread)?;
         let store = PgStore {
-            tx: Some(tx),
-            rx,
+            channels: Channels::new(tx, rx),
             writer: Some(writer),
             bus: Some(bus),
             stop_bus,
@@ -345,28 +413,17 @@ impl PgStore {
 
 impl Store for PgStore {
     fn submit(&mut self, reqs: Vec<StoreReq>) {
-        if reqs.is_empty() {
-            return;
-        }
-        let sent = match &self.tx {
-            Some(tx) => tx.send(reqs).is_ok(),
-            None => false,
-        };
-        if !sent {
-            log::error!("chat: store thread is gone; writes dropped");
-        }
+        self.channels.submit(reqs);
     }
 
     fn try_event(&mut self) -> Option<StoreEvent> {
-        self.rx.try_recv().ok()
+        self.channels.try_event()
     }
 
     fn shutdown(&mut self) {
         // The writer commits everything sent before Shutdown, then removes this node
         // (presence, `nodes` row, a `NodeGone` entry), then exits.
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(vec![StoreReq::Shutdown]);
-        }
+        self.channels.stop();
         if let Some(h) = self.writer.take() {
             if h.join().is_err() {
                 log::error!("chat: store writer thread panicked");

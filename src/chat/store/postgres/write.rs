@@ -25,22 +25,15 @@ use std::time::{Duration, Instant};
 use postgres::{Client, SimpleQueryMessage, Statement};
 
 use super::query::{unanswered, Reads, EVENTS_HORIZON, EV_DELETED, EV_EDITED, EV_REACTION};
-use super::{describe, is_connection_loss, Metrics, Target};
+use super::{describe, is_connection_loss, Backoff, Metrics, Target};
 use crate::chat::protocol::ChatMessage;
 use crate::chat::store::cluster::{Assigned, LogEvent, LogMessage, NodeId};
-use crate::chat::store::{Query, StoreEvent, StoreReq, UserChange, Write};
+use crate::chat::store::{next_batch, Query, StoreEvent, StoreReq, UserChange, Write};
 use crate::chat::Wake;
-
-/// Most requests folded into one transaction (as SQLite).
-const MAX_BATCH: usize = 4096;
 
 /// While a connection is being made in the background, how often the idle writer looks
 /// whether it is ready.
 const CONNECT_POLL: Duration = Duration::from_millis(20);
-
-/// Reconnect backoff: from the first to the last, doubling.
-pub(crate) const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Appends log rows (`$1` positions, `$2` origin, `$3` bodies), moves the head to `$4` and
 /// notifies the bus of every node (payload `$5`, the new head), in one statement.
@@ -747,9 +740,8 @@ pub(crate) struct Writer {
     metrics: Arc<Metrics>,
     /// The last write sequence number handed out.
     seq: u64,
-    backoff: Duration,
     /// When to try reconnecting next (while disconnected).
-    next_try: Instant,
+    backoff: Backoff,
     /// A connection being made on a helper thread (while disconnected), so that batches go
     /// on failing at once however long connecting takes (up to the connect timeout for an
     /// unreachable host).
@@ -774,8 +766,7 @@ impl Writer {
             wake,
             metrics,
             seq: 0,
-            backoff: BACKOFF_FIRST,
-            next_try: Instant::now(),
+            backoff: Backoff::new(),
             connecting: None,
         })
     }
@@ -792,7 +783,7 @@ impl Writer {
                     let wait = if self.connecting.is_some() {
                         CONNECT_POLL
                     } else {
-                        self.next_try.saturating_duration_since(Instant::now())
+                        self.backoff.until_next()
                     };
                     rx.recv_timeout(wait)
                 };
@@ -805,14 +796,7 @@ impl Writer {
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
-            while queued.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(reqs) => queued.extend(reqs),
-                    Err(_) => break,
-                }
-            }
-            let take = queued.len().min(MAX_BATCH);
-            let batch: Vec<StoreReq> = queued.drain(..take).collect();
+            let batch = next_batch(&mut queued, &rx);
             if self.conn.is_none() {
                 self.connect_in_background();
             }
@@ -829,24 +813,14 @@ impl Writer {
         if let Some(rx) = &self.connecting {
             match rx.try_recv() {
                 Err(TryRecvError::Empty) => return,
-                Ok(Ok(conn)) => {
+                Ok(r) => {
                     self.connecting = None;
-                    log::info!("store: reconnected to {}", self.target.shown());
-                    self.conn = Some(conn);
-                    self.metrics.reconnected();
-                    self.backoff = BACKOFF_FIRST;
-                    return;
-                }
-                Ok(Err(e)) => {
-                    self.connecting = None;
-                    if self.backoff == BACKOFF_FIRST {
-                        log::warn!(
-                            "store: reconnecting to {}: {}",
-                            self.target.shown(),
-                            describe(&e)
-                        );
+                    self.conn = self
+                        .backoff
+                        .outcome("store", &self.target, &self.metrics, r);
+                    if self.conn.is_some() {
+                        return;
                     }
-                    self.lost();
                 }
                 Err(TryRecvError::Disconnected) => {
                     self.connecting = None;
@@ -854,7 +828,7 @@ impl Writer {
                 }
             }
         }
-        if self.conn.is_some() || Instant::now() < self.next_try {
+        if self.conn.is_some() || !self.backoff.due() {
             return;
         }
         let (tx, rx) = channel();
@@ -886,31 +860,15 @@ impl Writer {
             let st = Stmts::prepare(&mut c)?;
             Ok((c, st))
         });
-        match r {
-            Ok(conn) => {
-                log::info!("store: reconnected to {}", self.target.shown());
-                self.conn = Some(conn);
-                self.metrics.reconnected();
-                self.backoff = BACKOFF_FIRST;
-            }
-            Err(e) => {
-                if self.backoff == BACKOFF_FIRST {
-                    log::warn!(
-                        "store: reconnecting to {}: {}",
-                        self.target.shown(),
-                        describe(&e)
-                    );
-                }
-                self.lost();
-            }
-        }
+        self.conn = self
+            .backoff
+            .outcome("store", &self.target, &self.metrics, r);
     }
 
     /// The connection is gone: the next try is after the backoff, which doubles.
     fn lost(&mut self) {
         self.conn = None;
-        self.next_try = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.backoff.failed();
     }
 
     /// Runs a batch's transaction: fast, then (after a failed statement) write by write;
@@ -941,7 +899,7 @@ impl Writer {
                         self.target.shown(),
                         describe(&e)
                     );
-                    self.backoff = BACKOFF_FIRST;
+                    self.backoff.restart();
                     self.reconnect();
                 }
                 r => return Some(r),
@@ -989,7 +947,7 @@ impl Writer {
                     describe(&e)
                 );
                 unavailable = true;
-                self.backoff = BACKOFF_FIRST;
+                self.backoff.restart();
                 self.lost();
                 None
             }
