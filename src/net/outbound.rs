@@ -13,6 +13,7 @@ use std::ops::Deref;
 use std::rc::Rc;
 
 use crate::service::SharedFrame;
+use crate::ws::frame::{self, OpCode};
 
 /// Bookkeeping charged per queued chunk on top of its bytes: the ring slot plus, for owned
 /// chunks, the allocation's header.
@@ -32,6 +33,16 @@ pub const RING_KEEP: usize = 128;
 /// Most bytes copied into the cork buffer for one `write`. The buffer is the loop's, lent to
 /// each connection in turn during a flush, so its size costs nothing per connection.
 pub const CORK_BYTES: usize = 64 * 1024;
+
+/// Unshared frames up to this size are encoded straight onto the end of the queue's last chunk
+/// when that is an unshared one with room ([`OutQueue::push_frame`]): a burst of small replies
+/// (echoes, acks) is one allocation, one ring slot and one in-place write, where a chunk each
+/// cost a `malloc`, a `free` and a copy into the cork per frame.
+pub const APPEND_MAX: usize = 4096;
+
+/// Capacity of a fresh chunk that later small frames may be appended to: room for a typical
+/// burst without growing, small enough that one tiny frame held by an idle reader costs little.
+const APPEND_FIRST: usize = 512;
 
 #[derive(Debug)]
 pub enum Chunk {
@@ -110,6 +121,32 @@ impl OutQueue {
         self.cost += chunk.len() + CHUNK_OVERHEAD;
         self.owned += owned_len(&chunk);
         self.chunks.push_back(chunk);
+    }
+
+    /// Queues an unshared, final frame of `payload`. A small one is encoded onto the end of the
+    /// last chunk when that is unshared, not the pinned HTTP response, and has room under
+    /// [`APPEND_MAX`]; otherwise it starts a chunk of its own. A chunk may thus hold several
+    /// whole frames: [`OutQueue::at_frame_boundary`] and [`OutQueue::mid_frame`] look at chunk
+    /// boundaries only, so inside such a chunk they answer conservatively (not at a boundary,
+    /// mid-frame) until it is written out.
+    pub fn push_frame(&mut self, opcode: OpCode, payload: &[u8]) {
+        let len = frame::frame_len(payload.len());
+        if len <= APPEND_MAX {
+            let tail_open = self.chunks.len() > usize::from(self.pinned_head);
+            if let (true, Some(Chunk::Owned(v))) = (tail_open, self.chunks.back_mut()) {
+                if v.len() + len <= APPEND_MAX {
+                    frame::encode(v, true, opcode, payload, None);
+                    self.cost += len;
+                    self.owned += len;
+                    return;
+                }
+            }
+            let mut v = Vec::with_capacity(len.max(APPEND_FIRST));
+            frame::encode(&mut v, true, opcode, payload, None);
+            self.push(Chunk::Owned(v));
+            return;
+        }
+        self.push(Chunk::Owned(frame::encode_vec(opcode, payload)));
     }
 
     /// [`OutQueue::push`] of a broadcast frame, the fan-out's hot path (no owned bytes to
@@ -384,6 +421,74 @@ mod tests {
         assert_eq!(q.cost(), 0);
         assert_eq!(q.owned_bytes(), 0);
         assert_eq!(Rc::strong_count(&shared), 1);
+    }
+
+    /// Small unshared frames share a chunk (one allocation, one write) unless a shared frame,
+    /// the pinned response or the size bound comes between; every byte still goes out in order
+    /// through partial writes, and the accounting returns to zero.
+    #[test]
+    fn small_owned_frames_share_a_chunk() {
+        let shared: SharedFrame = Rc::from(&b"shared-frame"[..]);
+        let big = vec![7u8; APPEND_MAX];
+        for limit in [1, 3, 7, 100, 100_000] {
+            let mut q = OutQueue::default();
+            let mut expected = Vec::new();
+            q.push_pinned(Chunk::Owned(b"HTTP/1.1 101\r\n\r\n".to_vec()));
+            expected.extend_from_slice(b"HTTP/1.1 101\r\n\r\n");
+            let payloads: Vec<Vec<u8>> =
+                (0..40u8).map(|i| vec![b'a' + i % 26; i as usize]).collect();
+            for (i, p) in payloads.iter().enumerate() {
+                q.push_frame(OpCode::Text, p);
+                frame::encode(&mut expected, true, OpCode::Text, p, None);
+                if i == 10 {
+                    q.push_shared(shared.clone());
+                    expected.extend_from_slice(&shared);
+                }
+            }
+            // The 101 alone; 11 frames; the shared one; 29 frames: four chunks.
+            assert_eq!(q.chunks.len(), 4);
+            q.push_frame(OpCode::Binary, &big);
+            frame::encode(&mut expected, true, OpCode::Binary, &big, None);
+            assert_eq!(
+                q.chunks.len(),
+                5,
+                "a frame over APPEND_MAX gets a chunk of its own"
+            );
+            q.push_frame(OpCode::Text, b"after");
+            frame::encode(&mut expected, true, OpCode::Text, b"after", None);
+            assert_eq!(q.chunks.len(), 6, "nothing is appended to a full chunk");
+            assert_eq!(q.bytes(), expected.len());
+            assert_eq!(q.cost(), expected.len() + 6 * CHUNK_OVERHEAD);
+            let mut cork = Cork::default();
+            let mut w = Trickle {
+                got: Vec::new(),
+                limit,
+            };
+            while !q.is_empty() {
+                q.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+            }
+            assert_eq!(w.got, expected, "limit {limit}");
+            assert_eq!((q.bytes(), q.cost(), q.owned_bytes()), (0, 0, 0));
+        }
+    }
+
+    /// Inside a chunk of several frames a partial write may stop between two of them; the
+    /// queue cannot see that, so it reports mid-frame (a pong or close waits for the chunk).
+    #[test]
+    fn frame_boundaries_inside_a_shared_chunk_are_conservative() {
+        let mut q = OutQueue::default();
+        q.push_frame(OpCode::Text, b"one");
+        q.push_frame(OpCode::Text, b"two");
+        let mut w = Trickle {
+            got: Vec::new(),
+            limit: 5,
+        };
+        q.write_to(&mut w, MAX_IOVECS).unwrap();
+        assert_eq!(w.got.len(), 5, "exactly the first frame");
+        assert!(q.mid_frame());
+        assert!(!q.at_frame_boundary());
+        q.write_to(&mut w, MAX_IOVECS).unwrap();
+        assert!(q.is_empty() && q.at_frame_boundary());
     }
 
     /// Counts the calls a write takes, plain and vectored.

@@ -1621,7 +1621,9 @@ impl Server {
         );
     }
 
-    fn queue_frame(&mut self, id: ConnId, chunk: Chunk) -> bool {
+    /// Queues an unshared frame of `payload` for `id` (see [`OutQueue::push_frame`]), charged
+    /// to the connection's share of `--memory-budget`.
+    fn queue_frame(&mut self, id: ConnId, opcode: OpCode, payload: &[u8]) -> bool {
         let Some(idx) = self.lookup(id) else {
             return false;
         };
@@ -1637,9 +1639,8 @@ impl Server {
             self.drop_slow_consumer(idx);
             return false;
         }
-        let owned = matches!(chunk, Chunk::Owned(_));
-        conn.out.push(chunk);
-        if owned && !self.recharge_out(idx, true) {
+        conn.out.push_frame(opcode, payload);
+        if !self.recharge_out(idx, true) {
             self.fail_over_budget(idx);
             return false;
         }
@@ -1666,14 +1667,11 @@ impl Outbox for Server {
     }
 
     fn send_text(&mut self, conn: ConnId, text: &str) -> bool {
-        self.queue_frame(
-            conn,
-            Chunk::Owned(frame::encode_vec(OpCode::Text, text.as_bytes())),
-        )
+        self.queue_frame(conn, OpCode::Text, text.as_bytes())
     }
 
     fn send_binary(&mut self, conn: ConnId, data: &[u8]) -> bool {
-        self.queue_frame(conn, Chunk::Owned(frame::encode_vec(OpCode::Binary, data)))
+        self.queue_frame(conn, OpCode::Binary, data)
     }
 
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &str) {

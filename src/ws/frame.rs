@@ -232,6 +232,18 @@ pub fn encode_header(
     pos
 }
 
+/// Bytes of an unmasked frame with a payload of `payload_len` bytes.
+pub fn frame_len(payload_len: usize) -> usize {
+    let header = if payload_len < 126 {
+        2
+    } else if payload_len <= 0xffff {
+        4
+    } else {
+        10
+    };
+    header + payload_len
+}
+
 /// Appends a complete frame to `out`. With `mask` (client role) the payload is masked.
 pub fn encode(out: &mut Vec<u8>, fin: bool, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
     let mut h = [0u8; 14];
