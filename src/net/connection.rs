@@ -110,6 +110,9 @@ mod tests {
     fn connection_stays_small() {
         let size = std::mem::size_of::<super::Connection>();
         eprintln!("Connection is {size} bytes");
-        assert!(size <= 264, "Connection is {size} bytes");
+        // mio's `TcpStream` carries an 8-byte selector id in debug builds (it checks that a
+        // socket is not registered with two polls), so the bound is the release size plus that.
+        let bound = if cfg!(debug_assertions) { 272 } else { 264 };
+        assert!(size <= bound, "Connection is {size} bytes");
     }
 }
