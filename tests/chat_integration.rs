@@ -461,19 +461,7 @@ fn slow_consumer_is_dropped_without_delaying_others() {
         }
         got
     });
-    // Paced by acks (16 in flight), so the sender and the reader, who do read, keep up.
-    let mut acks = 0;
-    for i in 0..N {
-        sender.send(json!({"type":"say","room":"general","text":text}));
-        if i + 1 - acks >= 16 || i + 1 == N {
-            let target = if i + 1 == N { N } else { acks + 8 };
-            while acks < target {
-                if sender.recv()["type"] == "ack" {
-                    acks += 1;
-                }
-            }
-        }
-    }
+    say_paced(&mut sender, N, |_| text.clone());
     assert_eq!(reader_thread.join().expect("reader"), N);
     println!(
         "slow consumer: {N} x 4000-char messages to a reader and a stalled member in {:.2} s",
@@ -488,6 +476,52 @@ fn slow_consumer_is_dropped_without_delaying_others() {
         }
     };
     assert_eq!(code, 1008);
+    srv.stop();
+}
+
+/// Sends `n` messages to `general`, paced by acks (16 in flight), so a sender and members
+/// that do read keep up.
+fn say_paced(sender: &mut Client, n: usize, text: impl Fn(usize) -> String) {
+    let mut acks = 0;
+    for i in 0..n {
+        sender.send(json!({"type":"say","room":"general","text":text(i)}));
+        if i + 1 - acks >= 16 || i + 1 == n {
+            let target = if i + 1 == n { n } else { acks + 8 };
+            while acks < target {
+                if sender.recv()["type"] == "ack" {
+                    acks += 1;
+                }
+            }
+        }
+    }
+}
+
+/// A member that stops reading while a room floods gets, once it reads again, every message
+/// intact and in order: broadcasts its socket could not take stay queued past the turn that
+/// sent them (the turn's broadcast buffer is reused, so they must be kept as their own frames).
+#[test]
+fn a_member_that_pauses_reading_gets_every_broadcast_intact() {
+    let dir = TempDir::new("pause");
+    let srv = Server::spawn(&dir.0, &["--rate-limit", "0", "--max-queue", "33554432"]);
+    let (mut sender, _) = Client::register(&srv.addr, "sender");
+    let (mut paused, _) = Client::register(&srv.addr, "paused");
+    sender.expect_arrival("paused");
+    const N: usize = 1000; // 4 MB: more than the loopback socket buffers of a reader that stops
+    let text = |i: usize| {
+        format!(
+            "{i:05}:{}",
+            char::from(b'a' + (i % 26) as u8).to_string().repeat(3994)
+        )
+    };
+    say_paced(&mut sender, N, text);
+    let mut got = 0;
+    while got < N {
+        let v = paused.recv();
+        if v["type"] == "message" {
+            assert_eq!(v["text"], text(got), "message {got}");
+            got += 1;
+        }
+    }
     srv.stop();
 }
 

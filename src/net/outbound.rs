@@ -9,7 +9,6 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
-use std::ops::Deref;
 use std::rc::Rc;
 
 use crate::service::SharedFrame;
@@ -44,18 +43,46 @@ pub const APPEND_MAX: usize = 4096;
 /// burst without growing, small enough that one tiny frame held by an idle reader costs little.
 const APPEND_FIRST: usize = 512;
 
+/// Largest broadcast frame copied into the turn buffer ([`TurnFrames`]); bigger ones are
+/// queued as shared frames (their bytes are not worth a copy, and they would crowd the buffer).
+pub const TURN_FRAME_MAX: usize = 16 * 1024;
+
+/// Most bytes the turn buffer takes in one turn; broadcasts past it are queued as shared
+/// frames. Bounds the buffer's memory (kept from turn to turn) and the copy a turn's
+/// unwritten ranges can cost at its end.
+pub const TURN_BYTES: usize = 256 * 1024;
+
 #[derive(Debug)]
 pub enum Chunk {
     Shared(SharedFrame),
     Owned(Vec<u8>),
+    /// `len` bytes at `start` in the loop's [`TurnFrames`]: one or more whole broadcast frames
+    /// of the current turn. Never outlives the turn ([`OutQueue::retire_turn`]).
+    Turn {
+        start: u32,
+        len: u32,
+    },
 }
 
-impl Deref for Chunk {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
+impl Chunk {
+    pub fn len(&self) -> usize {
+        match self {
+            Chunk::Shared(b) => b.len(),
+            Chunk::Owned(v) => v.len(),
+            Chunk::Turn { len, .. } => *len as usize,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The chunk's bytes; a [`Chunk::Turn`] range is read from `turn`, this turn's buffer.
+    pub fn bytes<'a>(&'a self, turn: &'a [u8]) -> &'a [u8] {
         match self {
             Chunk::Shared(b) => b,
             Chunk::Owned(v) => v,
+            Chunk::Turn { start, len } => &turn[*start as usize..(*start + *len) as usize],
         }
     }
 }
@@ -63,7 +90,40 @@ impl Deref for Chunk {
 fn owned_len(c: &Chunk) -> usize {
     match c {
         Chunk::Owned(v) => v.len(),
-        Chunk::Shared(_) => 0,
+        Chunk::Shared(_) | Chunk::Turn { .. } => 0,
+    }
+}
+
+/// This turn's broadcast frames, back to back. A frame sent to many connections is copied in
+/// once ([`TurnFrames::add`]) and each recipient's queue gets a [`Chunk::Turn`] range of it,
+/// which the next broadcast to the same connection extends when it follows directly — the
+/// usual case, since every member of a room gets the same frames in the same order. So a
+/// delivery is a few integer updates on the recipient's queue (no reference count, no ring
+/// slot, no pointer to compare at the write), and a recipient's turn of broadcasts goes out as
+/// one slice of this buffer, copied nowhere. This is uWebSockets' TopicTree idea (a loop
+/// iteration's publishes gathered and sent to each subscriber at once) kept per connection.
+///
+/// Ranges are only valid during the turn: at its end every queue that got one is visited
+/// ([`TurnFrames::holders`]) and what it has not written becomes a shared frame, one per
+/// distinct range ([`OutQueue::retire_turn`]), before the buffer is cleared.
+#[derive(Debug, Default)]
+pub struct TurnFrames {
+    pub buf: Vec<u8>,
+    /// Slab indices of connections that got a new `Turn` chunk this turn (a connection may be
+    /// listed more than once; retiring is idempotent).
+    pub holders: Vec<usize>,
+}
+
+impl TurnFrames {
+    /// Copies `frame` in and returns its range, or `None` when it is too big or the turn's
+    /// buffer is full (the caller queues the shared frame instead).
+    pub fn add(&mut self, frame: &[u8]) -> Option<(u32, u32)> {
+        if frame.len() > TURN_FRAME_MAX || self.buf.len() + frame.len() > TURN_BYTES {
+            return None;
+        }
+        let start = self.buf.len() as u32;
+        self.buf.extend_from_slice(frame);
+        Some((start, frame.len() as u32))
     }
 }
 
@@ -149,6 +209,43 @@ impl OutQueue {
         self.push(Chunk::Owned(frame::encode_vec(opcode, payload)));
     }
 
+    /// Queues `len` bytes at `start` of the turn buffer: extends the last chunk when it is the
+    /// range just before (returns `false`), else adds a [`Chunk::Turn`] (returns `true`: the
+    /// connection must be listed in [`TurnFrames::holders`]).
+    #[inline]
+    pub fn push_turn(&mut self, start: u32, len: u32) -> bool {
+        if let Some(Chunk::Turn { start: s, len: l }) = self.chunks.back_mut() {
+            if *s + *l == start {
+                *l += len;
+                self.cost += len as usize;
+                return false;
+            }
+        }
+        self.cost += len as usize + CHUNK_OVERHEAD;
+        self.chunks.push_back(Chunk::Turn { start, len });
+        true
+    }
+
+    /// The end of a turn: every [`Chunk::Turn`] still queued becomes a shared frame of its
+    /// bytes. `copies` maps ranges already copied this turn to their frame, so a thousand
+    /// slow members of a room still share one copy of what they have not read.
+    pub fn retire_turn(&mut self, turn: &[u8], copies: &mut Vec<(u32, u32, SharedFrame)>) {
+        for c in self.chunks.iter_mut() {
+            let Chunk::Turn { start, len } = *c else {
+                continue;
+            };
+            let frame = match copies.iter().find(|(s, l, _)| (*s, *l) == (start, len)) {
+                Some((_, _, f)) => f.clone(),
+                None => {
+                    let f: SharedFrame = Rc::from(c.bytes(turn));
+                    copies.push((start, len, f.clone()));
+                    f
+                }
+            };
+            *c = Chunk::Shared(frame);
+        }
+    }
+
     /// [`OutQueue::push`] of a broadcast frame, the fan-out's hot path (no owned bytes to
     /// count).
     #[inline]
@@ -230,7 +327,13 @@ impl OutQueue {
 
     /// One vectored write of up to `max_chunks` (at most [`MAX_IOVECS`]) chunks from the head.
     /// Returns the bytes written.
-    pub fn write_to<W: Write>(&mut self, w: &mut W, max_chunks: usize) -> io::Result<usize> {
+    /// `turn` is this turn's [`TurnFrames`] buffer.
+    pub fn write_to<W: Write>(
+        &mut self,
+        w: &mut W,
+        max_chunks: usize,
+        turn: &[u8],
+    ) -> io::Result<usize> {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let mut n = 0;
         for (i, c) in self
@@ -239,11 +342,21 @@ impl OutQueue {
             .take(max_chunks.min(MAX_IOVECS))
             .enumerate()
         {
-            let bytes: &[u8] = if i == 0 { &c[self.head_offset..] } else { c };
-            slices[n] = IoSlice::new(bytes);
+            let bytes = c.bytes(turn);
+            slices[n] = IoSlice::new(if i == 0 {
+                &bytes[self.head_offset..]
+            } else {
+                bytes
+            });
             n += 1;
         }
-        let written = w.write_vectored(&slices[..n])?;
+        // One slice (a connection's turn of broadcasts is one range): a plain write, which
+        // skips importing an iovec in the kernel.
+        let written = if n == 1 {
+            w.write(&slices[0])?
+        } else {
+            w.write_vectored(&slices[..n])?
+        };
         self.advance(written);
         Ok(written)
     }
@@ -261,15 +374,16 @@ impl OutQueue {
         w: &mut W,
         max_chunks: usize,
         cork: &mut Cork,
+        turn: &[u8],
     ) -> io::Result<usize> {
         let (Some(head), Some(next)) = (self.chunks.front(), self.chunks.get(1)) else {
-            return self.write_to(w, max_chunks);
+            return self.write_to(w, max_chunks, turn);
         };
         if max_chunks < 2 || head.len() - self.head_offset + next.len() > CORK_BYTES {
-            return self.write_to(w, max_chunks);
+            return self.write_to(w, max_chunks, turn);
         }
         if !self.starts_with_cork(cork, max_chunks) {
-            self.fill_cork(cork, max_chunks);
+            self.fill_cork(cork, max_chunks, turn);
         } else {
             cork.reused += 1;
         }
@@ -298,12 +412,17 @@ impl OutQueue {
 
     /// Copies chunks from the head into the cork while they fit (at least two: the caller
     /// checked). The cork remembers the frames only if all of them are shared and whole.
-    fn fill_cork(&self, cork: &mut Cork, max_chunks: usize) {
+    fn fill_cork(&self, cork: &mut Cork, max_chunks: usize, turn: &[u8]) {
         cork.buf.clear();
         cork.frames.clear();
         let mut cacheable = self.head_offset == 0;
         for (i, c) in self.chunks.iter().take(max_chunks).enumerate() {
-            let bytes: &[u8] = if i == 0 { &c[self.head_offset..] } else { c };
+            let bytes = c.bytes(turn);
+            let bytes = if i == 0 {
+                &bytes[self.head_offset..]
+            } else {
+                bytes
+            };
             if i > 0 && cork.buf.len() + bytes.len() > CORK_BYTES {
                 break;
             }
@@ -414,7 +533,7 @@ mod tests {
             limit: 7,
         };
         while !q.is_empty() {
-            q.write_to(&mut w, MAX_IOVECS).unwrap();
+            q.write_to(&mut w, MAX_IOVECS, &[]).unwrap();
         }
         assert_eq!(w.got, expected);
         assert_eq!(q.bytes(), 0);
@@ -465,7 +584,7 @@ mod tests {
                 limit,
             };
             while !q.is_empty() {
-                q.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+                q.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
             }
             assert_eq!(w.got, expected, "limit {limit}");
             assert_eq!((q.bytes(), q.cost(), q.owned_bytes()), (0, 0, 0));
@@ -483,12 +602,118 @@ mod tests {
             got: Vec::new(),
             limit: 5,
         };
-        q.write_to(&mut w, MAX_IOVECS).unwrap();
+        q.write_to(&mut w, MAX_IOVECS, &[]).unwrap();
         assert_eq!(w.got.len(), 5, "exactly the first frame");
         assert!(q.mid_frame());
         assert!(!q.at_frame_boundary());
-        q.write_to(&mut w, MAX_IOVECS).unwrap();
+        q.write_to(&mut w, MAX_IOVECS, &[]).unwrap();
         assert!(q.is_empty() && q.at_frame_boundary());
+    }
+
+    /// Broadcasts of one turn: consecutive ranges to a queue merge into one chunk (a new one
+    /// only after something else was queued), and the bytes go out in queue order.
+    #[test]
+    fn turn_ranges_merge_and_keep_queue_order() {
+        let mut turn = TurnFrames::default();
+        let mut q = OutQueue::default();
+        let mut expected = Vec::new();
+        let frames: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10 + i as usize]).collect();
+        let mut new_chunks = 0;
+        for (i, f) in frames.iter().enumerate() {
+            let (start, len) = turn.add(f).unwrap();
+            new_chunks += usize::from(q.push_turn(start, len));
+            expected.extend_from_slice(f);
+            if i == 2 {
+                q.push_frame(OpCode::Text, b"ack");
+                frame::encode(&mut expected, true, OpCode::Text, b"ack", None);
+            }
+        }
+        assert_eq!(new_chunks, 2, "ranges 0-2, then the ack, then ranges 3-4");
+        assert_eq!(q.chunks.len(), 3);
+        assert_eq!(q.bytes(), expected.len());
+        assert_eq!(q.cost(), expected.len() + 3 * CHUNK_OVERHEAD);
+        assert_eq!(q.owned_bytes(), 5, "only the ack is the queue's own memory");
+        let mut w = Trickle {
+            got: Vec::new(),
+            limit: 9,
+        };
+        let mut cork = Cork::default();
+        while !q.is_empty() {
+            q.write_corked(&mut w, usize::MAX, &mut cork, &turn.buf)
+                .unwrap();
+        }
+        assert_eq!(w.got, expected);
+        assert_eq!((q.bytes(), q.cost(), q.owned_bytes()), (0, 0, 0));
+    }
+
+    /// What a turn leaves unwritten survives the turn's buffer: ranges become shared frames,
+    /// one copy per distinct range however many queues hold it, and a partly written head
+    /// continues where it stopped.
+    #[test]
+    fn retired_ranges_outlive_the_turn_buffer_and_share_one_copy() {
+        let mut turn = TurnFrames::default();
+        let mut queues: Vec<OutQueue> = (0..3).map(|_| OutQueue::default()).collect();
+        let mut expected = Vec::new();
+        for i in 0..4u8 {
+            let f = vec![b'a' + i; 20];
+            let (start, len) = turn.add(&f).unwrap();
+            for q in &mut queues {
+                q.push_turn(start, len);
+            }
+            expected.extend_from_slice(&f);
+        }
+        // The first queue wrote 30 bytes before its socket filled.
+        let mut first = Trickle {
+            got: Vec::new(),
+            limit: 30,
+        };
+        queues[0]
+            .write_to(&mut first, MAX_IOVECS, &turn.buf)
+            .unwrap();
+        let mut copies = Vec::new();
+        for q in &mut queues {
+            q.retire_turn(&turn.buf, &mut copies);
+        }
+        assert_eq!(copies.len(), 1, "one range, one copy");
+        assert_eq!(
+            Rc::strong_count(&copies[0].2),
+            4,
+            "three queues and the map"
+        );
+        copies.clear();
+        turn.buf.clear();
+        turn.buf.extend_from_slice(&[0xee; 200]); // the next turn's frames
+        for (i, q) in queues.iter_mut().enumerate() {
+            let mut w = Trickle {
+                got: if i == 0 {
+                    first.got.clone()
+                } else {
+                    Vec::new()
+                },
+                limit: 7,
+            };
+            while !q.is_empty() {
+                q.write_corked(&mut w, usize::MAX, &mut Cork::default(), &turn.buf)
+                    .unwrap();
+            }
+            assert_eq!(w.got, expected, "queue {i}");
+        }
+    }
+
+    #[test]
+    fn the_turn_buffer_takes_small_frames_up_to_its_bound() {
+        let mut turn = TurnFrames::default();
+        assert!(
+            turn.add(&vec![1; TURN_FRAME_MAX + 1]).is_none(),
+            "too big to copy"
+        );
+        let f = vec![2; TURN_FRAME_MAX];
+        let mut n = 0;
+        while turn.add(&f).is_some() {
+            n += 1;
+        }
+        assert_eq!(n, TURN_BYTES / TURN_FRAME_MAX);
+        assert!(turn.buf.len() <= TURN_BYTES);
     }
 
     /// Counts the calls a write takes, plain and vectored.
@@ -535,7 +760,7 @@ mod tests {
                     n if n % 3 == 0 => Chunk::Shared(shared.clone()),
                     _ => Chunk::Owned(format!("msg{i};").into_bytes()),
                 };
-                expected.extend_from_slice(&c);
+                expected.extend_from_slice(c.bytes(&[]));
                 q.push(c);
             }
             let mut w = Counting {
@@ -546,7 +771,7 @@ mod tests {
             let mut calls = 0;
             while !q.is_empty() {
                 let before = q.bytes();
-                let n = q.write_corked(&mut w, MAX_IOVECS, &mut cork).unwrap();
+                let n = q.write_corked(&mut w, MAX_IOVECS, &mut cork, &[]).unwrap();
                 assert_eq!(q.bytes(), before - n, "limit {limit}");
                 calls += 1;
                 assert!(calls < 1_000_000);
@@ -572,7 +797,7 @@ mod tests {
         let mut cork = Cork::default();
         // 200 × 170 bytes fit in the cork: one write, no writev (MAX_IOVECS is no limit here).
         assert_eq!(
-            q.write_corked(&mut w, usize::MAX, &mut cork).unwrap(),
+            q.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap(),
             34_000
         );
         assert!(q.is_empty());
@@ -580,12 +805,12 @@ mod tests {
         // A frame too big for the cork, and a lone frame, are written in place.
         q.push(Chunk::Owned(vec![2; CORK_BYTES]));
         q.push(Chunk::Shared(frame.clone()));
-        q.write_corked(&mut w, MAX_IOVECS, &mut cork).unwrap();
+        q.write_corked(&mut w, MAX_IOVECS, &mut cork, &[]).unwrap();
         assert_eq!((w.writes, w.vectored), (1, 1));
         assert!(q.is_empty());
         q.push(Chunk::Shared(frame.clone()));
-        q.write_corked(&mut w, MAX_IOVECS, &mut cork).unwrap();
-        assert_eq!(w.vectored, 2);
+        q.write_corked(&mut w, MAX_IOVECS, &mut cork, &[]).unwrap();
+        assert_eq!((w.writes, w.vectored), (2, 1), "one slice: a plain write");
         assert_eq!(w.got.len(), 34_000 + CORK_BYTES + 340);
     }
 
@@ -600,18 +825,18 @@ mod tests {
             ..Default::default()
         };
         let mut cork = Cork::default();
-        q.write_corked(&mut w, 1, &mut cork).unwrap();
+        q.write_corked(&mut w, 1, &mut cork, &[]).unwrap();
         assert!(q.mid_frame());
         w.limit = 100;
-        assert_eq!(q.write_corked(&mut w, 1, &mut cork).unwrap(), 1);
+        assert_eq!(q.write_corked(&mut w, 1, &mut cork, &[]).unwrap(), 1);
         assert!(q.at_frame_boundary());
         assert_eq!(w.got, b"head");
         // With the limit lifted, a partly written head is corked together with the rest.
         q.push(Chunk::Owned(b"more".to_vec()));
         w.limit = 2;
-        q.write_corked(&mut w, MAX_IOVECS, &mut cork).unwrap();
+        q.write_corked(&mut w, MAX_IOVECS, &mut cork, &[]).unwrap();
         w.limit = 100;
-        q.write_corked(&mut w, MAX_IOVECS, &mut cork).unwrap();
+        q.write_corked(&mut w, MAX_IOVECS, &mut cork, &[]).unwrap();
         assert_eq!(w.got, b"headnextmore");
         assert!(q.is_empty());
     }
@@ -629,7 +854,7 @@ mod tests {
         for _ in 0..30 {
             q.push(Chunk::Shared(frame.clone()));
         }
-        q.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        q.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
         assert!(q.is_empty());
         let kept = q.ring_bytes();
         assert!(kept > 0, "a small ring is kept for the next turn");
@@ -640,7 +865,7 @@ mod tests {
         // Not released while frames wait.
         q.release_idle();
         assert_eq!(q.ring_bytes(), kept);
-        q.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        q.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
         q.release_idle();
         assert_eq!(q.ring_bytes(), 0);
         // A burst past RING_KEEP gives its ring back as soon as it drains.
@@ -648,7 +873,7 @@ mod tests {
             q.push(Chunk::Shared(frame.clone()));
         }
         while !q.is_empty() {
-            q.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+            q.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
         }
         assert_eq!(q.ring_bytes(), 0);
         cork.release();
@@ -675,16 +900,16 @@ mod tests {
         let mut cork = Cork::default();
         let mut a = queue(vec![shared(&f1), shared(&f2)]);
         let mut b = queue(vec![shared(&f1), shared(&f2)]);
-        a.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        a.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
         assert_eq!(cork.reused, 0);
         // The cork holds its own references: the test's, b's and the cork's.
         assert_eq!(Rc::strong_count(&f1), 3);
-        b.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        b.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
         assert_eq!(cork.reused, 1);
         assert_eq!(w.got, b"onetwoonetwo");
         // Same frames with an owned one between them: copied afresh, not cached.
         let mut c = queue(vec![shared(&f1), Chunk::Owned(b"x".to_vec()), shared(&f2)]);
-        c.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        c.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
         assert_eq!(cork.reused, 1);
         assert_eq!(
             Rc::strong_count(&f1),
@@ -695,20 +920,20 @@ mod tests {
         // them all in one write instead of reusing a shorter cork.
         let mut d = queue(vec![shared(&f1), shared(&f2)]);
         let mut e = queue(vec![shared(&f1), shared(&f2), shared(&f3)]);
-        d.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        d.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
         let writes = w.writes;
-        e.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        e.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
         assert_eq!(cork.reused, 1);
         assert_eq!(w.writes, writes + 1);
         assert!(e.is_empty());
         // A partly written head is never matched against the cork.
         let mut f = queue(vec![shared(&f1), shared(&f2), shared(&f3)]);
         w.limit = 2;
-        f.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        f.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
         assert!(f.mid_frame());
         assert_eq!(cork.reused, 2, "f's whole queue matched the cork e left");
         w.limit = usize::MAX / 2;
-        f.write_corked(&mut w, usize::MAX, &mut cork).unwrap();
+        f.write_corked(&mut w, usize::MAX, &mut cork, &[]).unwrap();
         assert_eq!(cork.reused, 2);
         assert!(f.is_empty());
         assert_eq!(
@@ -730,12 +955,12 @@ mod tests {
             got: Vec::new(),
             limit: 16,
         };
-        q.write_to(&mut w, MAX_IOVECS).unwrap();
+        q.write_to(&mut w, MAX_IOVECS, &[]).unwrap();
         assert!(q.at_frame_boundary());
         q.push_front(Chunk::Owned(b"pong".to_vec()));
         let mut opened = OutQueue::default();
         opened.push_pinned(Chunk::Owned(b"HTTP/1.1 101\r\n\r\n".to_vec()));
-        opened.write_to(&mut Vec::new(), MAX_IOVECS).unwrap();
+        opened.write_to(&mut Vec::new(), MAX_IOVECS, &[]).unwrap();
         assert!(opened.is_empty());
         assert_eq!(
             opened.ring_bytes(),
@@ -743,7 +968,7 @@ mod tests {
             "a connection that just opened keeps no ring"
         );
         while !q.is_empty() {
-            q.write_to(&mut w, MAX_IOVECS).unwrap();
+            q.write_to(&mut w, MAX_IOVECS, &[]).unwrap();
         }
         assert_eq!(w.got, b"HTTP/1.1 101\r\n\r\npongframe");
     }
@@ -757,10 +982,10 @@ mod tests {
             got: Vec::new(),
             limit: 3,
         };
-        q.write_to(&mut w, 1).unwrap();
+        q.write_to(&mut w, 1, &[]).unwrap();
         assert!(!q.at_frame_boundary());
         w.limit = 100;
-        assert_eq!(q.write_to(&mut w, 1).unwrap(), 1);
+        assert_eq!(q.write_to(&mut w, 1, &[]).unwrap(), 1);
         assert!(q.at_frame_boundary());
         assert_eq!(w.got, b"head");
         assert_eq!(q.bytes(), 4);
@@ -781,13 +1006,13 @@ mod tests {
             limit: 7,
         };
         // The 5-byte chunk goes, the shared one is started: still 30 owned.
-        q.write_to(&mut w, MAX_IOVECS).unwrap();
+        q.write_to(&mut w, MAX_IOVECS, &[]).unwrap();
         assert_eq!(q.owned_bytes(), 30);
         assert!(q.mid_frame());
         q.discard_unstarted();
         assert_eq!(q.owned_bytes(), 0);
         w.limit = 1000;
-        q.write_to(&mut w, MAX_IOVECS).unwrap();
+        q.write_to(&mut w, MAX_IOVECS, &[]).unwrap();
         assert!(q.is_empty());
         assert!(!q.mid_frame());
     }
@@ -801,7 +1026,7 @@ mod tests {
             got: Vec::new(),
             limit: 4,
         };
-        q.write_to(&mut w, MAX_IOVECS).unwrap();
+        q.write_to(&mut w, MAX_IOVECS, &[]).unwrap();
         q.discard_unstarted();
         assert_eq!(q.bytes(), 6);
         assert!(!q.at_frame_boundary());

@@ -19,7 +19,7 @@ use slab::Slab;
 
 use super::connection::{Connection, Phase};
 use super::metrics::Metrics;
-use super::outbound::{Chunk, Cork, CORK_BYTES, MAX_IOVECS};
+use super::outbound::{Chunk, Cork, TurnFrames, CORK_BYTES, MAX_IOVECS};
 use super::timers::Timers;
 use super::tls::{self, Tls, TlsError};
 use crate::config::Config;
@@ -98,6 +98,11 @@ pub struct Server {
     /// Small frames gathered for one plain `write` ([`OutQueue::write_corked`]), lent to each
     /// connection in turn; up to [`CORK_BYTES`]. Released at the end of every turn.
     write_cork: Cork,
+    /// This turn's broadcast frames, which recipients' queues hold ranges of; retired at the
+    /// end of every turn.
+    turn: TurnFrames,
+    /// [`OutQueue::retire_turn`]'s copies of unwritten ranges, kept for its allocation.
+    turn_copies: Vec<(u32, u32, SharedFrame)>,
     /// `--metrics-listen`: only /metrics and /healthz, to anyone who reaches it.
     metrics_listener: Option<TcpListener>,
     /// Connections open on the metrics listener.
@@ -182,6 +187,8 @@ impl Server {
             plain: Vec::new(),
             cork: Vec::new(),
             write_cork: Cork::with_capacity(CORK_BYTES),
+            turn: TurnFrames::default(),
+            turn_copies: Vec::new(),
             metrics_listener,
             metrics_open: 0,
         })
@@ -1335,6 +1342,7 @@ impl Server {
 
     // ----- output -----
 
+    #[inline]
     fn mark_dirty(&mut self, idx: usize) {
         let conn = &mut self.conns[idx];
         if !conn.dirty {
@@ -1371,10 +1379,12 @@ impl Server {
             } else {
                 usize::MAX
             };
-            match conn
-                .out
-                .write_corked(&mut conn.socket, max_chunks, &mut self.write_cork)
-            {
+            match conn.out.write_corked(
+                &mut conn.socket,
+                max_chunks,
+                &mut self.write_cork,
+                &self.turn.buf,
+            ) {
                 Ok(0) => {
                     self.kill(idx);
                     return;
@@ -1419,6 +1429,7 @@ impl Server {
             &mut self.cork,
             max_chunks,
             finishing,
+            &self.turn.buf,
         );
         let wants_write = tls.wants_write();
         match result {
@@ -1504,6 +1515,7 @@ impl Server {
         self.notify_closed();
         // Closes found while flushing may have produced work too.
         self.services_turn_end();
+        self.retire_turn();
         for idx in mem::take(&mut self.dead) {
             if let Some(mut conn) = self.conns.try_remove(idx) {
                 let _ = self.poll.registry().deregister(&mut conn.socket);
@@ -1573,31 +1585,60 @@ impl Server {
         }
     }
 
-    /// [`Server::queue_frame`] for a shared (broadcast) frame: the fan-out's per-recipient
-    /// step, kept small (one slab access, no memory-budget charge, the slow-consumer close out
-    /// of line) because it runs once per delivery. Does not count `frames_out`.
+    /// The fan-out's per-recipient check, kept small because it runs once per delivery: the
+    /// slab index of `id` if it is still the same open connection and its queue is not over
+    /// `--max-queue` (if it is, the client stopped reading and is dropped, out of line).
     #[inline]
-    fn queue_shared(&mut self, id: ConnId, frame: &SharedFrame) -> bool {
+    fn broadcast_recipient(&mut self, id: ConnId) -> Option<usize> {
         let token = id.0 as usize;
-        let Some(idx) = index_of(token) else {
-            return false;
-        };
-        let Some(conn) = self.conns.get_mut(idx) else {
-            return false;
-        };
+        let idx = index_of(token)?;
+        let conn = self.conns.get_mut(idx)?;
         if conn.token != token || conn.phase != Phase::Open {
-            return false;
+            return None;
         }
         if conn.out.cost() > self.config.max_queue {
             self.drop_slow_consumer(idx);
+            return None;
+        }
+        Some(idx)
+    }
+
+    /// [`Server::queue_frame`] for a shared (broadcast) frame: no memory-budget charge (the
+    /// bytes belong to every recipient at once). Does not count `frames_out`.
+    #[inline]
+    fn queue_shared(&mut self, id: ConnId, frame: &SharedFrame) -> bool {
+        let Some(idx) = self.broadcast_recipient(id) else {
             return false;
-        }
-        conn.out.push_shared(frame.clone());
-        if !conn.dirty {
-            conn.dirty = true;
-            self.dirty.push(idx);
-        }
+        };
+        self.conns[idx].out.push_shared(frame.clone());
+        self.mark_dirty(idx);
         true
+    }
+
+    /// [`Server::queue_shared`] for a range of this turn's [`TurnFrames`].
+    #[inline]
+    fn queue_turn(&mut self, id: ConnId, start: u32, len: u32) -> bool {
+        let Some(idx) = self.broadcast_recipient(id) else {
+            return false;
+        };
+        if self.conns[idx].out.push_turn(start, len) {
+            self.turn.holders.push(idx);
+        }
+        self.mark_dirty(idx);
+        true
+    }
+
+    /// The end of a turn: what queues still hold of this turn's broadcast buffer becomes shared
+    /// frames (they were not written: a full socket, or frames queued after the flush), and
+    /// the buffer is emptied for the next turn.
+    fn retire_turn(&mut self) {
+        for idx in mem::take(&mut self.turn.holders) {
+            if let Some(c) = self.conns.get_mut(idx) {
+                c.out.retire_turn(&self.turn.buf, &mut self.turn_copies);
+            }
+        }
+        self.turn_copies.clear();
+        self.turn.buf.clear();
     }
 
     /// A queue already over `--max-queue`: the client stopped reading. Unstarted output goes
@@ -1659,8 +1700,17 @@ impl Outbox for Server {
 
     fn send_frame_to_all(&mut self, conns: &[ConnId], frame: &SharedFrame) -> usize {
         let mut n = 0;
-        for &conn in conns {
-            n += usize::from(self.queue_shared(conn, frame));
+        match (conns.len() > 1).then(|| self.turn.add(frame)).flatten() {
+            Some((start, len)) => {
+                for &conn in conns {
+                    n += usize::from(self.queue_turn(conn, start, len));
+                }
+            }
+            None => {
+                for &conn in conns {
+                    n += usize::from(self.queue_shared(conn, frame));
+                }
+            }
         }
         self.metrics.frames_out += n as u64;
         n

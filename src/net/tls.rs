@@ -210,6 +210,7 @@ impl Tls {
         cork: &mut Vec<u8>,
         max_chunks: usize,
         finishing: bool,
+        turn: &[u8],
     ) -> io::Result<Pumped> {
         let mut done = Pumped::default();
         loop {
@@ -243,6 +244,7 @@ impl Tls {
                     room: RECORD_PLAINTEXT,
                 },
                 max_chunks,
+                turn,
             )?;
             // rustls's send buffer is empty here (everything was written above) and a record's
             // worth is far below its limit, so it takes the whole cork.
@@ -350,7 +352,7 @@ mod tests {
         let mut cork = Vec::new();
         let pumped = p
             .server
-            .pump(out, &mut wire, &mut cork, 64, finishing)
+            .pump(out, &mut wire, &mut cork, 64, finishing, &[])
             .unwrap();
         assert!(!pumped.blocked);
         assert_eq!(pumped.wire, wire.len());
@@ -407,7 +409,7 @@ mod tests {
         let mut cork = Vec::new();
         let pumped = p
             .server
-            .pump(&mut out, &mut wire, &mut cork, 64, false)
+            .pump(&mut out, &mut wire, &mut cork, 64, false, &[])
             .unwrap();
         // 64 chunks per pump step, each step one record: 2 records of 22 bytes' overhead,
         // not 100.
@@ -458,7 +460,7 @@ mod tests {
         let mut cork = Vec::new();
         let pumped = p
             .server
-            .pump(&mut out, &mut Full, &mut cork, 64, false)
+            .pump(&mut out, &mut Full, &mut cork, 64, false, &[])
             .unwrap();
         assert!(pumped.blocked);
         assert!(p.server.wants_write());
