@@ -334,6 +334,16 @@ impl OutQueue {
         max_chunks: usize,
         turn: &[u8],
     ) -> io::Result<usize> {
+        if max_chunks == 1 || self.chunks.len() == 1 {
+            // One chunk (a connection's turn of broadcasts is one range): a plain write, with
+            // no iovec array to build here nor to import in the kernel.
+            let Some(head) = self.chunks.front() else {
+                return Ok(0);
+            };
+            let written = w.write(&head.bytes(turn)[self.head_offset..])?;
+            self.advance(written);
+            return Ok(written);
+        }
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let mut n = 0;
         for (i, c) in self
@@ -350,13 +360,7 @@ impl OutQueue {
             });
             n += 1;
         }
-        // One slice (a connection's turn of broadcasts is one range): a plain write, which
-        // skips importing an iovec in the kernel.
-        let written = if n == 1 {
-            w.write(&slices[0])?
-        } else {
-            w.write_vectored(&slices[..n])?
-        };
+        let written = w.write_vectored(&slices[..n])?;
         self.advance(written);
         Ok(written)
     }

@@ -19,7 +19,7 @@ use slab::Slab;
 
 use super::connection::{Connection, Phase};
 use super::metrics::Metrics;
-use super::outbound::{Chunk, Cork, TurnFrames, CORK_BYTES, MAX_IOVECS};
+use super::outbound::{Chunk, Cork, OutQueue, TurnFrames, CORK_BYTES, MAX_IOVECS};
 use super::timers::Timers;
 use super::tls::{self, Tls, TlsError};
 use crate::config::Config;
@@ -1585,47 +1585,53 @@ impl Server {
         }
     }
 
-    /// The fan-out's per-recipient check, kept small because it runs once per delivery: the
-    /// slab index of `id` if it is still the same open connection and its queue is not over
-    /// `--max-queue` (if it is, the client stopped reading and is dropped, out of line).
+    /// The fan-out's per-recipient check, kept small because it runs once per delivery: `id`'s
+    /// connection if it is still the same open connection and its queue is not over
+    /// `--max-queue`; `Err(Some(idx))` if it is over (the client stopped reading: the caller
+    /// drops it, out of line). Takes the slab rather than `self`, so the caller can queue
+    /// and mark the connection dirty with this one lookup.
     #[inline]
-    fn broadcast_recipient(&mut self, id: ConnId) -> Option<usize> {
+    fn broadcast_recipient(
+        conns: &mut Slab<Connection>,
+        id: ConnId,
+        max_queue: usize,
+    ) -> Result<(usize, &mut Connection), Option<usize>> {
         let token = id.0 as usize;
-        let idx = index_of(token)?;
-        let conn = self.conns.get_mut(idx)?;
+        let idx = index_of(token).ok_or(None)?;
+        let conn = conns.get_mut(idx).ok_or(None)?;
         if conn.token != token || conn.phase != Phase::Open {
-            return None;
+            return Err(None);
         }
-        if conn.out.cost() > self.config.max_queue {
-            self.drop_slow_consumer(idx);
-            return None;
+        if conn.out.cost() > max_queue {
+            return Err(Some(idx));
         }
-        Some(idx)
+        Ok((idx, conn))
     }
 
-    /// [`Server::queue_frame`] for a shared (broadcast) frame: no memory-budget charge (the
-    /// bytes belong to every recipient at once). Does not count `frames_out`.
+    /// Queues broadcast output for `id` with `push` (which returns whether the connection now
+    /// holds a new range of [`TurnFrames`] and must be listed for [`Server::retire_turn`]): no
+    /// memory-budget charge, the bytes belong to every recipient at once. Does not count
+    /// `frames_out`.
     #[inline]
-    fn queue_shared(&mut self, id: ConnId, frame: &SharedFrame) -> bool {
-        let Some(idx) = self.broadcast_recipient(id) else {
-            return false;
-        };
-        self.conns[idx].out.push_shared(frame.clone());
-        self.mark_dirty(idx);
-        true
-    }
-
-    /// [`Server::queue_shared`] for a range of this turn's [`TurnFrames`].
-    #[inline]
-    fn queue_turn(&mut self, id: ConnId, start: u32, len: u32) -> bool {
-        let Some(idx) = self.broadcast_recipient(id) else {
-            return false;
-        };
-        if self.conns[idx].out.push_turn(start, len) {
-            self.turn.holders.push(idx);
+    fn queue_broadcast(&mut self, id: ConnId, push: impl FnOnce(&mut OutQueue) -> bool) -> bool {
+        match Self::broadcast_recipient(&mut self.conns, id, self.config.max_queue) {
+            Ok((idx, conn)) => {
+                if push(&mut conn.out) {
+                    self.turn.holders.push(idx);
+                }
+                if !conn.dirty {
+                    conn.dirty = true;
+                    self.dirty.push(idx);
+                }
+                true
+            }
+            Err(slow) => {
+                if let Some(idx) = slow {
+                    self.drop_slow_consumer(idx);
+                }
+                false
+            }
         }
-        self.mark_dirty(idx);
-        true
     }
 
     /// The end of a turn: what queues still hold of this turn's broadcast buffer becomes shared
@@ -1693,7 +1699,10 @@ impl Server {
 
 impl Outbox for Server {
     fn send_frame(&mut self, conn: ConnId, frame: &SharedFrame) -> bool {
-        let queued = self.queue_shared(conn, frame);
+        let queued = self.queue_broadcast(conn, |out| {
+            out.push_shared(frame.clone());
+            false
+        });
         self.metrics.frames_out += u64::from(queued);
         queued
     }
@@ -1703,12 +1712,15 @@ impl Outbox for Server {
         match (conns.len() > 1).then(|| self.turn.add(frame)).flatten() {
             Some((start, len)) => {
                 for &conn in conns {
-                    n += usize::from(self.queue_turn(conn, start, len));
+                    n += usize::from(self.queue_broadcast(conn, |out| out.push_turn(start, len)));
                 }
             }
             None => {
                 for &conn in conns {
-                    n += usize::from(self.queue_shared(conn, frame));
+                    n += usize::from(self.queue_broadcast(conn, |out| {
+                        out.push_shared(frame.clone());
+                        false
+                    }));
                 }
             }
         }
