@@ -1395,8 +1395,11 @@ fn startup_with_a_million_messages() {
         }
         conn.execute_batch("COMMIT").expect("commit");
         // Written behind the store's back: index them as the store thread would have.
-        conn.execute_batch("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
-            .expect("index");
+        conn.execute_batch(
+            "INSERT INTO messages_fts (messages_fts) VALUES ('rebuild');
+             UPDATE meta SET v = (SELECT MAX(id) FROM messages) WHERE k = 'fts_upto';",
+        )
+        .expect("index");
         for i in 0..1000 {
             conn.execute(
                 "INSERT INTO users (key, name, nick, phc, created) VALUES (?1, ?1, ?1, 'x', 0)",

@@ -157,38 +157,129 @@ fn to_v6(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA_V6)
 }
 
-/// Messages of the current batch not yet in `messages_fts`: the id range of the inserts that
-/// succeeded (ids only grow, and only this thread inserts messages, so the range holds exactly
-/// them). Indexed with one statement before anything that reads or changes the index (a query,
-/// an edit, a delete) and before the commit.
-#[derive(Default)]
+/// Version 7, two changes that each took a fifth to a third off the store thread's CPU per
+/// message (docs/BENCHMARKS.md):
+/// - `meta.fts_upto`, the highest message id in `messages_fts`. New messages are indexed a
+///   few thousand at a time rather than once per batch ([`FtsPending`]); this is how a start
+///   after a crash knows which ones to index. Every message is indexed at version 6.
+/// - `messages_room` and `messages_dm` become partial indexes: a room message has no `dm`
+///   and a DM no `room`, so every insert also wrote a NULL entry into the other index, which
+///   no query reads (they all ask `room = ?` or `dm = ?`, which SQLite matches to a partial
+///   index on `IS NOT NULL`; a test checks the plans).
+/// - `dedup` is keyed by message id (each message has at most one ref) instead of by
+///   `(user_key, ref)` with a second index on `ts`: a new ref is appended at the table's right
+///   edge, one b-tree instead of two, each a search by string key. Uniqueness of a user's
+///   refs is the chat core's (it answers a retry before writing anything); expiry deletes a
+///   prefix of ids ([`PRUNE_DEDUP`]).
+const SCHEMA_V7: &str = "
+INSERT OR REPLACE INTO meta (k, v) SELECT 'fts_upto', COALESCE(MAX(id), 0) FROM messages;
+DROP INDEX messages_room;
+DROP INDEX messages_dm;
+CREATE INDEX messages_room ON messages (room, id) WHERE room IS NOT NULL;
+CREATE INDEX messages_dm ON messages (dm, id) WHERE dm IS NOT NULL;
+CREATE TABLE dedup_v7 (
+    id INTEGER PRIMARY KEY, user_key TEXT NOT NULL, ref TEXT NOT NULL, ts INTEGER NOT NULL);
+INSERT OR IGNORE INTO dedup_v7 (id, user_key, ref, ts) SELECT id, user_key, ref, ts FROM dedup;
+DROP TABLE dedup;
+ALTER TABLE dedup_v7 RENAME TO dedup;
+";
+
+/// Forgets retry refs older than `?1` (ms): every row below the first id whose `ts` is
+/// recent. Ids follow time, so that is the old ones; were the clock to step back, a few old
+/// refs would stay a little longer (and be loaded at a start), never a recent one go early.
+/// The scan in id order stops at the first recent row, so it costs what it deletes.
+const PRUNE_DEDUP: &str = "DELETE FROM dedup WHERE id < COALESCE(
+    (SELECT id FROM dedup WHERE ts >= ?1 ORDER BY id LIMIT 1),
+    (SELECT MAX(id) FROM dedup) + 1)";
+
+fn to_v7(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA_V7)
+}
+
+/// `meta` key: the highest message id indexed for search (see [`SCHEMA_V7`]).
+const FTS_UPTO: &str = "fts_upto";
+
+/// Messages gathered before [`FtsPending`] indexes them without being asked to. Each flush
+/// writes an FTS5 segment (and its doclists) that later merges rewrite; once per batch (a loop
+/// turn's messages) that was 30 % of the store thread's CPU per message in batches of 32
+/// (docs/BENCHMARKS.md). At most this many messages are indexed again at a start after a
+/// crash.
+pub const FTS_BATCH: usize = 2048;
+
+/// How long the store thread waits with nothing to do before it indexes the messages
+/// gathered so far ([`FtsPending`]).
+pub const FTS_IDLE: Duration = Duration::from_millis(100);
+
+/// Messages stored but not yet in `messages_fts`: the id range of the inserts that succeeded
+/// since the last flush (ids only grow, and only this thread inserts messages, so the range
+/// holds exactly them). Indexed with one statement, which also moves `meta.fts_upto`, when
+/// anything would read or change the index (a search, an edit, a delete), when
+/// [`FTS_BATCH`] have gathered, when the store thread has been idle for [`FTS_IDLE`] and
+/// before it stops. A search therefore always sees every message stored before it.
+#[derive(Default, Clone)]
 struct FtsPending {
     range: Option<(i64, i64)>,
+    count: usize,
 }
 
 impl FtsPending {
     fn add(&mut self, id: i64) {
+        self.count += 1;
         self.range = Some(match self.range {
             Some((lo, hi)) => (lo.min(id), hi.max(id)),
             None => (id, id),
         });
     }
 
+    fn is_empty(&self) -> bool {
+        self.range.is_none()
+    }
+
     fn flush(&mut self, conn: &Connection) {
         let Some((lo, hi)) = self.range.take() else {
             return;
         };
-        let indexed = conn
-            .prepare_cached(
-                "INSERT INTO messages_fts (rowid, text)
-                 SELECT id, text FROM messages WHERE id BETWEEN ?1 AND ?2",
-            )
-            .and_then(|mut st| st.execute(params![lo, hi]));
-        if let Err(e) = indexed {
-            // The messages are stored; only search misses them.
+        self.count = 0;
+        if let Err(e) = index_messages(conn, lo, hi) {
+            // The messages are stored and `fts_upto` did not move: the next start indexes them.
             log::error!("store: indexing messages {lo}..={hi} for search: {e}");
         }
     }
+}
+
+/// Indexes messages `lo..=hi` for search and records `hi` as indexed, in the caller's
+/// transaction.
+fn index_messages(conn: &Connection, lo: i64, hi: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO messages_fts (rowid, text)
+         SELECT id, text FROM messages WHERE id BETWEEN ?1 AND ?2",
+    )?
+    .execute(params![lo, hi])?;
+    conn.prepare_cached("INSERT OR REPLACE INTO meta (k, v) VALUES (?1, ?2)")?
+        .execute(params![FTS_UPTO, hi])?;
+    Ok(())
+}
+
+/// Indexes the messages a crash left unindexed (ids above `meta.fts_upto`). Returns how many.
+fn index_missed(conn: &Connection) -> rusqlite::Result<usize> {
+    let upto: i64 = conn.query_row(
+        "SELECT COALESCE((SELECT v FROM meta WHERE k = ?1), 0)",
+        params![FTS_UPTO],
+        |r| r.get(0),
+    )?;
+    let max: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM messages", [], |r| {
+        r.get(0)
+    })?;
+    if max <= upto {
+        return Ok(0);
+    }
+    let n: usize = conn.query_row(
+        "SELECT COUNT(*) FROM messages WHERE id > ?1",
+        params![upto],
+        |r| r.get(0),
+    )?;
+    index_messages(conn, upto + 1, max)?;
+    Ok(n)
 }
 
 fn to_v1(conn: &Connection) -> rusqlite::Result<()> {
@@ -210,7 +301,7 @@ fn to_v3(conn: &Connection) -> rusqlite::Result<()> {
 /// Forward migrations: `MIGRATIONS[i]` takes a database from version `i` to `i + 1`. Append
 /// only; a shipped step never changes.
 pub const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] =
-    &[to_v1, to_v2, to_v3, to_v4, to_v5, to_v6];
+    &[to_v1, to_v2, to_v3, to_v4, to_v5, to_v6, to_v7];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -389,13 +480,19 @@ fn load(conn: &Connection, reserve: i64, dedup_since: i64) -> Result<(Loaded, i6
             l.sessions.push((h, u, used));
         }
     }
-    conn.execute("DELETE FROM dedup WHERE ts < ?1", params![dedup_since])
+    let missed = index_missed(conn).map_err(sql("index messages for search"))?;
+    if missed > 0 {
+        log::info!("indexed {missed} messages for search that the last run had not");
+    }
+    conn.execute(PRUNE_DEDUP, params![dedup_since])
         .map_err(sql("prune dedup"))?;
     l.dedup = conn
-        .prepare("SELECT user_key, ref, id, ts FROM dedup ORDER BY ts, id")
+        .prepare("SELECT user_key, ref, id, ts FROM dedup WHERE ts >= ?1 ORDER BY id")
         .and_then(|mut st| {
-            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                .collect()
+            st.query_map(params![dedup_since], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect()
         })
         .map_err(sql("load dedup"))?;
     l.rooms = conn
@@ -780,14 +877,14 @@ fn apply(conn: &Connection, w: &Write) -> rusqlite::Result<()> {
             ])?;
             if let Some((user_key, reference)) = dedup {
                 conn.prepare_cached(
-                    "INSERT OR REPLACE INTO dedup (user_key, ref, id, ts) VALUES (?1,?2,?3,?4)",
+                    "INSERT OR REPLACE INTO dedup (id, user_key, ref, ts) VALUES (?3,?1,?2,?4)",
                 )?
                 .execute(params![user_key, reference, msg.id, msg.ts])?;
             }
             Ok(())
         }
         Write::PruneDedup { before_ts } => conn
-            .prepare_cached("DELETE FROM dedup WHERE ts < ?1")?
+            .prepare_cached(PRUNE_DEDUP)?
             .execute(params![before_ts])
             .map(|_| ()),
         Write::SetNick { key, nick } => conn
@@ -1350,6 +1447,24 @@ fn unanswered(qid: u64, q: &Query) -> StoreEvent {
     }
 }
 
+/// [`FtsPending::flush`] in a transaction of its own (the store thread is idle).
+fn flush_alone(conn: &mut Connection, fts: &mut FtsPending) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            // `fts_upto` stays: the next start indexes them; searches until then miss them.
+            log::error!("store: begin indexing for search: {e}");
+            *fts = FtsPending::default();
+            return;
+        }
+    };
+    fts.flush(&tx);
+    if let Err(e) = tx.commit() {
+        // `fts_upto` did not move either: the next start indexes them.
+        log::error!("store: commit indexing for search: {e}");
+    }
+}
+
 /// The store thread's body. Returns when it gets [`StoreReq::Shutdown`] (after committing
 /// everything before it) or when the loop side hangs up. Between batches, and at least every
 /// [`CHANGE_POLL`] when idle, it reports operator account changes (`watch`).
@@ -1363,13 +1478,21 @@ fn run(
     let mut seq: u64 = 0;
     // Requests arrive a loop turn's worth at a time; a transaction takes at most MAX_BATCH.
     let mut queued: VecDeque<StoreReq> = VecDeque::new();
+    let mut fts = FtsPending::default();
     loop {
         if queued.is_empty() {
-            let idle = watch.next.saturating_duration_since(Instant::now());
+            let mut idle = watch.next.saturating_duration_since(Instant::now());
+            if !fts.is_empty() {
+                idle = idle.min(FTS_IDLE);
+            }
             match rx.recv_timeout(idle) {
                 Ok(reqs) => queued.extend(reqs),
                 Err(RecvTimeoutError::Timeout) => {
-                    if watch.poll(&conn, &events) {
+                    // Idle: index what gathered rather than keep it for a start after a crash.
+                    if !fts.is_empty() {
+                        flush_alone(&mut conn, &mut fts);
+                    }
+                    if Instant::now() >= watch.next && watch.poll(&conn, &events) {
                         wake.wake();
                     }
                     continue;
@@ -1378,13 +1501,15 @@ fn run(
             }
         }
         let batch = next_batch(&mut queued, &rx);
+        // What was waiting for the index before this batch: a failed commit takes the batch's
+        // own messages back, but not those (nor their need of indexing).
+        let fts_before = fts.clone();
         let start = Instant::now();
         let mut results = Vec::new();
         let mut failed = Vec::new();
         let mut writes = 0usize;
         let mut stop = false;
         let mut deleted = false;
-        let mut fts = FtsPending::default();
         // IMMEDIATE: take the write lock (waiting up to BUSY_WAIT for `parlor user …`) before
         // the first read, so a write after a read cannot fail on a snapshot another process
         // has moved past.
@@ -1415,7 +1540,9 @@ fn run(
                             }
                         }
                         StoreReq::Query { qid, query } => {
-                            fts.flush(&tx);
+                            if matches!(query, Query::Search { .. }) {
+                                fts.flush(&tx);
+                            }
                             results.push(answer(&tx, qid, &query))
                         }
                         StoreReq::LoadUser { key } => {
@@ -1432,11 +1559,14 @@ fn run(
                         StoreReq::Shutdown => stop = true,
                     }
                 }
-                fts.flush(&tx);
+                if stop || fts.count >= FTS_BATCH {
+                    fts.flush(&tx);
+                }
                 match tx.commit() {
                     Ok(()) => true,
                     Err(e) => {
                         log::error!("store commit failed: {e}");
+                        fts = fts_before;
                         false
                     }
                 }
@@ -1579,7 +1709,10 @@ mod tests {
     fn assert_latest(conn: &Connection) {
         assert_eq!(user_version(conn), SCHEMA_VERSION);
         assert!(table_exists(conn, "dedup"));
-        assert!(table_exists(conn, "dedup_ts"));
+        assert!(
+            !table_exists(conn, "dedup_ts"),
+            "version 7 keys dedup by id"
+        );
         assert!(has_column(conn, "sessions", "last_used").unwrap());
         assert!(has_column(conn, "users", "disabled").unwrap());
         assert!(table_exists(conn, "admin_changes"));
@@ -1765,6 +1898,177 @@ mod tests {
         );
         assert!(!alice.disabled);
         assert_eq!(reloaded[1], ("nobody".to_string(), None));
+        store.shutdown();
+    }
+
+    /// The conversation queries still use the (partial, since version 7) conversation indexes:
+    /// no scan of `messages`, no temporary sort.
+    #[test]
+    fn conversation_queries_use_the_partial_indexes() {
+        let dir = TempDir::new("store-plans");
+        let conn = open_db(dir.path(), Durability::Normal).unwrap();
+        for (col, index) in [("room", "messages_room"), ("dm", "messages_dm")] {
+            for sql in [
+                format!("SELECT id FROM messages WHERE {col} = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"),
+                format!("SELECT id FROM messages WHERE {col} = ?1 AND id > ?2 AND id < ?3 ORDER BY id ASC LIMIT ?4"),
+                format!("SELECT COUNT(*) FROM messages WHERE {col} = ?1 AND id > ?2"),
+            ] {
+                let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+                let nulls = vec![rusqlite::types::Null; st.parameter_count()];
+                let plan: Vec<String> = st
+                    .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                let plan = plan.join(" | ");
+                assert!(plan.contains(&format!("USING COVERING INDEX {index}")) || plan.contains(&format!("USING INDEX {index}")), "{sql}: {plan}");
+                assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
+            }
+        }
+    }
+
+    /// Retry refs expire by id prefix (version 7): everything below the first recent ref goes,
+    /// nothing recent goes early (even after the clock stepped back), and a start loads only
+    /// the recent ones, in id order.
+    #[test]
+    fn retry_refs_expire_oldest_first() {
+        let dir = TempDir::new("store-dedup-prune");
+        let open = |since: i64| {
+            super::super::open_sqlite(dir.path(), Durability::Normal, 1000, since, Wake::default())
+                .unwrap()
+        };
+        let (mut store, l, _) = open(0);
+        let first = l.next_id;
+        // ts by id: 100, 200, 300, then the clock steps back: 150, then 400.
+        let stamps = [100, 200, 300, 150, 400];
+        let mut reqs: Vec<StoreReq> = stamps
+            .iter()
+            .enumerate()
+            .map(|(i, &ts)| {
+                StoreReq::Write(Write::InsertMessage {
+                    msg: ChatMessage {
+                        ts,
+                        ..msg(first + i as i64, "r")
+                    },
+                    dm: None,
+                    dedup: Some(("alice".into(), format!("r{i}"))),
+                })
+            })
+            .collect();
+        reqs.push(StoreReq::Write(Write::PruneDedup { before_ts: 250 }));
+        store.submit(reqs);
+        store.shutdown();
+        drop(store);
+        let (mut store, l, _) = open(0);
+        let kept: Vec<i64> = l.dedup.iter().map(|d| d.2).collect();
+        assert_eq!(
+            kept,
+            vec![first + 2, first + 3, first + 4],
+            "r0 and r1 expired; r3 (ts 150) waits behind r2, which is recent"
+        );
+        store.shutdown();
+        let (mut store, l, _) = open(250);
+        let loaded: Vec<(String, i64)> = l.dedup.iter().map(|d| (d.1.clone(), d.3)).collect();
+        assert_eq!(
+            loaded,
+            vec![("r2".to_string(), 300), ("r4".to_string(), 400)],
+            "a start loads the recent ones only, in id order"
+        );
+        store.shutdown();
+    }
+
+    /// Waits for the store thread's answer to a search for `word` in room `r`.
+    fn search_ids(store: &mut dyn Store, qid: u64, word: &str) -> Vec<i64> {
+        store.submit(vec![StoreReq::Query {
+            qid,
+            query: Query::Search {
+                search: super::super::SearchQuery {
+                    fts: word.into(),
+                    convs: vec!["r".into()],
+                    from: None,
+                    before: None,
+                    limit: 100,
+                },
+                cancelled: None,
+            },
+        }]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match store.try_event() {
+                Some(StoreEvent::SearchDone {
+                    qid: q, results, ..
+                }) if q == qid => return results.iter().map(|m| m.id).collect(),
+                Some(_) => {}
+                None => {
+                    assert!(Instant::now() < deadline, "no answer to search {qid}");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    }
+
+    fn fts_upto(dir: &Path) -> i64 {
+        let conn = Connection::open(dir.join("chat.db")).unwrap();
+        conn.query_row("SELECT v FROM meta WHERE k = 'fts_upto'", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// New messages are indexed for search in bulk, not per batch: a search still finds every
+    /// message stored before it; an idle store indexes what gathered; and messages a crash
+    /// left stored but unindexed (above `fts_upto`) are indexed at the next start, once.
+    #[test]
+    fn deferred_search_indexing_misses_nothing() {
+        let dir = TempDir::new("store-fts-defer");
+        let open = || {
+            super::super::open_sqlite(dir.path(), Durability::Normal, 1000, 0, Wake::default())
+                .unwrap()
+        };
+        let (mut store, l, _) = open();
+        let insert = |id: i64, text: &str| {
+            StoreReq::Write(Write::InsertMessage {
+                msg: ChatMessage {
+                    text: text.into(),
+                    ..msg(id, "r")
+                },
+                dm: None,
+                dedup: None,
+            })
+        };
+        let first = l.next_id;
+        store.submit((0..3).map(|i| insert(first + i, "needle one")).collect());
+        // The next batch is the search: the three are in the index by then.
+        assert_eq!(
+            search_ids(&mut *store, 1, "needle"),
+            vec![first + 2, first + 1, first]
+        );
+        // Nothing more comes: the idle store indexes the next ones without being asked.
+        store.submit(vec![insert(first + 3, "haystack")]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fts_upto(dir.path()) != first + 3 {
+            assert!(Instant::now() < deadline, "idle store did not index");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        store.shutdown();
+        drop(store);
+        // A crash after a commit and before indexing: rows above fts_upto, not in the index.
+        {
+            let conn = Connection::open(dir.path().join("chat.db")).unwrap();
+            for id in [first + 10, first + 11] {
+                conn.execute(
+                    "INSERT INTO messages (id, room, from_name, nick, text, ts)
+                     VALUES (?1, 'r', 'a', 'a', 'needle two', ?1)",
+                    params![id],
+                )
+                .unwrap();
+            }
+        }
+        let (mut store, _, _) = open();
+        assert_eq!(fts_upto(dir.path()), first + 11);
+        assert_eq!(
+            search_ids(&mut *store, 2, "needle"),
+            vec![first + 11, first + 10, first + 2, first + 1, first],
+            "each once: the start indexed only what was missing"
+        );
         store.shutdown();
     }
 
