@@ -258,7 +258,7 @@ impl Hub {
                 if on {
                     self.enter_room(NOBODY, &user_key, &room);
                 } else {
-                    self.remote_leave(&room, &user_key);
+                    self.remove_member(&room, &user_key, NOBODY);
                 }
             }
             LogEvent::DmPair { a, b } => self.partners_in_memory(&a, &b),
@@ -295,36 +295,6 @@ impl Hub {
                 self.close(c, CloseCode::Normal, "logged out");
             }
         }
-    }
-
-    fn remote_leave(&mut self, room: &str, key: &str) {
-        let removed = self
-            .rooms
-            .get_mut(room)
-            .is_some_and(|rm| rm.members.remove(key));
-        if !removed {
-            return;
-        }
-        self.membership_epoch += 1;
-        if let Some(u) = self.users.get_mut(key) {
-            u.rooms.remove(room);
-        }
-        let mut keys: Vec<String> = self.rooms[room].members.iter().cloned().collect();
-        keys.push(key.to_string());
-        self.collect_conns(keys.iter(), NOBODY);
-        let Some(u) = self.users.get(key) else {
-            return;
-        };
-        let json = ServerFrame::Presence {
-            room: Some(room),
-            user: &u.name,
-            nick: &u.nick,
-            event: PresenceEvent::Leave,
-            last_seen: None,
-        }
-        .to_json();
-        self.broadcast(&json, false);
-        self.maybe_unwatched.insert(room.to_string());
     }
 
     /// The room name or DM partner name a conversation key names, from `key`'s side.
@@ -377,9 +347,9 @@ impl Hub {
     }
 
     fn remote_typing(&mut self, key: &str, room: Option<String>, to_key: Option<String>) {
-        let Some(u) = self.users.get(key) else {
+        if !self.users.contains_key(key) {
             return;
-        };
+        }
         match (&room, &to_key) {
             (Some(room), _) => {
                 let Some(rm) = self.rooms.get(room) else {
@@ -394,18 +364,7 @@ impl Hub {
             }
             _ => return,
         }
-        let to_name = to_key
-            .as_ref()
-            .and_then(|t| self.users.get(t))
-            .map(|u| u.name.as_str());
-        let json = ServerFrame::Typing {
-            room: room.as_deref(),
-            to: to_name,
-            user: &u.name,
-            nick: &u.nick,
-        }
-        .to_json();
-        self.broadcast(&json, false);
+        self.send_typing(key, room.as_deref(), to_key.as_deref());
     }
 
     // ----- presence across nodes -------------------------------------------------------------

@@ -104,16 +104,23 @@ impl Hub {
                 r,
             );
         }
-        if self.cluster.is_some() {
-            return self.say_clustered(conn, key, room, to_key, text, reply_to, r);
-        }
-        let Some(id) = self.take_id() else {
-            return self.error(
-                conn,
-                ErrorCode::RateLimited,
-                "server busy; message not stored",
-                r,
-            );
+        // Cluster mode: the message is stored with id 0 and the database numbers it (its log
+        // position). Nothing is broadcast here: every node, this one included, delivers it
+        // when it comes through the log, so all see one order. The ack waits for the commit
+        // report, which carries the id.
+        let clustered = self.cluster.is_some();
+        let id = if clustered {
+            0
+        } else {
+            let Some(id) = self.take_id() else {
+                return self.error(
+                    conn,
+                    ErrorCode::RateLimited,
+                    "server busy; message not stored",
+                    r,
+                );
+            };
+            id
         };
         let u = &self.users[key];
         let msg = Rc::new(ChatMessage {
@@ -128,44 +135,17 @@ impl Hub {
             ..ChatMessage::default()
         });
         self.m.messages_in += 1;
-        let Some(dm) = self.deliver(key, &msg, to_key.as_deref()) else {
-            return;
+        let dm = if clustered {
+            to_key.map(|tk| {
+                self.note_dm_pair(key, &tk);
+                store::dm_key(key, &tk)
+            })
+        } else {
+            let Some(dm) = self.deliver(key, &msg, to_key.as_deref()) else {
+                return;
+            };
+            dm
         };
-        self.record(conn, key, r, msg, dm);
-    }
-
-    /// Cluster mode: the message is stored with id 0 and the database numbers it (its log
-    /// position). Nothing is broadcast here: every node, this one included, delivers it when
-    /// it comes through the log, so all see one order. The ack waits for the commit report,
-    /// which carries the id.
-    #[allow(clippy::too_many_arguments)]
-    fn say_clustered(
-        &mut self,
-        conn: ConnId,
-        key: &str,
-        room: Option<String>,
-        to_key: Option<String>,
-        text: String,
-        reply_to: Option<i64>,
-        r: Option<&str>,
-    ) {
-        let u = &self.users[key];
-        let msg = Rc::new(ChatMessage {
-            id: 0,
-            room,
-            from: u.name.clone(),
-            to: to_key.as_ref().map(|k| self.users[k].name.clone()),
-            nick: u.nick.clone(),
-            text,
-            ts: self.now.wall_ms,
-            reply_to,
-            ..ChatMessage::default()
-        });
-        self.m.messages_in += 1;
-        let dm = to_key.map(|tk| {
-            self.note_dm_pair(key, &tk);
-            store::dm_key(key, &tk)
-        });
         self.record(conn, key, r, msg, dm);
     }
 

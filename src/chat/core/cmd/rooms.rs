@@ -174,37 +174,52 @@ impl Hub {
         if let Err((c, m)) = validate::room_name(room) {
             return self.error(conn, c, &m, r);
         }
-        let removed = self
-            .rooms
-            .get_mut(room)
-            .is_some_and(|rm| rm.members.remove(key));
-        self.membership_epoch += 1;
-        if !removed {
+        if !self.remove_member(room, key, conn) {
             return self.error(conn, ErrorCode::NotMember, "not a member", r);
-        }
-        if let Some(u) = self.users.get_mut(key) {
-            u.rooms.remove(room);
         }
         self.write(Write::RemoveMember {
             room: room.to_string(),
             user_key: key.to_string(),
         });
-        // Remaining members and the leaver's other connections learn of it.
+        self.send(conn, &ServerFrame::Left { room, reference: r });
+    }
+
+    /// Takes `key` out of `room` in memory (a `leave` here, or one another node logged) and
+    /// tells the remaining members and the leaver's connections, except `except` (which gets
+    /// its own answer). Returns whether `key` was a member.
+    pub(in crate::chat::core) fn remove_member(
+        &mut self,
+        room: &str,
+        key: &str,
+        except: ConnId,
+    ) -> bool {
+        let removed = self
+            .rooms
+            .get_mut(room)
+            .is_some_and(|rm| rm.members.remove(key));
+        if !removed {
+            return false;
+        }
+        self.membership_epoch += 1;
+        if let Some(u) = self.users.get_mut(key) {
+            u.rooms.remove(room);
+        }
         let mut keys: Vec<String> = self.rooms[room].members.iter().cloned().collect();
         keys.push(key.to_string());
-        self.collect_conns(keys.iter(), conn);
-        let u = &self.users[key];
-        let json = ServerFrame::Presence {
-            room: Some(room),
-            user: &u.name,
-            nick: &u.nick,
-            event: PresenceEvent::Leave,
-            last_seen: None,
+        self.collect_conns(keys.iter(), except);
+        if let Some(u) = self.users.get(key) {
+            let json = ServerFrame::Presence {
+                room: Some(room),
+                user: &u.name,
+                nick: &u.nick,
+                event: PresenceEvent::Leave,
+                last_seen: None,
+            }
+            .to_json();
+            self.broadcast(&json, false);
         }
-        .to_json();
-        self.broadcast(&json, false);
-        self.send(conn, &ServerFrame::Left { room, reference: r });
         self.maybe_unwatched.insert(room.to_string());
+        true
     }
 
     /// Drops a room's join snapshot from memory once no member is online: the store has the

@@ -54,31 +54,42 @@ impl Hub {
         self.typing.insert(tkey, now);
         // Everyone else in the room, or the other side of the DM; never the typist's own
         // connections. Gathered only now, for an event that passed the throttle.
-        match (&room, &to) {
+        let to_key = to.as_deref().map(validate::user_key);
+        match (&room, &to_key) {
             (Some(room), _) => {
                 let others = self.rooms[room].members.iter().filter(|m| *m != key);
                 conns_of(&mut self.scratch, &self.users, others, conn);
             }
-            (_, to) => {
-                let other = to.as_ref().map(|t| validate::user_key(t));
-                let other = other.iter().filter(|tk| *tk != key);
+            (_, to_key) => {
+                let other = to_key.iter().filter(|tk| *tk != key);
                 conns_of(&mut self.scratch, &self.users, other, conn);
             }
         }
-        let u = &self.users[key];
-        let to_name = to
-            .as_ref()
-            .and_then(|t| self.users.get(&validate::user_key(t)))
+        self.send_typing(key, room.as_deref(), to_key.as_deref());
+        self.relay_typing(key, room.as_deref(), to_key);
+    }
+
+    /// `key`'s `typing` frame (in `room`, or to `to_key` in a DM) to the connections gathered
+    /// in `scratch`: from a `typing` here or one another node logged.
+    pub(in crate::chat::core) fn send_typing(
+        &mut self,
+        key: &str,
+        room: Option<&str>,
+        to_key: Option<&str>,
+    ) {
+        let Some(u) = self.users.get(key) else {
+            return;
+        };
+        let to_name = to_key
+            .and_then(|t| self.users.get(t))
             .map(|u| u.name.as_str());
         let json = ServerFrame::Typing {
-            room: room.as_deref(),
+            room,
             to: to_name,
             user: &u.name,
             nick: &u.nick,
         }
         .to_json();
         self.broadcast(&json, false);
-        let to_key = to.as_deref().map(validate::user_key);
-        self.relay_typing(key, room.as_deref(), to_key);
     }
 }
