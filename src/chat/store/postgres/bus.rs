@@ -84,8 +84,8 @@ impl Shared {
 /// store. The stuck bus is left to return on its own (its generation is stale, so it delivers
 /// nothing and exits); it cannot be interrupted inside the client library's blocking call.
 pub(crate) fn watch(first: Bus, stop: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
-    let shared = first.shared.clone();
-    let spare = first.spare();
+    let setup = first.setup.clone();
+    let shared = setup.shared.clone();
     shared.beat();
     let mut current = Some(spawn(first)?);
     std::thread::Builder::new()
@@ -106,9 +106,9 @@ pub(crate) fn watch(first: Bus, stop: Arc<AtomicBool>) -> std::io::Result<JoinHa
                      new connection (bus generation {generation})",
                     STALL.as_secs()
                 );
-                spare.metrics.bus_replaced();
+                setup.metrics.bus_replaced();
                 shared.beat();
-                match spawn(spare.clone_for(generation)) {
+                match spawn(setup.clone_for(generation)) {
                     Ok(h) => {
                         // The old one is not joined: it may never return.
                         current = Some(h);
@@ -131,19 +131,20 @@ fn spawn(bus: Bus) -> std::io::Result<JoinHandle<()>> {
         .spawn(move || bus.run())
 }
 
-/// What a replacement bus is made from.
-pub(crate) struct Spare {
-    target: Target,
-    node: NodeId,
-    opts: PgOptions,
-    events: Sender<StoreEvent>,
-    wake: Wake,
-    metrics: Arc<Metrics>,
-    stop: Arc<AtomicBool>,
-    shared: Arc<Shared>,
+/// What a bus is made from: kept by each bus, so the watchdog can make a replacement.
+#[derive(Clone)]
+pub(crate) struct BusSetup {
+    pub(crate) target: Target,
+    pub(crate) node: NodeId,
+    pub(crate) opts: PgOptions,
+    pub(crate) events: Sender<StoreEvent>,
+    pub(crate) wake: Wake,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) shared: Arc<Shared>,
 }
 
-impl Spare {
+impl BusSetup {
     /// A replacement bus: connects on its first round and heartbeats at once.
     fn clone_for(&self, generation: u64) -> Bus {
         self.bus(generation, Instant::now())
@@ -151,24 +152,15 @@ impl Spare {
 
     /// A bus of `generation`, not connected yet, from the last position delivered.
     fn bus(&self, generation: u64, next_heartbeat: Instant) -> Bus {
-        let now = Instant::now();
-        let last = self.shared.lock().last;
         Bus {
             conn: None,
-            target: self.target.clone(),
-            node: self.node.clone(),
-            last,
-            opts: self.opts,
-            events: self.events.clone(),
-            wake: self.wake.clone(),
-            metrics: self.metrics.clone(),
-            stop: self.stop.clone(),
+            last: self.shared.lock().last,
             backoff: Backoff::new(),
             next_heartbeat,
-            next_prune: now + prune_every(&self.opts),
+            next_prune: Instant::now() + prune_every(&self.opts),
             gap_reported: false,
-            shared: self.shared.clone(),
             generation,
+            setup: self.clone(),
         }
     }
 }
@@ -176,49 +168,22 @@ impl Spare {
 pub(crate) struct Bus {
     /// `None` while disconnected; the statement reads the log.
     conn: Option<(Client, Statement)>,
-    target: Target,
-    node: NodeId,
     /// The last position delivered.
     last: i64,
-    opts: PgOptions,
-    events: Sender<StoreEvent>,
-    wake: Wake,
-    metrics: Arc<Metrics>,
-    stop: Arc<AtomicBool>,
     backoff: Backoff,
     next_heartbeat: Instant,
     next_prune: Instant,
     /// Logged once: entries after `last` were pruned before this node read them.
     gap_reported: bool,
-    shared: Arc<Shared>,
     /// This bus's generation: once the watchdog replaced it, it delivers nothing and stops.
     generation: u64,
+    setup: BusSetup,
 }
 
 impl Bus {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        client: Client,
-        target: Target,
-        node: NodeId,
-        opts: PgOptions,
-        events: Sender<StoreEvent>,
-        wake: Wake,
-        metrics: Arc<Metrics>,
-        stop: Arc<AtomicBool>,
-        shared: Arc<Shared>,
-    ) -> Bus {
-        let spare = Spare {
-            target,
-            node,
-            opts,
-            events,
-            wake,
-            metrics,
-            stop,
-            shared,
-        };
-        let mut bus = spare.bus(0, Instant::now() + heartbeat_every(&opts));
+    /// The first bus, on `client` (already connected).
+    pub(crate) fn new(client: Client, setup: BusSetup) -> Bus {
+        let mut bus = setup.bus(0, Instant::now() + heartbeat_every(&setup.opts));
         match listen(client) {
             Ok(conn) => bus.conn = Some(conn),
             Err(e) => {
@@ -229,26 +194,13 @@ impl Bus {
         bus
     }
 
-    fn spare(&self) -> Spare {
-        Spare {
-            target: self.target.clone(),
-            node: self.node.clone(),
-            opts: self.opts,
-            events: self.events.clone(),
-            wake: self.wake.clone(),
-            metrics: self.metrics.clone(),
-            stop: self.stop.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-
     /// Whether the watchdog replaced this bus.
     fn replaced(&self) -> bool {
-        self.shared.lock().generation != self.generation
+        self.setup.shared.lock().generation != self.generation
     }
 
     pub(crate) fn run(mut self) {
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.setup.stop.load(Ordering::Relaxed) {
             if self.replaced() {
                 log::warn!(
                     "store bus: generation {} returned after being replaced; it stops",
@@ -256,7 +208,7 @@ impl Bus {
                 );
                 return;
             }
-            self.shared.beat();
+            self.setup.shared.beat();
             if self.conn.is_none() {
                 if !self.backoff.due() {
                     let wait = self.backoff.until_next();
@@ -277,13 +229,13 @@ impl Bus {
                 }
             }
             if Instant::now() >= self.next_prune {
-                self.next_prune = Instant::now() + prune_every(&self.opts);
+                self.next_prune = Instant::now() + prune_every(&self.setup.opts);
                 if let Err(e) = self.prune() {
                     self.failed("pruning the log", e);
                     continue;
                 }
             }
-            if self.stop.load(Ordering::Relaxed) {
+            if self.setup.stop.load(Ordering::Relaxed) {
                 break;
             }
             let wait = self
@@ -306,7 +258,7 @@ impl Bus {
         if lost {
             log::error!(
                 "store bus: lost the connection to {} ({what}): {}",
-                self.target.shown(),
+                self.setup.target.shown(),
                 describe(&e)
             );
             self.backoff.restart();
@@ -326,10 +278,10 @@ impl Bus {
     }
 
     fn reconnect(&mut self) {
-        let r = self.target.connect().and_then(listen);
+        let r = self.setup.target.connect().and_then(listen);
         self.conn = self
             .backoff
-            .outcome("store bus", &self.target, &self.metrics, r);
+            .outcome("store bus", &self.setup.target, &self.setup.metrics, r);
     }
 
     /// Delivers every entry after `last`.
@@ -339,12 +291,12 @@ impl Bus {
         };
         loop {
             let rows = c.query(&*st, &[&self.last, &PAGE])?;
-            self.shared.beat();
+            self.setup.shared.beat();
             let Some(newest) = rows.last() else {
-                self.metrics.set_bus_lag(0.0);
+                self.setup.metrics.set_bus_lag(0.0);
                 return Ok(());
             };
-            self.metrics.set_bus_lag(newest.get(3));
+            self.setup.metrics.set_bus_lag(newest.get(3));
             let first: i64 = rows[0].get(0);
             if first != self.last + 1 && !self.gap_reported {
                 // Positions are gap-free, so the entries in between were pruned (`log_keep`)
@@ -377,7 +329,7 @@ impl Bus {
             // Delivered under the shared lock, and only what is newer than what any bus
             // delivered: a replaced bus that got here late sends nothing twice.
             {
-                let mut d = self.shared.lock();
+                let mut d = self.setup.shared.lock();
                 if d.generation != self.generation {
                     return Ok(());
                 }
@@ -386,10 +338,10 @@ impl Bus {
                     d.last = e.pos;
                 }
                 self.last = self.last.max(d.last);
-                self.metrics.add_bus_entries(entries.len() as u64);
+                self.setup.metrics.add_bus_entries(entries.len() as u64);
                 if !entries.is_empty() {
-                    let _ = self.events.send(StoreEvent::Log(entries));
-                    self.wake.wake();
+                    let _ = self.setup.events.send(StoreEvent::Log(entries));
+                    self.setup.wake.wake();
                 }
             }
             if !full {
@@ -413,12 +365,12 @@ impl Bus {
     /// Refreshes this node's heartbeat, expires nodes whose heartbeat is older than the TTL
     /// (their presence goes, and a `NodeGone` entry tells every node), counts live peers.
     fn heartbeat(&mut self) -> Result<(), postgres::Error> {
-        self.next_heartbeat = Instant::now() + heartbeat_every(&self.opts);
+        self.next_heartbeat = Instant::now() + heartbeat_every(&self.setup.opts);
         let Some((c, _)) = self.conn.as_mut() else {
             return Ok(());
         };
-        let node = self.node.as_str();
-        let ttl = self.opts.node_ttl.as_secs_f64();
+        let node = self.setup.node.as_str();
+        let ttl = self.setup.opts.node_ttl.as_secs_f64();
         let n = c.execute("UPDATE nodes SET heartbeat = now() WHERE id = $1", &[&node])?;
         if n == 0 {
             log::warn!(
@@ -469,7 +421,7 @@ impl Bus {
                 &[&node, &ttl],
             )?
             .get(0);
-        self.metrics.set_peers(peers.max(0) as u64);
+        self.setup.metrics.set_peers(peers.max(0) as u64);
         Ok(())
     }
 
@@ -478,7 +430,7 @@ impl Bus {
         let Some((c, _)) = self.conn.as_mut() else {
             return Ok(());
         };
-        let keep = self.opts.log_keep.as_secs_f64();
+        let keep = self.setup.opts.log_keep.as_secs_f64();
         c.execute(
             "DELETE FROM log WHERE ts < now() - $1::float8 * interval '1 second'",
             &[&keep],

@@ -389,14 +389,16 @@ impl PgStore {
             .map_err(StoreError::Thread)?;
         let bus = bus::Bus::new(
             bus_client,
-            target,
-            node,
-            opts,
-            ev_tx,
-            wake,
-            metrics.clone(),
-            stop_bus.clone(),
-            bus::Shared::new(log_pos),
+            bus::BusSetup {
+                target,
+                node,
+                opts,
+                events: ev_tx,
+                wake,
+                metrics: metrics.clone(),
+                stop: stop_bus.clone(),
+                shared: bus::Shared::new(log_pos),
+            },
         );
         // The watchdog runs the bus and replaces it if it stalls on a silent connection.
         let bus = bus::watch(bus, stop_bus.clone()).map_err(StoreError::Thread)?;
