@@ -248,16 +248,17 @@ impl FtsPending {
 }
 
 /// Indexes messages `lo..=hi` for search and records `hi` as indexed, in the caller's
-/// transaction.
-fn index_messages(conn: &Connection, lo: i64, hi: i64) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO messages_fts (rowid, text)
-         SELECT id, text FROM messages WHERE id BETWEEN ?1 AND ?2",
-    )?
-    .execute(params![lo, hi])?;
+/// transaction. Returns how many messages were indexed.
+fn index_messages(conn: &Connection, lo: i64, hi: i64) -> rusqlite::Result<usize> {
+    let indexed = conn
+        .prepare_cached(
+            "INSERT INTO messages_fts (rowid, text)
+             SELECT id, text FROM messages WHERE id BETWEEN ?1 AND ?2",
+        )?
+        .execute(params![lo, hi])?;
     conn.prepare_cached("INSERT OR REPLACE INTO meta (k, v) VALUES (?1, ?2)")?
         .execute(params![FTS_UPTO, hi])?;
-    Ok(())
+    Ok(indexed)
 }
 
 /// Indexes the messages a crash left unindexed (ids above `meta.fts_upto`). Returns how many.
@@ -273,13 +274,7 @@ fn index_missed(conn: &Connection) -> rusqlite::Result<usize> {
     if max <= upto {
         return Ok(0);
     }
-    let n: usize = conn.query_row(
-        "SELECT COUNT(*) FROM messages WHERE id > ?1",
-        params![upto],
-        |r| r.get(0),
-    )?;
-    index_messages(conn, upto + 1, max)?;
-    Ok(n)
+    index_messages(conn, upto + 1, max)
 }
 
 fn to_v1(conn: &Connection) -> rusqlite::Result<()> {
