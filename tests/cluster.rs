@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use chat_common::{eventually, Client, Server, TempDir};
+use chat_common::{eventually, metrics_text, Client, Server, TempDir};
 use pg_common::Pg;
 use serde_json::{json, Value};
 
@@ -587,22 +587,6 @@ fn migrate_moves_a_single_node_store_into_the_cluster() {
     login.expect("welcome");
 }
 
-/// The whole `/metrics` text of a node's metrics listener.
-fn metrics(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body
-}
-
 /// The value of the sample `name` (no labels) in a metrics text.
 fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -628,7 +612,7 @@ fn metrics_show_the_cluster() {
     let maddr = n1.metrics_addr.clone().expect("metrics address");
     let mut text = String::new();
     let peers_seen = eventually(Duration::from_secs(10), || {
-        text = metrics(&maddr);
+        text = metrics_text(&maddr);
         sample(&text, "parlor_cluster_peers") == Some(2.0)
     });
     assert!(peers_seen, "node 1 does not count its 2 peers:\n{text}");
@@ -648,7 +632,7 @@ fn metrics_show_the_cluster() {
     // A peer that stops is no longer counted.
     n3.stop();
     let one_left = eventually(Duration::from_secs(10), || {
-        text = metrics(&maddr);
+        text = metrics_text(&maddr);
         sample(&text, "parlor_cluster_peers") == Some(1.0)
     });
     assert!(one_left, "a stopped peer is still counted:\n{text}");

@@ -149,8 +149,9 @@ impl Drop for Server {
     }
 }
 
-/// The `parlor_chat_*` summary lines of `/metrics` (store batches, ack latency).
-pub fn chat_figures(addr: &str) -> String {
+/// The whole `/metrics` response of the server (or metrics listener) at `addr`; empty if it
+/// cannot be reached.
+pub fn metrics_text(addr: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = TcpStream::connect(addr) else {
         return String::new();
@@ -162,7 +163,13 @@ pub fn chat_figures(addr: &str) -> String {
     );
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
-    body.lines()
+    body
+}
+
+/// The `parlor_chat_*` summary lines of `/metrics` (store batches, ack latency).
+pub fn chat_figures(addr: &str) -> String {
+    metrics_text(addr)
+        .lines()
         .filter(|l| {
             !l.starts_with('#')
                 && (l.starts_with("parlor_chat_store_batch") || l.starts_with("parlor_chat_ack"))

@@ -35,6 +35,24 @@ fn fake_phc(password: &str) -> String {
     format!("fake${password}")
 }
 
+/// What the store loads for users alice and bob (session tokens `tok-alice` / `tok-bob`), the
+/// rooms `general` and `rust`, and `members`.
+fn alice_and_bob_loaded(members: &[(&str, &str)], next_id: i64) -> Loaded {
+    Loaded {
+        users: vec![user("alice"), user("bob")],
+        sessions: vec![
+            (token_hash("tok-alice"), "alice".into(), 1_800_000_000_000),
+            (token_hash("tok-bob"), "bob".into(), 1_800_000_000_000),
+        ],
+        rooms: vec!["general".into(), "rust".into()],
+        members: members
+            .iter()
+            .map(|(r, u)| (r.to_string(), u.to_string()))
+            .collect(),
+        next_id,
+        ..Loaded::default()
+    }
+}
 fn user(key: &str) -> LoadedUser {
     LoadedUser {
         key: key.into(),
@@ -71,26 +89,13 @@ impl T {
     /// Alice and bob, members of `general` and of the existing (cold) room `rust`, each with
     /// a session token `tok-alice` / `tok-bob`.
     fn with_alice_and_bob(flags: &[&str]) -> T {
-        let loaded = Loaded {
-            users: vec![user("alice"), user("bob")],
-            sessions: vec![
-                (token_hash("tok-alice"), "alice".into(), 1_800_000_000_000),
-                (token_hash("tok-bob"), "bob".into(), 1_800_000_000_000),
-            ],
-            rooms: vec!["general".into(), "rust".into()],
-            members: [
-                ("general", "alice"),
-                ("general", "bob"),
-                ("rust", "alice"),
-                ("rust", "bob"),
-            ]
-            .iter()
-            .map(|(r, u)| (r.to_string(), u.to_string()))
-            .collect(),
-            next_id: 100,
-            ..Loaded::default()
-        };
-        T::new(loaded, flags)
+        let members = [
+            ("general", "alice"),
+            ("general", "bob"),
+            ("rust", "alice"),
+            ("rust", "bob"),
+        ];
+        T::new(alice_and_bob_loaded(&members, 100), flags)
     }
 
     /// Carries out the hub's effects into this test's records.
@@ -824,24 +829,14 @@ impl FakeCluster {
         let nodes = (0..n)
             .map(|i| {
                 let mut t = T::with_alice_and_bob(&[]);
+                let members = [("general", "alice"), ("general", "bob")];
                 let loaded = Loaded {
-                    users: vec![user("alice"), user("bob")],
-                    sessions: vec![
-                        (token_hash("tok-alice"), "alice".into(), 1_800_000_000_000),
-                        (token_hash("tok-bob"), "bob".into(), 1_800_000_000_000),
-                    ],
-                    rooms: vec!["general".into(), "rust".into()],
-                    members: [("general", "alice"), ("general", "bob")]
-                        .iter()
-                        .map(|(r, u)| (r.to_string(), u.to_string()))
-                        .collect(),
-                    next_id: 1,
                     cluster: Some(ClusterLoaded {
                         node: format!("n{i}"),
                         log_pos: 0,
                         online: Vec::new(),
                     }),
-                    ..Loaded::default()
+                    ..alice_and_bob_loaded(&members, 1)
                 };
                 let cfg = t.hub.cfg.clone();
                 t.hub = Hub::new(cfg, loaded, i64::MAX, t.now);
