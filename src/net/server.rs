@@ -920,6 +920,10 @@ impl Server {
             ),
         };
         let mut pos = 0;
+        // The endpoint's service is lent out once for all the messages of this read rather
+        // than once per message; connections that close meanwhile are reported to it after.
+        let endpoint = usize::from(self.conns[idx].endpoint);
+        let mut service = mem::replace(&mut self.endpoints[endpoint].service, Box::new(Detached));
         loop {
             let phase = self.conns[idx].phase;
             if !matches!(phase, Phase::Open | Phase::CloseSent) {
@@ -930,7 +934,7 @@ impl Server {
                 Ok((n, event)) => {
                     pos += n;
                     if let Some(event) = event {
-                        self.on_event(idx, phase, event);
+                        self.on_event(idx, phase, event, service.as_mut());
                     }
                 }
                 Err(e) => {
@@ -950,6 +954,8 @@ impl Server {
                 }
             }
         }
+        self.endpoints[endpoint].service = service;
+        self.notify_closed();
         // The last message (if its bytes were assembled) has been handled: free them now.
         reader.release_delivered();
         let c = &mut self.conns[idx];
@@ -960,11 +966,11 @@ impl Server {
         pos
     }
 
-    fn on_event(&mut self, idx: usize, phase: Phase, event: Event<'_>) {
+    fn on_event(&mut self, idx: usize, phase: Phase, event: Event<'_>, service: &mut dyn Service) {
         match event {
             Event::Text(_) | Event::Binary(_) if phase != Phase::Open => {}
-            Event::Text(t) => self.deliver(idx, Message::Text(t)),
-            Event::Binary(b) => self.deliver(idx, Message::Binary(b)),
+            Event::Text(t) => self.deliver(idx, Message::Text(t), service),
+            Event::Binary(b) => self.deliver(idx, Message::Binary(b), service),
             Event::Ping(payload) => self.on_ping(idx, payload),
             Event::Pong(_) => {} // any input already counts as liveness
             Event::Close(cf) => {
@@ -992,11 +998,11 @@ impl Server {
         }
     }
 
-    fn deliver(&mut self, idx: usize, msg: Message<'_>) {
+    /// Hands a message to the connection's service (lent out by [`Server::on_frames`]).
+    fn deliver(&mut self, idx: usize, msg: Message<'_>, service: &mut dyn Service) {
         self.metrics.messages_in += 1;
-        let conn = &self.conns[idx];
-        let (endpoint, id) = (usize::from(conn.endpoint), ConnId(conn.token as u64));
-        self.with_service(endpoint, |svc, out| svc.on_message(out, id, msg));
+        let id = ConnId(self.conns[idx].token as u64);
+        service.on_message(self, id, msg);
     }
 
     fn on_ping(&mut self, idx: usize, payload: &[u8]) {

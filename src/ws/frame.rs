@@ -233,6 +233,7 @@ pub fn encode_header(
 }
 
 /// Bytes of an unmasked frame with a payload of `payload_len` bytes.
+#[inline]
 pub fn frame_len(payload_len: usize) -> usize {
     let header = if payload_len < 126 {
         2
@@ -245,7 +246,16 @@ pub fn frame_len(payload_len: usize) -> usize {
 }
 
 /// Appends a complete frame to `out`. With `mask` (client role) the payload is masked.
+#[inline]
 pub fn encode(out: &mut Vec<u8>, fin: bool, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
+    if mask.is_none() && payload.len() < 126 {
+        // A server's short frame (echoes, acks, chat messages): two header bytes and the
+        // payload, without the general header builder.
+        out.reserve(2 + payload.len());
+        out.extend_from_slice(&[u8::from(fin) << 7 | opcode as u8, payload.len() as u8]);
+        out.extend_from_slice(payload);
+        return;
+    }
     let mut h = [0u8; 14];
     let n = encode_header(&mut h, fin, opcode, payload.len(), mask);
     out.reserve(n + payload.len());

@@ -13,7 +13,7 @@
 use super::close::{self, CloseCode, CloseFrame};
 use super::frame::{decode_header, FrameError, OpCode, Role};
 use super::mask::apply_mask;
-use super::utf8::Utf8Validator;
+use super::utf8::{self, Utf8Validator};
 
 /// Per-endpoint bounds on what a peer may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +72,7 @@ struct PartialFrame {
     fin: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct MessageReader {
     role: Role,
     limits: ReadLimits,
@@ -151,6 +151,17 @@ impl MessageReader {
         if let Some(pf) = self.frame {
             return self.continue_payload(pf, buf);
         }
+        if let Some(total) = self.small_frame(buf) {
+            return self.small_message(buf, total);
+        }
+        self.general(buf)
+    }
+
+    /// [`MessageReader::next`] for every frame [`MessageReader::small_frame`] does not take.
+    fn general<'a>(
+        &'a mut self,
+        buf: &'a mut [u8],
+    ) -> Result<(usize, Option<Event<'a>>), ReadError> {
         let max_payload = self.limits.max_message as u64;
         let Some(h) = decode_header(buf, self.role, max_payload.max(125))? else {
             return Ok((0, None));
@@ -215,7 +226,7 @@ impl MessageReader {
                 apply_mask(payload, m, 0);
             }
             let event = if h.opcode == OpCode::Text {
-                Event::Text(std::str::from_utf8(payload).map_err(|_| INVALID_UTF8)?)
+                Event::Text(utf8::text(payload).map_err(|_| INVALID_UTF8)?)
             } else {
                 Event::Binary(payload)
             };
@@ -239,6 +250,46 @@ impl MessageReader {
         }
         self.frame = Some(pf);
         Ok((h.header_len, None))
+    }
+
+    /// The common case in a few tests instead of the general header decoder: a client's
+    /// final, masked text or binary frame under 126 bytes, whole in `buf`, with no message in
+    /// progress. Returns the frame's length; anything else (including every error) is `None`,
+    /// and the general path decides. `small_frames_agree_with_the_general_path` checks that the
+    /// two give the same result on every such frame and its near misses.
+    #[inline]
+    fn small_frame(&self, buf: &[u8]) -> Option<usize> {
+        let &[b0, b1, ..] = buf.first_chunk::<6>()?;
+        let len = usize::from(b1 & 0x7f);
+        let total = 6 + len;
+        // FIN, no reserved bits, text (0x1) or binary (0x2); mask bit set, 7-bit length.
+        let small = matches!(b0, 0x81 | 0x82)
+            && b1 & 0x80 != 0
+            && len < 126
+            && self.role == Role::Server
+            && self.message.is_none()
+            && len <= self.limits.max_message
+            && buf.len() >= total;
+        small.then_some(total)
+    }
+
+    /// Hands out the frame [`MessageReader::small_frame`] found, unmasked in place.
+    fn small_message<'a>(
+        &mut self,
+        buf: &'a mut [u8],
+        total: usize,
+    ) -> Result<(usize, Option<Event<'a>>), ReadError> {
+        self.fragments = 0;
+        let text = buf[0] == 0x81;
+        let mask = [buf[2], buf[3], buf[4], buf[5]];
+        let payload = &mut buf[6..total];
+        apply_mask(payload, mask, 0);
+        let event = if text {
+            Event::Text(utf8::text(payload).map_err(|_| INVALID_UTF8)?)
+        } else {
+            Event::Binary(payload)
+        };
+        Ok((total, Some(event)))
     }
 
     fn continue_payload<'a>(
@@ -277,7 +328,7 @@ impl MessageReader {
         self.delivered = true;
         if opcode == OpCode::Text {
             self.utf8.finish().map_err(|_| INVALID_UTF8)?;
-            let text = std::str::from_utf8(&self.assembled).map_err(|_| INVALID_UTF8)?;
+            let text = utf8::text(&self.assembled).map_err(|_| INVALID_UTF8)?;
             Ok((consumed, Some(Event::Text(text))))
         } else {
             Ok((consumed, Some(Event::Binary(&self.assembled))))
@@ -377,6 +428,67 @@ mod tests {
         let mut v = Vec::new();
         encode(&mut v, fin, op, payload, MASK);
         v
+    }
+
+    #[test]
+    fn small_frames_agree_with_the_general_path() {
+        type Outcome = Result<(usize, Option<OwnedEvent>), ReadError>;
+        fn run(r: &mut MessageReader, buf: &mut [u8], general: bool) -> Outcome {
+            let res = if general { r.general(buf) } else { r.next(buf) };
+            res.map(|(n, e)| (n, e.map(OwnedEvent::from)))
+        }
+        let payloads: [&[u8]; 4] = [
+            b"",
+            b"hello there, plain ascii text",
+            "é ü ☃".as_bytes(),
+            b"\xff\xfe bad",
+        ];
+        let mut fast_hits = 0;
+        for b0 in [
+            0x81u8, 0x82, 0x80, 0x01, 0x02, 0x89, 0x8a, 0x88, 0x91, 0xc1, 0xa2, 0x83,
+        ] {
+            for mask_bit in [0x80u8, 0] {
+                for body in payloads {
+                    for len_delta in [0usize, 1] {
+                        for max_message in [0usize, 4, 29, 125, 1 << 20] {
+                            for mid_message in [false, true] {
+                                for cut in [0usize, 1, 3] {
+                                    let len = body.len() + len_delta * 100;
+                                    let mut payload = body.to_vec();
+                                    payload.resize(len.min(125), b'x');
+                                    let mut wire = vec![b0, mask_bit | payload.len() as u8];
+                                    let key = [0x11, 0x22, 0x33, 0x44];
+                                    if mask_bit != 0 {
+                                        wire.extend_from_slice(&key);
+                                    }
+                                    let start = wire.len();
+                                    wire.extend_from_slice(&payload);
+                                    if mask_bit != 0 {
+                                        apply_mask(&mut wire[start..], key, 0);
+                                    }
+                                    wire.truncate(wire.len().saturating_sub(cut));
+                                    let mut fast = reader(max_message);
+                                    if mid_message && max_message > 0 {
+                                        let first = frame(false, OpCode::Text, b"a");
+                                        let (events, err) = read_all(&mut fast, &first, &[]);
+                                        assert!(events.is_empty() && err.is_none());
+                                    }
+                                    let mut slow = fast.clone();
+                                    fast_hits += usize::from(fast.small_frame(&wire).is_some());
+                                    let (mut a, mut b) = (wire.clone(), wire.clone());
+                                    let got = run(&mut fast, &mut a, false);
+                                    let want = run(&mut slow, &mut b, true);
+                                    assert_eq!(got, want, "wire {wire:?} max {max_message}");
+                                    assert_eq!(format!("{fast:?}"), format!("{slow:?}"));
+                                    assert_eq!(a, b, "unmasked in place alike");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(fast_hits > 40, "the fast path was taken {fast_hits} times");
     }
 
     #[test]

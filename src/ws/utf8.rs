@@ -67,6 +67,47 @@ impl Utf8Validator {
     }
 }
 
+/// `bytes` as text if they are UTF-8. Chat and benchmark text is mostly ASCII, which a few word
+/// loads prove; `std::str::from_utf8` (several times the instructions on a short message, most
+/// of it set-up) validates the rest.
+#[inline]
+pub fn text(bytes: &[u8]) -> Result<&str, Utf8Error> {
+    if is_ascii(bytes) {
+        // SAFETY: every byte is below 0x80 (checked just above), and a sequence of ASCII bytes
+        // is valid UTF-8. `ascii_fast_path_agrees_with_std` tests the check at every length
+        // and position of a high byte.
+        Ok(unsafe { std::str::from_utf8_unchecked(bytes) })
+    } else {
+        std::str::from_utf8(bytes).map_err(|_| Utf8Error)
+    }
+}
+
+/// Whether every byte is below 0x80, a word at a time: whole words from the front, then one
+/// last word that overlaps them so no byte loop is needed (a short slice uses 4-byte halves).
+#[inline]
+fn is_ascii(bytes: &[u8]) -> bool {
+    const HIGH64: u64 = 0x8080_8080_8080_8080;
+    const HIGH32: u32 = 0x8080_8080;
+    let n = bytes.len();
+    if n >= 8 {
+        let mut acc = 0u64;
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        }
+        if !words.remainder().is_empty() {
+            acc |= u64::from_ne_bytes(bytes[n - 8..].try_into().expect("8 bytes"));
+        }
+        acc & HIGH64 == 0
+    } else if n >= 4 {
+        let first = u32::from_ne_bytes(bytes[..4].try_into().expect("4 bytes"));
+        let last = u32::from_ne_bytes(bytes[n - 4..].try_into().expect("4 bytes"));
+        (first | last) & HIGH32 == 0
+    } else {
+        bytes.iter().all(|&b| b < 0x80)
+    }
+}
+
 /// Validates `input` fed in pieces cut at `cuts`, then finished; the result must equal
 /// `std::str::from_utf8(input).is_ok()` (used by unit tests and the differential fuzz target).
 pub fn validate_in_pieces(input: &[u8], cuts: &[usize]) -> bool {
@@ -119,6 +160,28 @@ mod tests {
             // byte at a time
             let cuts: Vec<usize> = (0..input.len()).collect();
             assert_eq!(validate_in_pieces(input, &cuts), expected);
+        }
+    }
+
+    #[test]
+    fn ascii_fast_path_agrees_with_std() {
+        // Every length up to 40, with no high byte and with one at each position, plus the
+        // multi-byte cases: `text` must accept and reject exactly what std does.
+        for len in 0..40 {
+            let plain: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            assert_eq!(text(&plain).ok(), std::str::from_utf8(&plain).ok());
+            assert!(is_ascii(&plain));
+            for at in 0..len {
+                for high in [0x80u8, 0xc3, 0xff] {
+                    let mut v = plain.clone();
+                    v[at] = high;
+                    assert!(!is_ascii(&v), "len {len} high byte at {at}");
+                    assert_eq!(text(&v).ok(), std::str::from_utf8(&v).ok());
+                }
+            }
+        }
+        for input in CASES {
+            assert_eq!(text(input).ok(), std::str::from_utf8(input).ok());
         }
     }
 
