@@ -233,7 +233,9 @@ impl Server {
         let mut next_tick = Instant::now() + Duration::from_secs(1);
         loop {
             self.now = Instant::now();
-            let timeout = if !self.ready.is_empty() {
+            // Output queued after the end of the last turn's flush (see `end_turn`) must not
+            // wait for an unrelated wake-up: poll without blocking while any is dirty.
+            let timeout = if !self.ready.is_empty() || !self.dirty.is_empty() {
                 Duration::ZERO
             } else {
                 let mut until = next_tick;
@@ -1507,18 +1509,19 @@ impl Server {
         self.notify_closed();
         // Before the flush, so workers (the store's commit) overlap with our writes.
         self.services_turn_end();
-        let mut dirty = mem::take(&mut self.dirty);
-        for &idx in &dirty {
-            if let Some(c) = self.conns.get_mut(idx) {
-                c.dirty = false;
-                self.flush(idx);
-            }
+        self.flush_dirty();
+        // Connections that died while flushing (a write error) are reported now, and what the
+        // services say about it (an `offline` presence to a room) is written this turn too,
+        // not at the next wake-up, which may be a second away. Deaths in this second flush
+        // are reported here as well; their consequences go out in the next turn, which the
+        // loop starts without blocking while anything is dirty (see `run`).
+        self.notify_closed();
+        if !self.dirty.is_empty() {
+            self.flush_dirty();
+            self.notify_closed();
         }
-        dirty.clear();
-        self.dirty = dirty;
         // The cork's frame references must not outlive the turn (see `Cork`).
         self.write_cork.release();
-        self.notify_closed();
         // Closes found while flushing may have produced work too.
         self.services_turn_end();
         self.retire_turn();
@@ -1530,6 +1533,22 @@ impl Server {
                 let counted_ip = conn.counted.then(|| conn.peer.ip());
                 self.release_slot(counted_ip, conn.reserve.is_some(), conn.monitor);
             }
+        }
+    }
+
+    /// Writes the queued output of every connection marked dirty this turn.
+    fn flush_dirty(&mut self) {
+        let mut dirty = mem::take(&mut self.dirty);
+        for &idx in &dirty {
+            if let Some(c) = self.conns.get_mut(idx) {
+                c.dirty = false;
+                self.flush(idx);
+            }
+        }
+        dirty.clear();
+        // Keep the allocation, unless the flush marked connections dirty again meanwhile.
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
         }
     }
 
