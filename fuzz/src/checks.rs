@@ -17,7 +17,7 @@ use parlor::ws::frame::{decode_frame, decode_header, encode, FrameError, OpCode,
 use parlor::ws::reader::{
     read_all, read_all_observing, MessageReader, OwnedEvent, ReadError, ReadLimits,
 };
-use parlor::ws::utf8::{validate_in_pieces, Utf8Validator};
+use parlor::ws::utf8::{self, validate_in_pieces, Utf8Validator};
 
 /// Takes fuzz-chosen parameters off the front of the input; past the end every value is 0.
 struct Params<'a> {
@@ -385,6 +385,15 @@ pub fn check_utf8(data: &[u8]) {
     let cuts = p.cuts(8);
     let input = p.rest();
     let expected = std::str::from_utf8(input).is_ok();
+    // The whole-message check (an ASCII fast path before std) agrees with std, and hands back
+    // the same bytes.
+    match utf8::text(input) {
+        Ok(t) => assert!(
+            expected && t.as_bytes() == input,
+            "utf8::text accepted {input:?}"
+        ),
+        Err(_) => assert!(!expected, "utf8::text refused valid UTF-8 {input:?}"),
+    }
     assert_eq!(
         validate_in_pieces(input, &cuts),
         expected,
