@@ -1610,13 +1610,14 @@ impl Server {
         }
     }
 
-    /// The fan-out's per-recipient check, kept small because it runs once per delivery: `id`'s
-    /// connection if it is still the same open connection and its queue is not over
-    /// `--max-queue`; `Err(Some(idx))` if it is over (the client stopped reading: the caller
-    /// drops it, out of line). Takes the slab rather than `self`, so the caller can queue
-    /// and mark the connection dirty with this one lookup.
+    /// The check before queueing output for `id` (a broadcast delivery or a reply), kept small
+    /// because it runs once per delivery: `id`'s connection if it is still the same open
+    /// connection and its queue is not over `--max-queue`; `Err(Some(idx))` if it is over (the
+    /// client stopped reading: the caller drops it, out of line, with [`Server::refuse`]).
+    /// Takes the slab rather than `self`, so the caller can queue and mark the connection
+    /// dirty with this one lookup.
     #[inline]
-    fn broadcast_recipient(
+    fn recipient(
         conns: &mut Slab<Connection>,
         id: ConnId,
         max_queue: usize,
@@ -1639,7 +1640,7 @@ impl Server {
     /// `frames_out`.
     #[inline]
     fn queue_broadcast(&mut self, id: ConnId, push: impl FnOnce(&mut OutQueue) -> bool) -> bool {
-        match Self::broadcast_recipient(&mut self.conns, id, self.config.max_queue) {
+        match Self::recipient(&mut self.conns, id, self.config.max_queue) {
             Ok((idx, conn)) => {
                 if push(&mut conn.out) {
                     self.turn.holders.push(idx);
@@ -1650,13 +1651,17 @@ impl Server {
                 }
                 true
             }
-            Err(slow) => {
-                if let Some(idx) = slow {
-                    self.drop_slow_consumer(idx);
-                }
-                false
-            }
+            Err(slow) => self.refuse(slow),
         }
+    }
+
+    /// Output [`Server::recipient`] refused: a connection over `--max-queue` (`Some`) is
+    /// dropped; either way nothing was queued.
+    fn refuse(&mut self, slow: Option<usize>) -> bool {
+        if let Some(idx) = slow {
+            self.drop_slow_consumer(idx);
+        }
+        false
     }
 
     /// The end of a turn: what queues still hold of this turn's broadcast buffer becomes shared
@@ -1696,22 +1701,17 @@ impl Server {
     /// Queues an unshared frame of `payload` for `id` (see [`OutQueue::push_frame`]), charged
     /// to the connection's share of `--memory-budget`.
     fn queue_frame(&mut self, id: ConnId, opcode: OpCode, payload: &[u8]) -> bool {
-        let Some(idx) = self.lookup(id) else {
-            return false;
-        };
-        let conn = &mut self.conns[idx];
-        if conn.phase != Phase::Open {
-            return false;
-        }
         // A queue already over the limit means the client stopped reading. Below the limit any
         // frame is accepted, so one frame of the endpoint's largest message always fits on top
         // of --max-queue (a 16 MiB echo works) while a pile of small frames cannot pass it.
         // The cost includes per-frame bookkeeping, so tiny frames are bounded as well.
-        if conn.out.cost() > self.config.max_queue {
-            self.drop_slow_consumer(idx);
-            return false;
-        }
-        conn.out.push_frame(opcode, payload);
+        let idx = match Self::recipient(&mut self.conns, id, self.config.max_queue) {
+            Ok((idx, conn)) => {
+                conn.out.push_frame(opcode, payload);
+                idx
+            }
+            Err(slow) => return self.refuse(slow),
+        };
         if !self.recharge_out(idx, true) {
             self.fail_over_budget(idx);
             return false;

@@ -157,7 +157,7 @@ fn to_v6(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA_V6)
 }
 
-/// Version 7, two changes that each took a fifth to a third off the store thread's CPU per
+/// Version 7, three changes that together took 38 % off the store thread's CPU per
 /// message (docs/BENCHMARKS.md):
 /// - `meta.fts_upto`, the highest message id in `messages_fts`. New messages are indexed a
 ///   few thousand at a time rather than once per batch ([`FtsPending`]); this is how a start
