@@ -29,7 +29,7 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-1}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 TARGETS=${TARGETS:-"parlor tokio-tungstenite node-ws"}
-SCENARIOS=${SCENARIOS:-"echo-100x20B echo-100x16KiB echo-10x16inflight fanout-1000-max fanout-1000-max-w128 fanout-100x10-max fanout-1000-at-100 fanout-1000-at-1000 idle-memory"}
+SCENARIOS=${SCENARIOS:-"echo-100x20B echo-100x16KiB echo-10x16inflight fanout-1000-max fanout-1000-max-w128 fanout-100x10-max fanout-1000-at-100 fanout-1000-at-500 fanout-1000-at-1000 idle-memory"}
 OUT_DIR=${OUT_DIR:-$CARGO_TARGET_DIR/bench-results}
 SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPU=${BENCH_CPU:-1}
@@ -162,6 +162,9 @@ args_for() {
     fanout-1000-max-w128) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 0 --max-inflight 128 $common" ;;
     fanout-100x10-max) [ -n "$fan" ] && echo "$fan --subscribers 100 --publishers 10 --rate 0 $common" ;;
     fanout-1000-at-100) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 100 $common" ;;
+    # Half the rate of the row below, to see where a server's core saturates: on the 2-core
+    # machine of 2026-12-01 every server already ran its core at 100 % here (BENCHMARKS.md).
+    fanout-1000-at-500) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 500 $common" ;;
     fanout-1000-at-1000) [ -n "$fan" ] && echo "$fan --subscribers 1000 --publishers 1 --rate 1000 $common" ;;
     idle-memory) echo "connections --url $BASE/echo -c $IDLE_CONNS --hold 5 --pid $SERVER_PID --json -q" ;;
   esac
@@ -241,7 +244,7 @@ metrics = {
     "idle": [("kib_per_conn", "KiB/conn", "{:,.2f}", False), ("still_open", "still open (min)", "{:,.0f}", True)],
 }
 order = ["echo-100x20B", "echo-100x16KiB", "echo-10x16inflight", "fanout-1000-max", "fanout-1000-max-w128", "fanout-100x10-max", "fanout-1000-at-100",
-         "fanout-1000-at-1000", "idle-memory"]
+         "fanout-1000-at-500", "fanout-1000-at-1000", "idle-memory"]
 names = {"parlor": "Parlor", "parlor-old": "Parlor (old)", "parlor-tls": "Parlor TLS", "uws": "uWebSockets", "uws-170": "uWebSockets 170 B", "tokio-tungstenite": "tokio-tungstenite", "node-ws": "Node ws"}
 peers = [t for t in targets if t != "parlor"]
 hdr = ["scenario", "metric"] + [names.get(t, t) for t in targets]
