@@ -1705,19 +1705,25 @@ impl Server {
         // frame is accepted, so one frame of the endpoint's largest message always fits on top
         // of --max-queue (a 16 MiB echo works) while a pile of small frames cannot pass it.
         // The cost includes per-frame bookkeeping, so tiny frames are bounded as well.
-        let idx = match Self::recipient(&mut self.conns, id, self.config.max_queue) {
-            Ok((idx, conn)) => {
-                conn.out.push_frame(opcode, payload);
-                idx
-            }
+        let (idx, conn) = match Self::recipient(&mut self.conns, id, self.config.max_queue) {
+            Ok(found) => found,
             Err(slow) => return self.refuse(slow),
         };
-        if !self.recharge_out(idx, true) {
+        conn.out.push_frame(opcode, payload);
+        // What `recharge_out` and `mark_dirty` do, on the entry already in hand (an echo
+        // queues one frame per message; each slab lookup is a bounds and a vacancy check).
+        let (old, new) = (conn.charged_out, conn.out.owned_bytes());
+        if new > old && self.mem_used - old + new > self.config.memory_budget {
             self.fail_over_budget(idx);
             return false;
         }
+        self.mem_used = self.mem_used - old + new;
+        conn.charged_out = new;
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(idx);
+        }
         self.metrics.frames_out += 1;
-        self.mark_dirty(idx);
         true
     }
 }

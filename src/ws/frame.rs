@@ -250,12 +250,24 @@ pub fn frame_len(payload_len: usize) -> usize {
 pub fn encode(out: &mut Vec<u8>, fin: bool, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
     if mask.is_none() && payload.len() < 126 {
         // A server's short frame (echoes, acks, chat messages): two header bytes and the
-        // payload, without the general header builder.
+        // payload, inlined into the caller (an echo reply appends one per message); longer
+        // or masked frames take the general header builder out of line.
         out.reserve(2 + payload.len());
         out.extend_from_slice(&[u8::from(fin) << 7 | opcode as u8, payload.len() as u8]);
         out.extend_from_slice(payload);
         return;
     }
+    encode_general(out, fin, opcode, payload, mask);
+}
+
+#[inline(never)]
+fn encode_general(
+    out: &mut Vec<u8>,
+    fin: bool,
+    opcode: OpCode,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) {
     let mut h = [0u8; 14];
     let n = encode_header(&mut h, fin, opcode, payload.len(), mask);
     out.reserve(n + payload.len());
