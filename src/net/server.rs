@@ -109,6 +109,13 @@ pub struct Server {
     metrics_open: usize,
 }
 
+/// `--memory-budget`'s rule: the loop-wide total `used` may go from charging `old` to `new`
+/// bytes for one connection if that does not grow it past `budget` (shrinking always may).
+#[inline]
+fn within_budget(used: usize, budget: usize, old: usize, new: usize) -> bool {
+    new <= old || used - old + new <= budget
+}
+
 fn index_of(token: usize) -> Option<usize> {
     (token & 0xffff_ffff).checked_sub(FIRST_CONN)
 }
@@ -1150,7 +1157,7 @@ impl Server {
 
     /// Whether the total may go from charging `old` to `new` bytes for one connection.
     fn budget_allows(&self, old: usize, new: usize) -> bool {
-        new <= old || self.mem_used - old + new <= self.config.memory_budget
+        within_budget(self.mem_used, self.config.memory_budget, old, new)
     }
 
     /// Charges the connection for its reader's assembly buffer as it is now. Growth that would
@@ -1352,10 +1359,16 @@ impl Server {
 
     #[inline]
     fn mark_dirty(&mut self, idx: usize) {
-        let conn = &mut self.conns[idx];
+        Self::list_dirty(&mut self.dirty, &mut self.conns[idx], idx);
+    }
+
+    /// [`Server::mark_dirty`] on a slab entry the caller already holds (a delivery or a reply
+    /// looks its recipient up once).
+    #[inline]
+    fn list_dirty(dirty: &mut Vec<usize>, conn: &mut Connection, idx: usize) {
         if !conn.dirty {
             conn.dirty = true;
-            self.dirty.push(idx);
+            dirty.push(idx);
         }
     }
 
@@ -1645,10 +1658,7 @@ impl Server {
                 if push(&mut conn.out) {
                     self.turn.holders.push(idx);
                 }
-                if !conn.dirty {
-                    conn.dirty = true;
-                    self.dirty.push(idx);
-                }
+                Self::list_dirty(&mut self.dirty, conn, idx);
                 true
             }
             Err(slow) => self.refuse(slow),
@@ -1713,16 +1723,13 @@ impl Server {
         // What `recharge_out` and `mark_dirty` do, on the entry already in hand (an echo
         // queues one frame per message; each slab lookup is a bounds and a vacancy check).
         let (old, new) = (conn.charged_out, conn.out.owned_bytes());
-        if new > old && self.mem_used - old + new > self.config.memory_budget {
+        if !within_budget(self.mem_used, self.config.memory_budget, old, new) {
             self.fail_over_budget(idx);
             return false;
         }
         self.mem_used = self.mem_used - old + new;
         conn.charged_out = new;
-        if !conn.dirty {
-            conn.dirty = true;
-            self.dirty.push(idx);
-        }
+        Self::list_dirty(&mut self.dirty, conn, idx);
         self.metrics.frames_out += 1;
         true
     }
